@@ -1,0 +1,30 @@
+"""Turn a composed Hydra config into a computed cell (single runs and the basic launcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+
+def cell_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved cell config as plain data, with an absolute results folder."""
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    config.pop("hydra", None)
+    config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
+    return config
+
+
+def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
+    from mmflow.models.registry import get_model
+    from mmflow.runtime import run_cells
+
+    config = cell_config(cfg)
+    loaded = get_model(config["model"], config["engine"].get("attention", "sdpa"))
+    outcome = run_cells(loaded, [config], progress=True)[0]
+    print(f"[mmflow] cell {outcome.cell_id}: {outcome.status} -> {outcome.path}")
+    if outcome.status == "failed":
+        raise SystemExit(f"cell failed: {outcome.error}")
+    return {"cell_id": outcome.cell_id, "status": outcome.status, "path": outcome.path}

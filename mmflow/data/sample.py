@@ -1,0 +1,62 @@
+"""The `Sample` schema every data source produces, and the per-sample skip record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS: tuple[str, ...] = (
+    "ChooseAttr",
+    "ChooseCat",
+    "ChooseRel",
+    "CompareAttr",
+    "LogicalObj",
+    "QueryAttr",
+)
+CHOOSE_TASKS: frozenset[str] = frozenset({"ChooseAttr", "ChooseCat", "ChooseRel"})
+
+
+@dataclass(frozen=True)
+class Box:
+    """An object box in pixels of the original image (GQA convention: x, y, width, height)."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+
+    def inside(self, width: int, height: int) -> bool:
+        return (
+            self.w > 0
+            and self.h > 0
+            and self.x >= 0
+            and self.y >= 0
+            and self.x + self.w <= width + 1e-6
+            and self.y + self.h <= height + 1e-6
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One VQA question with everything the token groups need."""
+
+    question_id: str
+    task: str
+    image_path: Path
+    question: str
+    answer: str
+    image_size: tuple[int, int]  # (width, height) of the original image
+    object_names: tuple[str, ...] = ()
+    object_boxes: tuple[Box, ...] = ()
+    true_option: str | None = None
+    false_option: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A sample that could not be used, with the reason (recorded, never silently dropped)."""
+
+    question_id: str
+    reason: str
+    detail: str = ""

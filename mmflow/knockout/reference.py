@@ -1,0 +1,66 @@
+"""The reference engine: the paper's algorithm, one full forward of the whole model per knockout.
+
+It is the truth other engines are checked against: vision tower, every position and every layer
+are recomputed, and the clean pass goes through the very same code with no knockout active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmflow.inputs import ModelInputs
+from mmflow.knockout.attention import blocking
+from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.registry import LoadedModel
+
+
+@dataclass
+class CleanPass:
+    """The clean run of one sample: last-position log-probabilities [V] (float32)."""
+
+    inputs: ModelInputs
+    logprobs: torch.Tensor
+
+    @property
+    def top1(self) -> int:
+        return int(self.logprobs.argmax())
+
+
+def check_no_empty_rows(job: KnockoutJob, length: int) -> None:
+    """Refuse a knockout that would leave a target with nothing to attend to (softmax of all -inf)."""
+    for target in job.edges.targets.tolist():
+        allowed = torch.ones(target + 1, dtype=torch.bool)
+        allowed[job.edges.sources[job.edges.sources <= target]] = False
+        if not allowed.any():
+            raise ValueError(f"knockout blocks every key of target position {target}")
+    if job.edges.targets.max() >= length:
+        raise ValueError("knockout target outside the sequence")
+
+
+class ReferenceEngine:
+    """Full recompute per job, batch size one."""
+
+    name = "reference"
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    @torch.no_grad()
+    def last_logprobs(self, inputs: ModelInputs, job: KnockoutJob | None) -> torch.Tensor:
+        """Log-softmax of the last position's logits, float32, under `job` (None: clean)."""
+        with blocking(job):
+            out = self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+    def clean(self, inputs: ModelInputs) -> CleanPass:
+        return CleanPass(inputs, self.last_logprobs(inputs, None))
+
+    def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
+        """Last-position log-probs [J, V] for each job."""
+        for job in jobs:
+            check_no_empty_rows(job, clean.inputs.length)
+        rows = [self.last_logprobs(clean.inputs, job) for job in jobs]
+        return torch.stack(rows) if rows else torch.empty(0, clean.logprobs.shape[0])

@@ -1,0 +1,1 @@
+"""Models: config -> loaded model (`registry`), the paper's prompts, the project's tiny models."""

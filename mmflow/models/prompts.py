@@ -1,0 +1,56 @@
+"""The paper's prompts (METHOD.md, "Prompt"), built by mmflow for every model.
+
+The llava-hf processors' default chat templates differ from what the paper used (no system
+sentence), so mmflow builds the text itself and records where the question sits in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+INSTRUCTION = " \nAnswer the question using a single word or phrase."
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The full prompt text (special tokens spelled out) and the question's character span in it."""
+
+    text: str
+    question_span: tuple[int, int]
+    add_bos: bool  # whether the tokenizer must prepend its BOS token (the text does not spell it)
+
+
+def _vicuna_v1(user: str) -> tuple[str, str]:
+    prefix = f"{VICUNA_SYSTEM} USER: "
+    return prefix, " ASSISTANT:"
+
+
+def _llama3(user: str) -> tuple[str, str]:
+    prefix = (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{LLAMA3_SYSTEM}<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+    )
+    return prefix, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+PROMPT_FORMATS = {"vicuna_v1": (_vicuna_v1, True), "llama3": (_llama3, False)}
+
+
+def build_prompt(prompt_format: str, question: str) -> Prompt:
+    """User turn = image, newline, question, instruction; wrapped in the model's conversation format."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
+    wrap, add_bos = PROMPT_FORMATS[prompt_format]
+    user = f"{IMAGE_PLACEHOLDER}\n{question}{INSTRUCTION}"
+    prefix, suffix = wrap(user)
+    start = len(prefix) + len(IMAGE_PLACEHOLDER) + 1
+    return Prompt(prefix + user + suffix, (start, start + len(question)), add_bos)

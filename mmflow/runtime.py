@@ -1,0 +1,300 @@
+"""Run a group of cells on one loaded model: the same code for `launch.py` and for Ray actors.
+
+Cells that share model, data and task are computed sample by sample: each sample is encoded,
+grouped and run clean once, then every cell's knockouts of that sample go to the engine together.
+Each cell keeps its own folder, resumes at sample granularity, and fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmflow.analyses.knockout import KnockoutAnalysis
+from mmflow.data.sample import Sample, Skip
+from mmflow.groups import GroupError, build_token_groups
+from mmflow.inputs import encode, load_image
+from mmflow.knockout import make_engine
+from mmflow.knockout.spec import KnockoutSpec
+from mmflow.models.registry import LoadedModel
+from mmflow.store import CellStore
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = [
+    "order",
+    "question_id",
+    "task",
+    "question",
+    "image_path",
+    "prompt",
+    "answer",
+    "answer_token_id",
+    "predicted",
+    "correct",
+    "p_base",
+    "groups",
+    "status",
+    "skip_reason",
+    "skip_detail",
+]
+# Keys whose values must agree for cells to share samples and clean passes.
+SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", "engine", "max_new_tokens")
+
+
+@dataclass
+class CellOutcome:
+    """What happened to one cell in this run (the launcher's per-cell summary)."""
+
+    cell_id: str
+    status: str  # done | failed | cached
+    path: str
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def group_key(config: dict) -> str:
+    import json
+
+    return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
+
+
+def load_samples(config: dict) -> list[Sample | Skip]:
+    """The cell's samples from its data config (shapes or gqa), first `n_samples` in order."""
+    from mmflow.data import load_gqa, load_shapes
+
+    data = config["data"]
+    if data["name"] == "shapes":
+        return load_shapes(
+            config["task"], config["n_samples"], seed=data.get("seed", 0), cache_dir=data.get("cache_dir")
+        )
+    if data["name"] == "gqa":
+        return load_gqa(config["task"], data["image_dir"], n_samples=config["n_samples"])
+    raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa")
+
+
+@torch.no_grad()
+def generate_answer(loaded: LoadedModel, inputs, max_new_tokens: int) -> str:
+    """The clean model's greedy short answer (for the correctness filter)."""
+    tokenizer = loaded.tokenizer
+    out = loaded.model.generate(
+        **inputs.tensors,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=loaded.model.generation_config.eos_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, inputs.length :], skip_special_tokens=True)
+
+
+def normalise_answer(text: str) -> str:
+    """Stripped, lower-cased, trailing full stop removed (METHOD.md, "Metric")."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+class _Cell:
+    """One cell while it runs: its store, its analysis, its rows so far."""
+
+    def __init__(self, config: dict, loaded: LoadedModel):
+        self.config = config
+        self.store = CellStore(config["results_dir"], config)
+        self.done_ids: set[str] = set()
+        self.error: str | None = None
+        knockout = config["knockout"]
+        self.analysis = KnockoutAnalysis(
+            KnockoutSpec(knockout["name"], knockout["source"], knockout["target"]),
+            int(config["window"]),
+            loaded.n_layers,
+            labels={
+                "model": config["model"]["name"],
+                "task": config["task"],
+                "knockout": knockout["name"],
+                "window": int(config["window"]),
+            },
+        )
+
+
+def _sample_row(order: int, sample: Sample | Skip, **fields: Any) -> dict:
+    row = {column: None for column in SAMPLE_COLUMNS}
+    row.update(order=order, question_id=sample.question_id, status="skipped", correct=False)
+    if isinstance(sample, Sample):
+        row.update(
+            task=sample.task,
+            question=sample.question,
+            image_path=str(sample.image_path),
+            answer=sample.answer,
+        )
+    row.update(fields)
+    return row
+
+
+def run_cells(
+    loaded: LoadedModel,
+    configs: Sequence[dict],
+    on_sample: Callable[[int], None] | None = None,
+    context: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> list[CellOutcome]:
+    """Compute `configs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell."""
+    if len({group_key(c) for c in configs}) > 1:
+        raise ValueError("cells run together must share model, data, task, samples and engine")
+    context = dict(context or {})
+    outcomes: dict[str, CellOutcome] = {}
+    cells: list[_Cell] = []
+    for config in configs:
+        cell = _Cell(config, loaded)
+        if cell.store.is_done():
+            outcomes[cell.store.id] = CellOutcome(cell.store.id, "cached", str(cell.store.dir))
+            continue
+        cell.done_ids = cell.store.done_question_ids()
+        cell.store.write_meta(status="running", model_path=loaded.path, **context)
+        cells.append(cell)
+    if not cells:
+        return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+
+    started = time.time()
+    first = cells[0].config
+    engine = make_engine(first["engine"]["name"], loaded)
+    clean_passes: Counter[str] = Counter()
+    try:
+        samples = load_samples(first)
+    except Exception as exc:  # a data source that cannot be read fails these cells, not the sweep
+        for cell in cells:
+            cell.error = f"{type(exc).__name__}: {exc}"
+        samples = []
+    bar = tqdm(
+        total=len(samples),
+        desc=f"{first['model']['name']}/{first['task']}",
+        unit="sample",
+        disable=not progress,
+    )
+    for order, sample in enumerate(samples):
+        todo = [c for c in cells if c.error is None and sample.question_id not in c.done_ids]
+        if todo:
+            _run_sample(loaded, engine, first, order, sample, todo, clean_passes)
+        bar.update(1)
+        if on_sample is not None:
+            on_sample(1)
+    bar.close()
+    elapsed = time.time() - started
+    for cell in cells:
+        outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name)
+    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+
+
+def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> None:
+    """Clean pass once, then every cell's knockouts of this sample; write one part per cell."""
+    if isinstance(sample, Skip):
+        for cell in cells:
+            cell.store.write_sample(
+                sample.question_id,
+                _sample_row(order, sample, skip_reason=sample.reason, skip_detail=sample.detail),
+                [],
+            )
+        return
+    try:
+        inputs = encode(loaded, sample, load_image(sample))
+        groups = build_token_groups(loaded, inputs, sample)
+        clean = engine.clean(inputs)
+        clean_passes[sample.question_id] += 1
+        predicted = generate_answer(loaded, inputs, int(config["max_new_tokens"]))
+    except GroupError as exc:
+        return _skip_all(cells, order, sample, exc.reason, exc.detail)
+    except OSError as exc:
+        return _skip_all(cells, order, sample, "unreadable_image", str(exc))
+    except torch.cuda.OutOfMemoryError as exc:
+        return _skip_all(cells, order, sample, "out_of_memory", str(exc).splitlines()[0])
+    correct = normalise_answer(predicted) == normalise_answer(sample.answer)
+    token_id = clean.top1
+    base = dict(
+        prompt=inputs.prompt.text,
+        answer_token_id=token_id,
+        predicted=predicted,
+        correct=correct,
+        p_base=float(clean.logprobs[token_id].exp()),
+        groups=groups.to_json(),
+    )
+    planned = []
+    for cell in cells:
+        if config["require_correct"] and not correct:
+            cell.store.write_sample(
+                sample.question_id, _sample_row(order, sample, status="incorrect", **base), []
+            )
+            continue
+        try:
+            planned.append((cell, cell.analysis.jobs(groups)))
+        except GroupError as exc:
+            row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
+            cell.store.write_sample(sample.question_id, row, [])
+    if not planned:
+        return
+    try:
+        logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
+    except torch.cuda.OutOfMemoryError as exc:
+        return _skip_all([c for c, _ in planned], order, sample, "out_of_memory", str(exc).splitlines()[0])
+    start = 0
+    for cell, jobs in planned:
+        new = logprobs[start : start + len(jobs)]
+        start += len(jobs)
+        rows = cell.analysis.rows(sample.question_id, token_id, clean.logprobs, new)
+        cell.store.write_sample(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
+
+
+def _skip_all(cells, order, sample, reason: str, detail: str) -> None:
+    for cell in cells:
+        cell.store.write_sample(
+            sample.question_id, _sample_row(order, sample, skip_reason=reason, skip_detail=detail), []
+        )
+
+
+def _finish(
+    cell: _Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str
+) -> CellOutcome:
+    store = cell.store
+    if cell.error is not None:
+        store.write_meta(status="failed", error=cell.error, **context)
+        return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
+    try:
+        samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
+        summary = summarise(samples, results)
+        store.write_meta(
+            status="done",
+            error=None,
+            counts=summary["counts"],
+            headline=summary["headline"],
+            timings={"group_seconds": round(elapsed, 3)},
+            engine=engine_name,
+            clean_passes_per_sample=max(clean_passes.values(), default=0),
+            **context,
+        )
+        store.clear_parts()
+        return CellOutcome(store.id, "done", str(store.dir), summary=summary["headline"])
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        store.write_meta(status="failed", error=error, **context)
+        return CellOutcome(store.id, "failed", str(store.dir), error=error)
+
+
+def summarise(samples, results) -> dict:
+    """Counts (samples, correct, scored, skipped by reason) and headline numbers of the mean curve."""
+    skipped = samples[samples["status"] == "skipped"]["skip_reason"].value_counts().to_dict()
+    counts = {
+        "samples": int(len(samples)),
+        "correct": int(samples["correct"].fillna(False).astype(bool).sum()),
+        "scored": int((samples["status"] == "scored").sum()),
+        "incorrect": int((samples["status"] == "incorrect").sum()),
+        "skipped": {str(k): int(v) for k, v in skipped.items()},
+    }
+    headline: dict[str, Any] = {"scored": counts["scored"]}
+    if len(results):
+        curve = results.groupby("layer")["rel_change_pct"].mean()
+        headline.update(min_rel_change_pct=float(curve.min()), min_layer=int(curve.idxmin()))
+    return {"counts": counts, "headline": headline}
