@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmflow.analyses.knockout import KnockoutAnalysis
+from mmflow.analyses import make_analysis
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GroupError, build_token_groups
 from mmflow.inputs import encode, load_image
 from mmflow.knockout import make_engine
-from mmflow.knockout.spec import KnockoutSpec
 from mmflow.models.registry import LoadedModel
 from mmflow.store import CellStore
 
@@ -101,25 +100,14 @@ def normalise_answer(text: str) -> str:
 
 
 class _Cell:
-    """One cell while it runs: its store, its analysis, its rows so far."""
+    """One cell while it runs: its store, its analysis, the samples it already has."""
 
     def __init__(self, config: dict, loaded: LoadedModel):
         self.config = config
         self.store = CellStore(config["results_dir"], config)
         self.done_ids: set[str] = set()
         self.error: str | None = None
-        knockout = config["knockout"]
-        self.analysis = KnockoutAnalysis(
-            KnockoutSpec(knockout["name"], knockout["source"], knockout["target"]),
-            int(config["window"]),
-            loaded.n_layers,
-            labels={
-                "model": config["model"]["name"],
-                "task": config["task"],
-                "knockout": knockout["name"],
-                "window": int(config["window"]),
-            },
-        )
+        self.analysis = make_analysis(config, loaded)
 
 
 def _sample_row(order: int, sample: Sample | Skip, **fields: Any) -> dict:
@@ -191,25 +179,27 @@ def run_cells(
 
 
 def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> None:
-    """Clean pass once, then every cell's knockouts of this sample; write one part per cell."""
+    """Plan every cell's knockouts, run the clean pass once, then all knockouts of this sample together."""
     if isinstance(sample, Skip):
-        for cell in cells:
-            cell.store.write_sample(
-                sample.question_id,
-                _sample_row(order, sample, skip_reason=sample.reason, skip_detail=sample.detail),
-                [],
-            )
-        return
+        return _skip_all(cells, order, sample, sample.reason, sample.detail)
     try:
         inputs = encode(loaded, sample, load_image(sample))
         groups = build_token_groups(loaded, inputs, sample)
-        clean = engine.clean(inputs)
-        clean_passes[sample.question_id] += 1
-        predicted = generate_answer(loaded, inputs, int(config["max_new_tokens"]))
     except GroupError as exc:
         return _skip_all(cells, order, sample, exc.reason, exc.detail)
     except OSError as exc:
         return _skip_all(cells, order, sample, "unreadable_image", str(exc))
+    planned, skipped = [], []
+    for cell in cells:
+        try:
+            planned.append((cell, cell.analysis.jobs(groups)))
+        except GroupError as exc:
+            skipped.append((cell, exc))
+    firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
+    try:
+        clean = engine.clean(inputs, capture_from=min(firsts, default=None))
+        clean_passes[sample.question_id] += 1
+        predicted = generate_answer(loaded, inputs, int(config["max_new_tokens"]))
     except torch.cuda.OutOfMemoryError as exc:
         return _skip_all(cells, order, sample, "out_of_memory", str(exc).splitlines()[0])
     correct = normalise_answer(predicted) == normalise_answer(sample.answer)
@@ -222,19 +212,14 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
         p_base=float(clean.logprobs[token_id].exp()),
         groups=groups.to_json(),
     )
-    planned = []
-    for cell in cells:
-        if config["require_correct"] and not correct:
+    for cell, exc in skipped:
+        row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
+        cell.store.write_sample(sample.question_id, row, [])
+    if config["require_correct"] and not correct:
+        for cell, _ in planned:
             cell.store.write_sample(
                 sample.question_id, _sample_row(order, sample, status="incorrect", **base), []
             )
-            continue
-        try:
-            planned.append((cell, cell.analysis.jobs(groups)))
-        except GroupError as exc:
-            row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
-            cell.store.write_sample(sample.question_id, row, [])
-    if not planned:
         return
     try:
         logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
@@ -244,7 +229,7 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
     for cell, jobs in planned:
         new = logprobs[start : start + len(jobs)]
         start += len(jobs)
-        rows = cell.analysis.rows(sample.question_id, token_id, clean.logprobs, new)
+        rows = cell.analysis.rows(sample, clean, token_id, new)
         cell.store.write_sample(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
 
 
@@ -264,7 +249,7 @@ def _finish(
         return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
     try:
         samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
-        summary = summarise(samples, results)
+        summary = summarise(samples, results, cell.analysis)
         store.write_meta(
             status="done",
             error=None,
@@ -283,8 +268,8 @@ def _finish(
         return CellOutcome(store.id, "failed", str(store.dir), error=error)
 
 
-def summarise(samples, results) -> dict:
-    """Counts (samples, correct, scored, skipped by reason) and headline numbers of the mean curve."""
+def summarise(samples, results, analysis) -> dict:
+    """Counts (samples, correct, scored, skipped by reason) and the analysis's headline numbers."""
     skipped = samples[samples["status"] == "skipped"]["skip_reason"].value_counts().to_dict()
     counts = {
         "samples": int(len(samples)),
@@ -293,8 +278,4 @@ def summarise(samples, results) -> dict:
         "incorrect": int((samples["status"] == "incorrect").sum()),
         "skipped": {str(k): int(v) for k, v in skipped.items()},
     }
-    headline: dict[str, Any] = {"scored": counts["scored"]}
-    if len(results):
-        curve = results.groupby("layer")["rel_change_pct"].mean()
-        headline.update(min_rel_change_pct=float(curve.min()), min_layer=int(curve.idxmin()))
-    return {"counts": counts, "headline": headline}
+    return {"counts": counts, "headline": {"scored": counts["scored"], **analysis.headline(results)}}

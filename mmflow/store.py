@@ -106,7 +106,7 @@ class CellStore:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def finish(self, sample_columns: list[str], result_columns: list[str], sort_by: list[str]) -> tuple:
-        """Merge parts into `samples.parquet` and `results.parquet`, dropping results of unfinished samples."""
+        """Merge parts into the two parquet files, dropping results of unfinished samples."""
         samples = self._merge("samples", sample_columns)
         results = self._merge("results", result_columns)
         results = (

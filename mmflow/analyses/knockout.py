@@ -6,7 +6,9 @@ import math
 
 import torch
 
+from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
+from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
 
 RESULT_COLUMNS = [
@@ -44,9 +46,10 @@ class KnockoutAnalysis:
         edges = BlockEdges(groups.require(self.spec.source), groups.require(self.spec.target))
         return [KnockoutJob(edges, window_layers(c, self.width, self.n_layers)) for c in range(self.n_layers)]
 
-    def rows(self, question_id: str, token_id: int, base: torch.Tensor, new: torch.Tensor) -> list[dict]:
-        """Rows for one sample from clean log-probs `base` [V] and knocked-out log-probs `new` [L, V]."""
-        logp_base = float(base[token_id])
+    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
+        """Rows for one sample: clean pass vs knocked-out last-position log-probs `new` [L, V]."""
+        question_id = sample.question_id
+        logp_base = float(clean.logprobs[token_id])
         p_base = math.exp(logp_base)
         top1 = new.argmax(dim=-1).tolist()
         out = []
@@ -66,3 +69,11 @@ class KnockoutAnalysis:
                 }
             )
         return out
+
+    @staticmethod
+    def headline(results) -> dict:
+        """The curve's minimum (mean relative change over samples) and where it is."""
+        if not len(results):
+            return {}
+        curve = results.groupby("layer")["rel_change_pct"].mean()
+        return {"min_rel_change_pct": float(curve.min()), "min_layer": int(curve.idxmin())}

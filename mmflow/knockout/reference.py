@@ -11,18 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
+from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
-from mmflow.knockout.attention import blocking
+from mmflow.knockout.attention import blocking, language_layers
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.registry import LoadedModel
 
 
 @dataclass
 class CleanPass:
-    """The clean run of one sample: last-position log-probabilities [V] (float32)."""
+    """The clean run of one sample, shared by every analysis of that sample.
+
+    `logprobs` [V]: last-position log-softmax (float32). `last_hidden` [L+1, D]: the residual stream
+    at the last position from the embeddings through the final layer, before the final norm.
+    """
 
     inputs: ModelInputs
     logprobs: torch.Tensor
+    last_hidden: torch.Tensor
 
     @property
     def top1(self) -> int:
@@ -55,8 +61,11 @@ class ReferenceEngine:
             out = self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
-    def clean(self, inputs: ModelInputs) -> CleanPass:
-        return CleanPass(inputs, self.last_logprobs(inputs, None))
+    def clean(self, inputs: ModelInputs, capture_from: int | None = None) -> CleanPass:
+        """The clean forward through the same code as every knockout (`capture_from` is unused here)."""
+        with record_layer_inputs(language_layers(self.loaded.model), None, last=True) as record:
+            logprobs = self.last_logprobs(inputs, None)
+        return CleanPass(inputs, logprobs, torch.stack(record["last"]))
 
     def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
         """Last-position log-probs [J, V] for each job."""
