@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny models (built once into the user's cache) and small synthetic samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mmflow.data.sample import Box, Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_config(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from mmflow.models.registry import _Attr, load_model
+
+    return load_model(_Attr(model_config("tiny-llava")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next():
+    from mmflow.models.registry import _Attr, load_model
+
+    return load_model(_Attr(model_config("tiny-llava-next")))
+
+
+def noise_sample(
+    folder: Path,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (500, 375),
+    question: str = "Is the jar full or empty?",
+    options: tuple[str, str] | None = ("empty", "full"),
+    box: Box | None = None,
+) -> Sample:
+    """A sample with a random-noise JPEG of `size` and a random box unless one is given."""
+    width, height = size
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    path = folder / f"noise-{rng.integers(1 << 30)}.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    if box is None:
+        w, h = int(rng.integers(20, width // 2)), int(rng.integers(20, height // 2))
+        box = Box(float(rng.integers(0, width - w)), float(rng.integers(0, height - h)), float(w), float(h))
+    true, false = options if options else (None, None)
+    return Sample(
+        question_id=path.stem,
+        task="ChooseAttr",
+        image_path=path,
+        question=question,
+        answer=true or "yes",
+        image_size=size,
+        object_names=("jar",),
+        object_boxes=(box,),
+        true_option=true,
+        false_option=false,
+    )
