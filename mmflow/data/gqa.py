@@ -242,7 +242,7 @@ def _parse_row(row: dict, task: str, image_dir: Path, where: str, check_images: 
 
 def load_gqa(
     task: str,
-    image_dir: str | Path,
+    image_dir: str | Path | None,
     n_samples: int | None = None,
     tasks_dir: Path | None = None,
 ) -> list[Sample | Skip]:
@@ -254,8 +254,8 @@ def load_gqa(
         raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if n_samples is not None and n_samples < 0:
         raise DataError(f"n_samples must be >= 0 or None, got {n_samples}")
-    image_dir = Path(image_dir).expanduser()
-    if not image_dir.is_dir():
+    image_dir = Path(image_dir).expanduser() if image_dir else None
+    if image_dir is None or not image_dir.is_dir():
         raise DataError(
             f"GQA image folder not found: {image_dir}. Download GQA's images.zip "
             "(https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip), unzip it and set "
