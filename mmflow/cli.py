@@ -10,8 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved cell config as plain data, with an absolute results folder."""
-    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    """The resolved cell config as plain data, with an absolute results folder.
+
+    Keys the cell's analysis ignores are dropped (answer tracking: knockout, window; knockout: lens),
+    so they do not change its cell id.
+    """
+    from mmflow.analyses import drop_ignored_keys
+
+    config = drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
     return config
@@ -20,11 +26,14 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     from mmflow.models.registry import get_model
     from mmflow.runtime import run_cells
+    from mmflow.wandb_logger import cell_logger, sync_hint
 
     config = cell_config(cfg)
     loaded = get_model(config["model"], config["engine"].get("attention", "sdpa"))
-    outcome = run_cells(loaded, [config], progress=True)[0]
+    outcome = run_cells(loaded, [config], progress=True, logger_factory=cell_logger)[0]
     print(f"[mmflow] cell {outcome.cell_id}: {outcome.status} -> {outcome.path}")
+    if outcome.status != "cached" and (hint := sync_hint(config)):
+        print(hint)
     if outcome.status == "failed":
         raise SystemExit(f"cell failed: {outcome.error}")
     return {"cell_id": outcome.cell_id, "status": outcome.status, "path": outcome.path}

@@ -108,6 +108,13 @@ class _Cell:
         self.done_ids: set[str] = set()
         self.error: str | None = None
         self.analysis = make_analysis(config, loaded)
+        self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
+
+    def write(self, question_id: str, row: dict, result_rows: list[dict]) -> None:
+        """Record one sample in the store, then stream it to the cell's logger."""
+        self.store.write_sample(question_id, row, result_rows)
+        if self.logger is not None:
+            self.logger.sample(row, result_rows)
 
 
 def _sample_row(order: int, sample: Sample | Skip, **fields: Any) -> dict:
@@ -130,8 +137,13 @@ def run_cells(
     on_sample: Callable[[int], None] | None = None,
     context: dict[str, Any] | None = None,
     progress: bool = False,
+    logger_factory: Callable[[dict, int], Any] | None = None,
 ) -> list[CellOutcome]:
-    """Compute `configs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell."""
+    """Compute `configs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell.
+
+    `logger_factory(config, n_layers)` (e.g. `mmflow.wandb_logger.cell_logger`) opens a logger for each
+    cell computed here (never for cached ones); it gets every sample, the final results, and is closed.
+    """
     if len({group_key(c) for c in configs}) > 1:
         raise ValueError("cells run together must share model, data, task, samples and engine")
     context = dict(context or {})
@@ -147,6 +159,18 @@ def run_cells(
         cells.append(cell)
     if not cells:
         return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+    try:
+        for cell in cells:
+            cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
+        _compute(loaded, cells, outcomes, on_sample, context, progress)
+    finally:
+        for cell in (c for c in cells if c.logger is not None):
+            cell.logger.close()  # a no-op after a successful finish
+    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+
+
+def _compute(loaded, cells, outcomes, on_sample, context, progress) -> None:
+    """Run every sample of `cells` and finish each cell into `outcomes`."""
 
     started = time.time()
     first = cells[0].config
@@ -175,7 +199,6 @@ def run_cells(
     elapsed = time.time() - started
     for cell in cells:
         outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name)
-    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
 
 
 def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> None:
@@ -192,7 +215,7 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
     planned, skipped = [], []
     for cell in cells:
         try:
-            planned.append((cell, cell.analysis.jobs(groups)))
+            planned.append((cell, cell.analysis.jobs(groups, sample)))
         except GroupError as exc:
             skipped.append((cell, exc))
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
@@ -214,12 +237,10 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
     )
     for cell, exc in skipped:
         row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
-        cell.store.write_sample(sample.question_id, row, [])
+        cell.write(sample.question_id, row, [])
     if config["require_correct"] and not correct:
         for cell, _ in planned:
-            cell.store.write_sample(
-                sample.question_id, _sample_row(order, sample, status="incorrect", **base), []
-            )
+            cell.write(sample.question_id, _sample_row(order, sample, status="incorrect", **base), [])
         return
     try:
         logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
@@ -230,14 +251,12 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
         new = logprobs[start : start + len(jobs)]
         start += len(jobs)
         rows = cell.analysis.rows(sample, clean, token_id, new)
-        cell.store.write_sample(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
+        cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
 
 
 def _skip_all(cells, order, sample, reason: str, detail: str) -> None:
     for cell in cells:
-        cell.store.write_sample(
-            sample.question_id, _sample_row(order, sample, skip_reason=reason, skip_detail=detail), []
-        )
+        cell.write(sample.question_id, _sample_row(order, sample, skip_reason=reason, skip_detail=detail), [])
 
 
 def _finish(
@@ -260,6 +279,8 @@ def _finish(
             clean_passes_per_sample=max(clean_passes.values(), default=0),
             **context,
         )
+        if cell.logger is not None:
+            cell.logger.finish(samples, results, summary)
         store.clear_parts()
         return CellOutcome(store.id, "done", str(store.dir), summary=summary["headline"])
     except Exception as exc:

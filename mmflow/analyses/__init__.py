@@ -1,7 +1,8 @@
 """Analyses: what is computed from a sample's clean pass and the engine's knockouts.
 
-Every analysis has `kind`, `result_columns`, `sort_by`, `jobs(groups)` (the knockouts it needs,
-possibly none), `rows(sample, clean, token_id, new_logprobs)` and `headline(results)`.
+Every analysis has `kind`, `result_columns`, `sort_by`, `jobs(groups, sample)` (the knockouts it
+needs, possibly none; raises `GroupError` to skip the sample), `rows(sample, clean, token_id,
+new_logprobs)` and `headline(results)`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from mmflow.models.registry import LoadedModel
+
+# Config keys an analysis does not read: dropped from its cell config (`mmflow.cli.cell_config`),
+# so they neither change its cell id nor claim something in its cell.json.
+IGNORED_KEYS: dict[str, tuple[str, ...]] = {
+    "knockout": ("lens",),
+    "answer_tracking": ("knockout", "window"),
+}
+
+
+def drop_ignored_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the keys its analysis ignores (see `IGNORED_KEYS`)."""
+    ignored = IGNORED_KEYS.get(config.get("analysis", "knockout"), ())
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def make_analysis(config: dict[str, Any], loaded: LoadedModel):
@@ -30,4 +44,9 @@ def make_analysis(config: dict[str, Any], loaded: LoadedModel):
                 "window": int(config["window"]),
             },
         )
-    raise ValueError(f"unknown analysis {kind!r}; known: knockout")
+    if kind == "answer_tracking":
+        from mmflow.analyses.answer_tracking import AnswerTrackingAnalysis
+
+        labels = {"model": config["model"]["name"], "task": config["task"]}
+        return AnswerTrackingAnalysis(loaded, config.get("lens", "norm"), labels)
+    raise ValueError(f"unknown analysis {kind!r}; known: knockout, answer_tracking")

@@ -41,7 +41,7 @@ class KnockoutAnalysis:
         for centre in range(n_layers):
             window_layers(centre, width, n_layers)  # validates width early
 
-    def jobs(self, groups: TokenGroups) -> list[KnockoutJob]:
+    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
         """One job per centre layer; raises `GroupError` if a group is empty."""
         edges = BlockEdges(groups.require(self.spec.source), groups.require(self.spec.target))
         return [KnockoutJob(edges, window_layers(c, self.width, self.n_layers)) for c in range(self.n_layers)]
