@@ -20,11 +20,14 @@ import pandas as pd
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
+NON_SEMANTIC_MODEL_KEYS = frozenset({"resources"})  # what an actor requests, not what it computes
 
 
 def cell_id(config: Mapping[str, Any]) -> str:
     """A stable id of a resolved cell config (plus the schema version), never Hydra's job number."""
     semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    if isinstance(semantic.get("model"), Mapping):
+        semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
     blob = json.dumps({"schema": SCHEMA_VERSION, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -121,7 +124,7 @@ class CellStore:
         return samples, results
 
     def clear_parts(self) -> None:
-        for part in self.parts.glob("*.parquet"):
+        for part in self.parts.glob("*"):  # parts, and temp files of a writer that was killed mid-write
             part.unlink()
         if self.parts.exists():
             self.parts.rmdir()

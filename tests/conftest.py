@@ -61,3 +61,19 @@ def noise_sample(
         true_option=true,
         false_option=false,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole session (starting one costs seconds); tests may add nodes to it.
+
+    A `ray.cluster_utils.Cluster` whose head offers 2 logical CPUs; drivers (e.g. `launch.py -m` in a
+    subprocess) join it with `ray.address=<cluster.address>`. Shut down at the end of the session.
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

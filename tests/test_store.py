@@ -13,6 +13,8 @@ def test_cell_id_is_stable_and_ignores_where_results_go():
     b = {"window": 3, "results_dir": "/elsewhere", "task": "ChooseAttr", "model": {"name": "m"}, "logger": {}}
     assert cell_id(a) == cell_id(b)
     assert cell_id(a) != cell_id({**a, "window": 5})
+    with_resources = {**a, "model": {"name": "m", "resources": {"gpus": 2}}}
+    assert cell_id(with_resources) == cell_id({**a, "model": {"name": "m", "resources": {"gpus": 1}}})
     assert len(cell_id(a)) == 16
 
 
