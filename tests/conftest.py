@@ -18,6 +18,27 @@ def model_config(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=True)
 
 
+def cell_config(folder: Path, model: str = "tiny-llava", **changes) -> dict:
+    """A resolved knockout cell config on shapes data, results and data cache under `folder`."""
+    config = {
+        "model": model_config(model),
+        "data": {"name": "shapes", "seed": 0, "cache_dir": str(folder / "shapes")},
+        "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
+        "engine": {"name": "reference", "attention": "sdpa"},
+        "task": "ChooseAttr",
+        "window": 3,
+        "n_samples": 2,
+        "seed": 0,
+        "require_correct": False,
+        "max_new_tokens": 2,
+        "analysis": "knockout",
+        "results_dir": str(folder),
+        "logger": {"name": "none"},
+    }
+    config.update(changes)
+    return config
+
+
 @pytest.fixture(scope="session")
 def tiny_llava():
     from mmflow.models.registry import _Attr, load_model

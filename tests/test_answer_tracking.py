@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import model_config
 
 from mmflow.analyses import make_analysis
 from mmflow.analyses.answer_tracking import (
@@ -42,10 +42,6 @@ EXPECTED_PIECES = {
     "tiny-llava": {"red": "▁red", "Red": "▁R", "blue": "▁blue", "Blue": "▁Bl", "other_spacing": "red"},
     "tiny-llava-next": {"red": "red", "Red": "R", "blue": "blue", "Blue": "B", "other_spacing": "Ġred"},
 }
-
-
-def model_config(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=True)
 
 
 def load(name: str):

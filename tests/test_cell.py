@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, model_config
+from conftest import ROOT, cell_config, model_config
 from PIL import Image
 
 from mmflow.runtime import SAMPLE_COLUMNS, run_cells
@@ -88,22 +88,7 @@ def test_launch_one_cell_writes_auditable_results(tmp_path):
 
 
 def _config(tmp_path, **changes) -> dict:
-    config = {
-        "model": model_config("tiny-llava"),
-        "data": {"name": "shapes", "seed": 0, "cache_dir": None},
-        "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
-        "engine": {"name": "reference", "attention": "sdpa"},
-        "task": "ChooseAttr",
-        "window": 3,
-        "n_samples": 4,
-        "seed": 0,
-        "require_correct": False,
-        "max_new_tokens": 4,
-        "analysis": "knockout",
-        "results_dir": str(tmp_path),
-    }
-    config.update(changes)
-    return config
+    return cell_config(tmp_path, **{"n_samples": 4, "max_new_tokens": 4, **changes})
 
 
 def test_interrupted_cell_resumes_without_recounting(tiny_llava, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cell_config
 from omegaconf import OmegaConf
 
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, KnockoutSpec
@@ -242,20 +243,7 @@ def test_report_of_really_computed_cells(tmp_path: Path) -> None:
 
     model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
     loaded = get_model(model)
-    base = {
-        "model": model,
-        "data": {"name": "shapes", "seed": 0, "cache_dir": str(tmp_path / "shapes")},
-        "task": TASK,
-        "n_samples": 2,
-        "seed": 0,
-        "require_correct": False,
-        "engine": {"name": "reference", "attention": "sdpa"},
-        "max_new_tokens": 2,
-        "analysis": "knockout",
-        "window": 3,
-        "results_dir": str(tmp_path / "results"),
-        "logger": {"name": "none"},
-    }
+    base = cell_config(tmp_path / "results", task=TASK, model=model["name"])
     configs = [
         dict(base, knockout={"name": k, "source": s, "target": t}) for k, (s, t) in NAMED_KNOCKOUTS.items()
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cell_config
 from omegaconf import OmegaConf
 
 from mmflow import wandb_logger
@@ -52,21 +53,7 @@ def computed(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("wandb")
     model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
-    base = {
-        "model": model,
-        "data": {"name": "shapes", "seed": 0, "cache_dir": str(tmp / "shapes")},
-        "task": "ChooseAttr",
-        "n_samples": 2,
-        "seed": 0,
-        "require_correct": False,
-        "engine": {"name": "reference", "attention": "sdpa"},
-        "max_new_tokens": 2,
-        "analysis": "knockout",
-        "window": 3,
-        "results_dir": str(tmp / "results"),
-        "sweep_name": "wbtest",
-        "logger": logger_section(tmp / "wb", curve_every=1),
-    }
+    base = cell_config(tmp / "results", sweep_name="wbtest", logger=logger_section(tmp / "wb", curve_every=1))
     configs = [dict(base, knockout={"name": k, "source": s, "target": t}) for k, (s, t) in KNOCKOUTS.items()]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_API_KEY", FAKE_KEY)
