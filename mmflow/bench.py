@@ -1,0 +1,335 @@
+"""Benchmark: the reference engine vs the fast engine vs one clean forward, at the real sequence geometry.
+
+`python -m mmflow.bench --geometry llava-1.5|llava-next` builds a random-weight model with the real
+geometry (32 Llama layers, 576 image tokens per view, LLaVA-NeXT anyres for a 500x375 image, the
+paper's prompt and real GQA questions) but small widths so it runs on a CPU, then times, per sample:
+
+- `clean_forward_s`: one clean forward of the sample (ReferenceEngine.clean: vision tower + prefill),
+  the floor nothing can beat;
+- `fast_s`: the fast engine's own clean pass (vision tower, prefill keeping K/V and layer inputs)
+  plus every knockout of the sample (all knockout types x all centre layers);
+- `reference_s`: the paper's algorithm, one full forward per window per type. Every window costs the
+  same, so `--reference-windows` windows per type are timed and scaled to all of them.
+
+Each is the best of `--repeats` interleaved rounds (the machine may be shared), in wall-clock seconds
+and, under `process_cpu_time`, in CPU seconds of this process. Memory (skip with `--no-memory`) is
+the peak of torch's CPU allocator above its level before the call (model weights and inputs
+excluded), from torch.profiler's allocation events, for the reference clean pass and for the fast
+engine (its clean pass plus the run, caches included). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
+from mmflow.data.sample import Sample
+from mmflow.groups import build_token_groups
+from mmflow.inputs import ModelInputs, encode
+from mmflow.knockout.attention import prepare_model
+from mmflow.knockout.fast import make_fast_engine
+from mmflow.knockout.reference import ReferenceEngine
+from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
+from mmflow.models.registry import LoadedModel
+from mmflow.models.tiny import TinySpec, build_model, build_processor, build_tokenizer, tokenizer_corpus
+
+MAIN_KNOCKOUTS = ("image_to_question", "image_to_last", "question_to_last", "last_to_last")
+IMAGE_SIZE = (500, 375)  # (width, height): ~2,340 image tokens under LLaVA-NeXT anyres
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A real model's sequence geometry at a CPU-sized width."""
+
+    like: str  # the real checkpoint whose geometry this copies
+    architecture: str
+    tokenizer_style: str
+    prompt_format: str
+    image_preprocess: str
+    kv_heads: int
+    rope_theta: float
+
+
+GEOMETRIES = {
+    "llava-1.5": Geometry(
+        "llava-hf/llava-1.5-7b-hf: vicuna_v1 prompt, 576 image tokens, multi-head attention",
+        "llava",
+        "sentencepiece",
+        "vicuna_v1",
+        "pad",
+        kv_heads=8,
+        rope_theta=10000.0,
+    ),
+    "llava-next": Geometry(
+        "llava-hf/llama3-llava-next-8b-hf: llama3 prompt, anyres tiles + newlines, GQA 4:1",
+        "llava_next",
+        "byte_level",
+        "llama3",
+        "anyres",
+        kv_heads=2,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def build_loaded(geometry: str, layers: int, hidden: int, heads: int) -> LoadedModel:
+    """A random-weight LLaVA(-NeXT) with the geometry's tokenizer, processor and GQA ratio."""
+    geo = GEOMETRIES[geometry]
+    spec = TinySpec(
+        name=f"bench-{geometry}",
+        architecture=geo.architecture,
+        tokenizer_style=geo.tokenizer_style,
+        prompt_format=geo.prompt_format,
+        text_layers=layers,
+        text_hidden=hidden,
+        text_heads=heads,
+        text_kv_heads=min(geo.kv_heads, heads),
+        rope_theta=geo.rope_theta,
+    )
+    tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
+    model = build_model(spec, tokenizer).eval()
+    prepare_model(model, "sdpa")
+    return LoadedModel(
+        name=spec.name,
+        model=model,
+        processor=build_processor(spec, tokenizer),
+        path=f"random:{spec.name}",
+        prompt_format=spec.prompt_format,
+        image_preprocess=geo.image_preprocess,
+        n_layers=layers,
+        device=torch.device("cpu"),
+    )
+
+
+def gqa_samples(task: str, n: int) -> list[Sample]:
+    """The first `n` usable rows of a real GQA task file (their images are replaced by noise)."""
+    rows = read_task_csv(GQA_TASKS_DIR / f"{task}.csv", task, Path("/nonexistent"), check_images=False)
+    return [row for row in rows if isinstance(row, Sample)][:n]
+
+
+def noise_image(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(IMAGE_SIZE[1], IMAGE_SIZE[0], 3))
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def plan_jobs(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, knockouts, window: int):
+    """{knockout: [job per centre layer]} for one sample, and its token groups."""
+    groups = build_token_groups(loaded, inputs, sample)
+    plan = {}
+    for name in knockouts:
+        source, target = NAMED_KNOCKOUTS[name]
+        edges = BlockEdges(groups.require(source), groups.require(target))
+        layers = range(loaded.n_layers)
+        plan[name] = [KnockoutJob(edges, window_layers(c, window, loaded.n_layers)) for c in layers]
+    return plan, groups
+
+
+class Best:
+    """Minimum wall and process-CPU seconds per key over repeated rounds (least disturbed run)."""
+
+    def __init__(self):
+        self.wall: dict = {}
+        self.cpu: dict = {}
+
+    def time(self, key, fn):
+        start, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        self.wall[key] = min(self.wall.get(key, wall), wall)
+        self.cpu[key] = min(self.cpu.get(key, cpu), cpu)
+        return out
+
+
+def peak_bytes(fn) -> int:
+    """Peak of torch CPU allocations during fn() above the level before it (torch.profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) -> dict:
+    """Time one sample three ways (best of `repeats` interleaved rounds); compare reference and fast."""
+    jobs = [job for type_jobs in plan.values() for job in type_jobs]
+    capture_from = min(job.edges.first_target for job in jobs)
+    ref_clean = ref.clean(inputs)
+    timed_windows, offset = {}, 0  # (knockout, centre) -> index of the job in `jobs`
+    for name, type_jobs in plan.items():
+        centres = np.unique(np.linspace(0, len(type_jobs) - 1, reference_windows).round().astype(int))
+        timed_windows.update({(name, int(c)): offset + int(c) for c in centres})
+        offset += len(type_jobs)
+    best, diff = Best(), 0.0
+    for _ in range(repeats):
+        best.time("clean_forward", lambda: ref.clean(inputs))
+        fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, capture_from, jobs))
+        for key, index in timed_windows.items():
+            out = best.time(key, lambda i=index: ref.run(ref_clean, [jobs[i]]))
+            diff = max(diff, float((out[0].exp() - fast_out[index].exp()).abs().max()))
+    result = dict(reference_forwards_timed=len(timed_windows) * repeats, max_abs_diff_p=diff)
+    for kind, seconds in (("", best.wall), ("_cpu", best.cpu)):
+        reference = 0.0
+        for name, type_jobs in plan.items():  # every window is one full forward: mean x windows
+            reference += float(np.mean([seconds[key] for key in timed_windows if key[0] == name])) * len(
+                type_jobs
+            )
+        result[f"reference{kind}_s"] = reference
+        result[f"fast{kind}_s"] = seconds["fast"]
+        result[f"clean_forward{kind}_s"] = seconds["clean_forward"]
+    return result
+
+
+def _fast(fast, inputs, capture_from, jobs):
+    clean = fast.clean(inputs, capture_from=capture_from)
+    return fast.run(clean, jobs), clean
+
+
+def measure_memory(ref, fast, inputs, jobs) -> dict:
+    """Peak torch CPU memory (MiB) of the reference clean pass and of the fast engine, above weights."""
+    capture_from = min(job.edges.first_target for job in jobs)
+    clean = peak_bytes(lambda: ref.clean(inputs))
+    fast_peak = peak_bytes(lambda: _fast(fast, inputs, capture_from, jobs))
+    weights = sum(p.numel() * p.element_size() for p in ref.loaded.model.parameters())
+    mib = 1 << 20
+    return dict(
+        method="torch.profiler CPU allocator events: peak above the level before the call (weights excluded)",
+        weights_mib=round(weights / mib, 1),
+        clean_peak_mib=round(clean / mib, 1),
+        fast_peak_mib=round(fast_peak / mib, 1),
+        fast_over_clean_peak=round(fast_peak / clean, 3),
+        fast_over_clean_peak_with_weights=round((fast_peak + weights) / (clean + weights), 3),
+    )
+
+
+def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
+    """The fast engine's most expensive ops (self CPU time), to see what dominates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    capture_from = min(job.edges.first_target for job in jobs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _fast(fast, inputs, capture_from, jobs)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mmflow.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llava-1.5")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--window", type=int, default=7)
+    parser.add_argument("--knockouts", default=",".join(MAIN_KNOCKOUTS), help="comma-separated names")
+    parser.add_argument("--task", default="QueryAttr", help="GQA task file the questions come from")
+    parser.add_argument("--reference-windows", type=int, default=2, help="windows timed per knockout type")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--profile", action="store_true", help="print the fast engine's top ops")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
+    torch.manual_seed(0)
+    loaded = build_loaded(args.geometry, args.layers, args.hidden, args.heads)
+    ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
+    load_before = os.getloadavg()[0]
+    totals: dict[str, float] = {}
+    shapes: dict[str, list[int]] = {"sequence_lengths": [], "image_tokens": [], "question_to_end_tokens": []}
+    memory = None
+    for index, sample in enumerate(gqa_samples(args.task, args.samples)):
+        inputs = encode(loaded, sample, noise_image(index))
+        plan, groups = plan_jobs(loaded, inputs, sample, knockouts, args.window)
+        if index == 0:
+            ref.clean(inputs)  # warm-up (allocator, thread pools), not timed
+        result = run_sample(ref, fast, inputs, plan, args.reference_windows, args.repeats)
+        print(json.dumps({"sample": sample.question_id, "length": inputs.length, **result}), flush=True)
+        for key, value in result.items():
+            totals[key] = (
+                max(totals.get(key, 0), value) if key == "max_abs_diff_p" else totals.get(key, 0) + value
+            )
+        shapes["sequence_lengths"].append(inputs.length)
+        shapes["image_tokens"].append(int(groups.image.numel()))
+        shapes["question_to_end_tokens"].append(inputs.length - int(groups.question.min()))
+        jobs = [job for type_jobs in plan.values() for job in type_jobs]
+        if index == 0 and not args.no_memory:
+            memory = measure_memory(ref, fast, inputs, jobs)
+        if index == 0 and args.profile:
+            print(profile_fast(fast, inputs, jobs), flush=True)
+    summary = {
+        "geometry": args.geometry,
+        "geometry_of": GEOMETRIES[args.geometry].like,
+        "samples": len(shapes["sequence_lengths"]),
+        **shapes,
+        "model": model_summary(loaded, args),
+        "knockouts": knockouts,
+        "window": args.window,
+        "jobs_per_sample": len(knockouts) * args.layers,
+        "engine": fast.name,
+        **ratios(totals, ""),
+        "reference_windows_timed_per_knockout": args.reference_windows,
+        "reference_forwards_timed": int(totals["reference_forwards_timed"]),
+        "timing": f"best of {args.repeats} interleaved rounds per sample, summed over samples",
+        "fast_s_includes": "the fast engine's own clean pass (vision tower, prefill keeping K/V) + all jobs",
+        "clean_forward_s_is": "ReferenceEngine.clean: one forward of the sample, vision tower included",
+        "max_abs_diff_p": totals["max_abs_diff_p"],
+        "max_abs_diff_p_over": "every vocabulary entry of every timed reference window",
+        "process_cpu_time": ratios(totals, "_cpu"),
+        "memory": memory,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def ratios(totals: dict[str, float], kind: str) -> dict:
+    """The three timings (wall, or process CPU with kind="_cpu"), speedup and fast/clean."""
+    reference, fast, clean = (totals[f"{name}{kind}_s"] for name in ("reference", "fast", "clean_forward"))
+    return {
+        "reference_s": round(reference, 3),
+        "fast_s": round(fast, 3),
+        "clean_forward_s": round(clean, 3),
+        "speedup": round(reference / fast, 2),
+        "fast_over_clean": round(fast / clean, 3),
+    }
+
+
+def model_summary(loaded: LoadedModel, args: argparse.Namespace) -> dict:
+    text = loaded.model.config.get_text_config()
+    vision = loaded.model.config.vision_config
+    return {
+        "layers": text.num_hidden_layers,
+        "hidden": text.hidden_size,
+        "intermediate": text.intermediate_size,
+        "heads": text.num_attention_heads,
+        "kv_heads": text.num_key_value_heads,
+        "vision_layers": vision.num_hidden_layers,
+        "vision_hidden": vision.hidden_size,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "weights": "random",
+    }
+
+
+if __name__ == "__main__":
+    main()
