@@ -12,24 +12,28 @@ import torch
 def record_layer_inputs(
     layers: Sequence[torch.nn.Module], start: int | None, last: bool = False
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record each layer's input hidden states (batch 0) and, with `last`, the final layer's output.
+    """Record copies (batch 0) of what each decoder layer receives during one forward.
 
-    `start` keeps positions start..T-1 of every layer input in `record["inputs"]` (None: keep none);
-    `last` keeps the last position of every layer input plus the last layer's output in
-    `record["last"]`, i.e. the residual stream from the embeddings through the final layer (pre-norm).
+    `inputs`: with `start`, each layer's input at positions start..T-1 [T - start, D]; `rotary`: with
+    `start`, layer 0's (cos, sin) from `start` on [T - start, d]; `last`: with `last`, each layer's
+    input at T-1 plus the last layer's output, i.e. the residual stream at the last position from the
+    embeddings through the final layer (pre-norm). Copies, not views, so each full [T, D] hidden state
+    can be freed as soon as the next layer has run.
     """
-    record: dict[str, list[torch.Tensor]] = {"inputs": [], "last": []}
+    record: dict[str, list[torch.Tensor]] = {"inputs": [], "last": [], "rotary": []}
 
     def pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if start is not None:
-            record["inputs"].append(hidden[0, start:].detach())
+            record["inputs"].append(hidden[0, start:].clone())
+            if not record["rotary"] and "position_embeddings" in kwargs:
+                record["rotary"] = [table[0, start:].clone() for table in kwargs["position_embeddings"]]
         if last:
-            record["last"].append(hidden[0, -1].detach())
+            record["last"].append(hidden[0, -1].clone())
 
     def post_hook(module, args, kwargs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        record["last"].append(hidden[0, -1].detach())
+        record["last"].append(hidden[0, -1].clone())
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
     if last:

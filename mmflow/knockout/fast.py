@@ -23,15 +23,15 @@ clean log-probs, else that sample falls back to the reference engine and the eng
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
+from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, language_layers
 from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
@@ -102,37 +102,6 @@ def make_fast_engine(loaded: LoadedModel) -> ReferenceEngine:
     return engine
 
 
-@contextlib.contextmanager
-def capture_suffix(layers: torch.nn.ModuleList, start: int) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record copies (batch 0) of what the fast engine restarts from, during one forward.
-
-    `suffix`: each layer's input at positions start..T-1 [T - start, D]; `last`: each layer's input at
-    T-1 plus the last layer's output (the reference's `last_hidden` rows); `rotary`: layer 0's
-    (cos, sin) from `start` on [T - start, d]. Copies, not views, so each full [T, D] hidden state
-    can be freed as soon as the next layer has run.
-    """
-    record: dict[str, list[torch.Tensor]] = {"suffix": [], "last": [], "rotary": []}
-
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        record["suffix"].append(hidden[0, start:].clone())
-        record["last"].append(hidden[0, -1].clone())
-        if not record["rotary"]:
-            record["rotary"] = [table[0, start:].clone() for table in kwargs["position_embeddings"]]
-
-    def post_hook(module, args, kwargs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        record["last"].append(hidden[0, -1].clone())
-
-    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
-    handles.append(layers[-1].register_forward_hook(post_hook, with_kwargs=True))
-    try:
-        yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _effective_first_target(job: KnockoutJob, n_layers: int) -> int | None:
     """The first target the job can change (b0), or None if it blocks nothing the causal mask allows."""
     sources, targets = job.edges.sources, job.edges.targets
@@ -172,7 +141,7 @@ class FastEngine(ReferenceEngine):
         if capture_from is None:
             base = super().clean(inputs)
             return FastCleanPass(base.inputs, base.logprobs, base.last_hidden)
-        with capture_suffix(self.layers, capture_from) as record, blocking(None):
+        with record_layer_inputs(self.layers, capture_from, last=True) as record, blocking(None):
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         return FastCleanPass(
@@ -182,7 +151,7 @@ class FastEngine(ReferenceEngine):
             start=capture_from,
             keys=[layer.keys[0] for layer in cache.layers],
             values=[layer.values[0] for layer in cache.layers],
-            hidden=torch.stack(record["suffix"]),
+            hidden=torch.stack(record["inputs"]),
             cos=record["rotary"][0],
             sin=record["rotary"][1],
         )
