@@ -17,8 +17,9 @@ all heads, in the row's window layers only; the softmax accumulates in float32.
 
 Where the shortcut is not exact or not supported (non-Llama decoders, sliding-window attention,
 soft-capped logits) `make_fast_engine` returns the reference engine, named as a fallback. At run time
-a probe row per clean pass (the suffix recomputed from layer 0 with nothing blocked) must reproduce the
-clean log-probs, else that sample falls back to the reference engine and the engine's name says so.
+a probe row per clean pass (the shortest planned suffix, recomputed from layer 0 with nothing blocked)
+must reproduce the clean log-probs, else that sample falls back to the reference engine and the
+engine's name says so.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class FastCleanPass(CleanPass):
 
     `keys`/`values`: per layer [Hkv, T, d], after rotary. `hidden` [L, T - start, D]: the input of
     every layer at positions start..T-1. `cos`/`sin` [T - start, d]: the clean run's rotary tables at
-    the same positions. All None when no knockout was planned (`start` None).
+    the same positions. Left empty when no knockout was planned (`start` None).
     """
 
     start: int | None = None
