@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, KnockoutSpec
 from mmflow.report import build_report
 from mmflow.report.cells import find_cell_dirs, load_cells
-from mmflow.report.figures import curve_stats, plot_cross_model, plot_model_task
+from mmflow.report.figures import curve_stats, plot_cross_model, plot_model_overview, plot_model_task
 from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +33,7 @@ def fabricate_cell(
     status: str = "done",
     analysis: str = "knockout",
     correct: int = 1,
+    task: str = TASK,
 ) -> Path:
     """A cell folder with known numbers: `values[sample, layer]` is the relative change (%)."""
     n_samples, n_layers = values.shape
@@ -40,7 +41,7 @@ def fabricate_cell(
     config = {
         "analysis": analysis,
         "model": {"name": model, "n_layers": n_layers},
-        "task": TASK,
+        "task": task,
         "knockout": {"name": knockout, "source": source, "target": target},
         "window": 3,
         "n_samples": n_samples,
@@ -144,6 +145,26 @@ def test_cross_model_figure_uses_relative_depth(fabricated: dict) -> None:
         line = lines[f"{cell.model} (L = {cell.n_layers})"]
         np.testing.assert_allclose(line.get_xdata(), np.arange(cell.n_layers) / cell.n_layers)
         np.testing.assert_allclose(line.get_ydata(), curve_stats(cell.results)["mean"])
+
+
+def test_model_overview_has_a_panel_per_task(tmp_path: Path) -> None:
+    """Every task of a model in one figure: a panel per task, each with that task's curves."""
+    dirs = {
+        (task, knockout): fabricate_cell(tmp_path, "m6", curve_values(3, 6, shift), knockout, task=task)
+        for task, shift in (("QueryAttr", 20.0), ("ChooseRel", 5.0))
+        for knockout in ("question_to_last", "image_to_question")
+    }
+    cells, _ = load_cells(dirs.values())
+    figure = plot_model_overview(cells)
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title().split(" (")[0] for ax in visible] == ["ChooseRel", "QueryAttr"]
+    assert len(figure.axes) == 3 and not figure.axes[2].get_visible()
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["Image ↛ Question", "Question ↛ Last"]
+    for ax, task in zip(visible, ("ChooseRel", "QueryAttr"), strict=True):
+        assert ax.get_xlim() == (0.0, 5.0)
+        for line, knockout in zip(data_lines(ax), ("image_to_question", "question_to_last"), strict=True):
+            (cell,) = [c for c in cells if c.task == task and c.knockout == knockout]
+            np.testing.assert_allclose(line.get_ydata(), curve_stats(cell.results)["mean"])
 
 
 def table_rows(index_html: str) -> dict[str, list[str]]:

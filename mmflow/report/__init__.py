@@ -18,6 +18,7 @@ from mmflow.report.figures import (
     curve_stats,
     plot_answer_tracking_cell,
     plot_cross_model,
+    plot_model_overview,
     plot_model_task,
     save_figure,
     slug,
@@ -84,7 +85,19 @@ def _knockout_sections(cells: list[CellData], out_dir: Path) -> list[tuple[str, 
         )
         for (task, knockout), group in _by(knockouts, "task", "knockout").items()
     ]
-    return [("Per model and task", per_model), ("Across models (relative depth)", cross)]
+    overview = [
+        _save(
+            plot_model_overview(group),
+            fig_dir,
+            slug(model, "overview", f"k{k}"),
+            f"{model} — every task (k = {k})",
+            out_dir,
+        )
+        for (model, k), group in _by(knockouts, "model", "window").items()
+        if len({c.task for c in group}) > 1
+    ]
+    sections = [("Per model and task", per_model), ("Across models (relative depth)", cross)]
+    return ([("Per model: every task", overview)] if overview else []) + sections
 
 
 def _answer_tracking_section(cells: list[CellData], out_dir: Path, notes: list[str]) -> list[FigureEntry]:

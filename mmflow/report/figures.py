@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
-from mmflow.report.cells import CellData
+from mmflow.report.cells import CellData, knockout_order
 
 Z95 = 1.96
 VALUE_COLUMN = "rel_change_pct"
@@ -97,6 +97,42 @@ def plot_model_task(cells: Sequence[CellData]) -> Figure:
     _finish_axes(ax, title, xlabel, "Knockout")
     ax.set_xlim(0, n_layers - 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def plot_model_overview(cells: Sequence[CellData], columns: int = 3) -> Figure:
+    """One model at one window: a panel per task (shared y axis), one line per knockout."""
+    cells = [c for c in cells if c.analysis == "knockout" and len(c.results)]
+    first = cells[0]
+    tasks = sorted({c.task for c in cells})
+    n_layers = max(c.n_layers for c in cells)
+    rows = -(-len(tasks) // columns)
+    figure = Figure(figsize=(4.0 * columns, 3.1 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).flatten()
+    for ax, task in zip(axes, tasks, strict=False):
+        group = sorted((c for c in cells if c.task == task), key=lambda c: knockout_order(c.knockout))
+        for cell in group:
+            stats = curve_stats(cell.results)
+            _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.knockout), cell.label)
+        ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+        ax.set_title(f"{task} ({_n_text(group)})", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.set_xlim(0, n_layers - 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    figure.supxlabel(f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)")
+    figure.supylabel(Y_LABEL)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="outside upper center",
+        ncols=len(labels),
+        fontsize="small",
+        title=f"{first.model}: attention knockout, window k = {first.window} ({BAND_NOTE})",
+    )
     return figure
 
 
