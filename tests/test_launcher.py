@@ -87,7 +87,9 @@ def combos(cells: list[dict]) -> set[tuple[str, int]]:
 # ----------------------------------------------------------------------------- config (no Ray)
 
 
-@pytest.mark.parametrize(("name", "n_jobs"), [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6)])
+@pytest.mark.parametrize(
+    ("name", "n_jobs"), [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6), ("toy", 6 * 4)]
+)
 def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # the sweeps find conf/ relative to the repo root, as on the command line
     with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
@@ -96,7 +98,7 @@ def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, m
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.sweep_name == name
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
     assert int(pd.Series(sizes).prod()) == n_jobs
-    if name != "smoke":
+    if name in ("paper", "windows"):
         assert cfg.hydra.sweeper.params.data == "gqa"
 
 
@@ -105,6 +107,8 @@ def test_default_config_uses_the_launcher_and_a_local_ray() -> None:
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
     assert cfg.hydra.launcher.reuse_models is True and cfg.ray.address == ""
+    assert cfg.model.name == "toy-llava" and cfg.data.name == "shapes"  # the trained toy is the default
+    assert cfg.window == 2 and cfg.require_correct is True
 
 
 def test_actor_resources_map_gpus_to_cpu_and_reject_impossible_requests() -> None:
