@@ -263,6 +263,14 @@ def test_training_questions_are_correct_by_construction(recipe):
                 assert len(answer.split(" , ")) == len(scene.objects)
 
 
+def test_training_scenes_with_few_families_asked_do_not_loop():
+    """A recipe asking for fewer than MIN_FAMILIES families still gets its scenes (no endless redraw)."""
+    cfg = ToyConfig(questions={"QueryAttr": 2})
+    for index in range(5):
+        _, qa = training_scene(cfg, index)
+        assert {task for task, _, _ in qa} == {"QueryAttr", "Describe"}
+
+
 def test_patch_labels_mark_each_object_centre(recipe):
     cfg, _, _ = recipe
     scene, _ = training_scene(cfg, 0)

@@ -183,6 +183,7 @@ def training_scene(cfg: ToyConfig, index: int) -> tuple[Scene, list[tuple[str, s
     """Training image `index`: a scene and its (family, question, answer) triples, questions made by
     the shapes generator's own makers. Scenes that support fewer than MIN_FAMILIES families are redrawn."""
     rng = random.Random(f"toy:{cfg.train_data_seed}:{index}")
+    need = min(MIN_FAMILIES, sum(n > 0 for n in cfg.questions.values()))  # fewer asked: never loop forever
     while True:
         scene = random_scene(rng)
         qa = []
@@ -191,7 +192,7 @@ def training_scene(cfg: ToyConfig, index: int) -> tuple[Scene, list[tuple[str, s
                 q = maker(rng, scene, rng.random() < 0.5)
                 if q is not None:
                     qa.append((task, q["question"], q["answer"]))
-        if len({task for task, _, _ in qa}) >= MIN_FAMILIES:
+        if len({task for task, _, _ in qa}) >= need:
             break
     qa += [("Describe", DESCRIBE, describe(rng, scene)) for _ in range(cfg.descriptions)]
     return scene, qa
