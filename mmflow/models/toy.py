@@ -6,13 +6,15 @@ projector, Llama decoder), the vicuna_v1 prompt of the analysis, the SentencePie
 and 14 px patches, i.e. 64 image tokens instead of 576.
 
 Training, in two stages (deterministic for a seed, data-parallel over 2 processes):
-1. the vision tower and projector learn per-patch colour, shape and size (a stand-in for the
-   pretrained CLIP that real LLaVA starts from);
+1. the vision tower and projector learn per-patch colour, shape, size and column (a stand-in for
+   the pretrained CLIP that real LLaVA starts from);
 2. everything learns to answer, with cross-entropy on the answer tokens + EOS. Each training image
-   carries ~10 single-turn questions of the six families and 2 short descriptions ("circle red
-   small , ..."), packed into one sequence: every segment sees the shared prefix (system prompt,
-   image) and itself only, at the positions a single-turn prompt has, so each segment is exactly
-   the analysis's prompt while the image and prefix are computed once.
+   carries ~10 single-turn questions of the six families, packed into one sequence: every segment
+   sees the shared prefix (system prompt, image) and itself only, at the positions a single-turn
+   prompt has, so each segment is exactly the analysis's prompt while the image and prefix are
+   computed once. Two training-only probes (`GroundingHead`) ask the shape words of the question to
+   carry their object's colour, size and position, and the last prompt position to collect those of
+   the first and last shape named: they build an image -> question -> last route into the toy.
 The patch loss stays on in stage 2. Held-out evaluation uses other data seeds (unseen images and
 questions), and the analysis's own generation and answer normalisation.
 
@@ -49,7 +51,6 @@ TRAIN_DATA_SEED = 1000  # training scenes use seed TRAIN_DATA_SEED + seed (never
 VAL_DATA_SEED = 999  # the small validation set printed during training
 EVAL_DATA_SEED = 0  # held-out evaluation: the data seed of conf/data/shapes.yaml and of the tests
 DESCRIBE = "Describe the objects."
-MIN_FAMILIES = 5  # a training scene must support questions of at least this many families
 PARALLEL_MIN_IMAGES = 256  # below this, encode in-process (no worker start-up)
 ATTRIBUTES = (COLORS, SHAPES, SIZES)
 AUX_CLASSES = tuple(len(values) + 1 for values in ATTRIBUTES)  # + background
@@ -71,20 +72,24 @@ class ToyConfig:
     seed: int = 0
     images: int = 4000  # training images (each with several questions)
     questions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 2))  # per image
-    descriptions: int = 2
-    vision_steps: int = 600  # stage 1: vision tower + projector on the patch loss
+    descriptions: int = 0
+    vision_steps: int = 300  # stage 1: vision tower + projector on the patch loss
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     steps: int = 2000  # stage 2: everything on the answers (+ the patch loss)
     batch_size: int = 8  # images per step (about 100 question segments)
     lr: float = 1e-3
     warmup_steps: int = 100
+    decay_from: float = 0.5  # hold the peak rate until this fraction of the steps, then cosine decay
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 1.0
+    ground_layer: int = 2  # GroundingHead at the shape words reads the residual stream after this layer
+    gather_layer: int = 4  # ... and at the last prompt position, after this one
+    ground_weight: float = 1.0  # 0 turns the grounding loss off
     val_per_task: int = 50
-    val_every: int = 250
+    val_every: int = 500
     eval_per_task: int = 100
     workers: int = 2  # data-parallel processes (gradients averaged every step)
     threads: int = 1  # per process
@@ -155,7 +160,8 @@ class Packed:
 
     `shared[i]` is image i's prompt up to and including the newline after the image tokens (the
     same for all its questions); `segments[i]` holds (rest of the prompt + answer ids, answer length)
-    per question. `patch_labels` gives the object under each patch (colour, shape, size; 0 = none).
+    per question. `patch_labels` gives the object under each patch (colour, shape, size; 0 = none);
+    `word_facts` what the image says about each shape and colour word (the grounding targets).
     """
 
     shared: list[list[int]]
@@ -163,6 +169,8 @@ class Packed:
     tasks: list[str]  # the family of image i's first question (for per-family validation)
     pixels: torch.Tensor  # [N, 3, H, W] float16
     patch_labels: torch.Tensor  # [N, 3, n_patches] long
+    word_facts: torch.Tensor  # [N, len(NAMING_WORDS), 4] float: see `word_facts`
+    word_tokens: tuple[int, ...]  # token id of each of NAMING_WORDS
 
     def __len__(self) -> int:
         return len(self.shared)
@@ -179,33 +187,45 @@ def describe(rng: random.Random, scene: Scene) -> str:
     return " , ".join(parts) + " ."
 
 
+def _scene_questions(
+    rng: random.Random, scene: Scene, targets: dict[str, list[bool]]
+) -> list[tuple[str, str, str]] | None:
+    """A question per yes/no target of each family as (family, question, answer), or None as soon as
+    one of them is impossible in `scene`."""
+    qa = []
+    for task, yes_targets in targets.items():
+        for yes in yes_targets:
+            q = QUESTION_MAKERS[task](rng, scene, yes)
+            if q is None:
+                return None
+            qa.append((task, q["question"], q["answer"]))
+    return qa
+
+
 def training_scene(cfg: ToyConfig, index: int) -> tuple[Scene, list[tuple[str, str, str]]]:
-    """Training image `index`: a scene and its (family, question, answer) triples, questions made by
-    the shapes generator's own makers. Scenes that support fewer than MIN_FAMILIES families are redrawn."""
+    """Training image `index`: a scene and its (family, question, answer) triples, made by the shapes
+    generator's own makers. As in the held-out generator, the yes/no targets are drawn once and the
+    scene is redrawn until it can carry every question, so the targets stay balanced (keeping only
+    the questions a scene happens to allow makes "same colour?" a 3:1 "no", learnt as a prior)."""
     rng = random.Random(f"toy:{cfg.train_data_seed}:{index}")
-    need = min(MIN_FAMILIES, sum(n > 0 for n in cfg.questions.values()))  # fewer asked: never loop forever
-    while True:
+    targets = {task: [rng.random() < 0.5 for _ in range(n)] for task, n in cfg.questions.items()}
+    qa = None
+    while qa is None:
         scene = random_scene(rng)
-        qa = []
-        for task, maker in QUESTION_MAKERS.items():
-            for _ in range(cfg.questions.get(task, 0)):
-                q = maker(rng, scene, rng.random() < 0.5)
-                if q is not None:
-                    qa.append((task, q["question"], q["answer"]))
-        if len({task for task, _, _ in qa}) >= need:
-            break
+        qa = _scene_questions(rng, scene, targets)
     qa += [("Describe", DESCRIBE, describe(rng, scene)) for _ in range(cfg.descriptions)]
     return scene, qa
 
 
 def patch_labels(scene: Scene, image_size: int, patch_size: int, min_cover: float = 0.2) -> torch.Tensor:
-    """[3, n_patches] labels (colour, shape, size; 0 = background) of the object covering most of each
-    patch of the padded, resized view (at least `min_cover` of it, or the patch holds the box centre)."""
+    """[4, n_patches] labels (colour, shape, size of the object covering most of each patch of the
+    padded, resized view, at least `min_cover` of it or the box centre; then the patch's column on
+    object patches, so that image features carry where an object is; 0 = background)."""
     side = max(scene.width, scene.height)
     scale = image_size / side
     off_x, off_y = (side - scene.width) // 2, (side - scene.height) // 2
     grid = image_size // patch_size
-    labels = torch.zeros(3, grid * grid, dtype=torch.long)
+    labels = torch.zeros(4, grid * grid, dtype=torch.long)
     best = torch.full((grid * grid,), min_cover)
     lo = torch.arange(grid) * patch_size
     hi = lo + patch_size
@@ -222,7 +242,32 @@ def patch_labels(scene: Scene, image_size: int, patch_size: int, min_cover: floa
         best = torch.where(win, cover, best)
         for a, (pool, value) in enumerate(zip(ATTRIBUTES, (obj.color, obj.shape, obj.size), strict=True)):
             labels[a, win] = pool.index(value) + 1
+    columns = torch.arange(grid * grid) % grid + 1
+    labels[3] = torch.where(labels[0] > 0, columns, 0)
     return labels
+
+
+NAMING_WORDS = (*SHAPES, *COLORS)  # words that pick out an object; the grounding probe reads them
+
+
+def word_facts(scene: Scene) -> torch.Tensor:
+    """[len(NAMING_WORDS), 4] grounding targets: for each shape word and colour word, the colour class,
+    shape class, size class and centre x (a fraction of the padded square view) of the object it
+    names. Class 0 = no such object (then size and x are -1); all -1 when two objects share the word."""
+    side = max(scene.width, scene.height)
+    off_x = (side - scene.width) // 2
+    facts = torch.full((len(NAMING_WORDS), 4), -1.0)
+    for k, word in enumerate(NAMING_WORDS):
+        objects = [o for o in scene.objects if word in (o.shape, o.color)]
+        if not objects:
+            facts[k, :2] = 0
+        elif len(objects) == 1:
+            o = objects[0]
+            x = (o.center_x + off_x) / side
+            facts[k] = torch.tensor(
+                [COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size), x]
+            )
+    return facts
 
 
 def encode_scene(processor, scene: Scene, qa: list[tuple[str, str, str]]) -> tuple:
@@ -248,7 +293,8 @@ def encode_scene(processor, scene: Scene, qa: list[tuple[str, str, str]]) -> tup
         answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
         segments.append((ids[cut:] + answer_ids, len(answer_ids)))
     labels = patch_labels(scene, enc["pixel_values"].shape[-1], processor.patch_size)
-    return full[:cut], segments, enc["pixel_values"][0].half().numpy(), labels.numpy()
+    pixels = enc["pixel_values"][0].half().numpy()
+    return full[:cut], segments, pixels, labels.numpy(), word_facts(scene).numpy()
 
 
 _WORKER: dict[str, Any] = {}
@@ -266,6 +312,17 @@ def _encode_job(job: tuple) -> tuple:
     return encode_scene(_WORKER["processor"], *job)
 
 
+def word_token_ids(tokenizer) -> tuple[int, ...]:
+    """The last token of each of NAMING_WORDS inside a sentence ("Is the circle ...", "a diamond"):
+    where the whole word has been read."""
+    ids = tuple(tokenizer(" " + word, add_special_tokens=False)["input_ids"][-1] for word in NAMING_WORDS)
+    if len(set(ids)) != len(NAMING_WORDS):
+        raise ValueError(
+            f"naming words must end in distinct tokens: {dict(zip(NAMING_WORDS, ids, strict=True))}"
+        )
+    return ids
+
+
 def encode_all(processor, processor_dir: Path, jobs: list[tuple[Scene, list]]) -> Packed:
     """Encode (scene, questions) jobs in order; in 2 worker processes when there are many."""
     if len(jobs) >= PARALLEL_MIN_IMAGES:
@@ -280,6 +337,8 @@ def encode_all(processor, processor_dir: Path, jobs: list[tuple[Scene, list]]) -
         tasks=[qa[0][0] for _, qa in jobs],
         pixels=torch.stack([torch.as_tensor(o[2]) for o in out]),
         patch_labels=torch.stack([torch.as_tensor(o[3]) for o in out]),
+        word_facts=torch.stack([torch.as_tensor(o[4]) for o in out]),
+        word_tokens=word_token_ids(processor.tokenizer),
     )
 
 
@@ -299,13 +358,18 @@ def validation_data(cfg: ToyConfig, processor, processor_dir: Path) -> Packed:
 
 def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
     """A batch of packed images: ids, position ids, a [B, 1, T, T] mask (each segment sees the
-    shared prefix and itself; padding sees itself only), and the answer rows/cols/targets."""
+    shared prefix and itself; padding sees itself only), the answer rows/cols/targets, and the
+    grounding probes' positions and targets (every shape and colour word; the last prompt position of
+    questions naming a shape, with the facts of the first and last shape named)."""
     length = max(len(data.shared[i]) + sum(len(s) for s, _ in data.segments[i]) for i in index)
     ids = torch.full((len(index), length), pad_id, dtype=torch.long)
     positions = torch.zeros((len(index), length), dtype=torch.long)
     mask = torch.zeros((len(index), 1, length, length), dtype=torch.bool)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     rows, cols, targets = [], [], []
+    ground: dict[str, list] = {k: [] for k in ("ground_rows", "ground_cols", "ground_facts")}
+    gather: dict[str, list] = {k: [] for k in ("gather_rows", "gather_cols", "gather_facts")}
+    word_index = {t: k for k, t in enumerate(data.word_tokens)}
     for b, i in enumerate(index):
         cut = len(data.shared[i])
         ids[b, :cut] = torch.tensor(data.shared[i])
@@ -321,6 +385,16 @@ def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[st
             rows += [b] * (n_answer + 1)  # the prompt's last token predicts the first answer token
             cols += list(range(end - n_answer - 1, end))
             targets += segment[len(segment) - n_answer :] + [eos_id]
+            named = [(offset, word_index[t]) for offset, t in enumerate(segment) if t in word_index]
+            for offset, k in named:
+                ground["ground_rows"].append(b)
+                ground["ground_cols"].append(start + offset)
+                ground["ground_facts"].append(data.word_facts[i, k : k + 1])
+            shapes = [k for offset, k in named if offset < len(segment) - n_answer and k < len(SHAPES)]
+            if shapes:
+                gather["gather_rows"].append(b)
+                gather["gather_cols"].append(end - n_answer - 1)
+                gather["gather_facts"].append(data.word_facts[i, [shapes[0], shapes[-1]]])
             start = end
         pad = torch.arange(start, length)
         mask[b, 0, pad, pad] = True  # a fully masked row would give NaN, and 0 * NaN poisons the rest
@@ -333,32 +407,52 @@ def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[st
         "cols": torch.tensor(cols),
         "targets": torch.tensor(targets),
         "patch_labels": data.patch_labels[index],
+        **_probe_targets(ground, 1),
+        **_probe_targets(gather, 2),
+    }
+
+
+def _probe_targets(lists: dict[str, list], n_objects: int) -> dict[str, torch.Tensor]:
+    """One grounding probe's rows, columns and [n, n_objects, 4] facts as tensors."""
+    (rows_key, rows), (cols_key, cols), (facts_key, facts) = lists.items()
+    return {
+        rows_key: torch.tensor(rows, dtype=torch.long),
+        cols_key: torch.tensor(cols, dtype=torch.long),
+        facts_key: torch.stack(facts) if facts else torch.zeros(0, n_objects, 4),
     }
 
 
 # ---------------------------------------------------------------- losses
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits at the answer-predicting positions only (the LM head on a few rows, not all)."""
-    hidden = model.model(
+def decoder_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The decoder's residual stream: embeddings, then the output of every layer (the last one normed)."""
+    return model.model(
         input_ids=batch["input_ids"],
         pixel_values=batch["pixel_values"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
-    ).last_hidden_state
+        output_hidden_states=True,
+    ).hidden_states
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor], states: tuple | None = None) -> torch.Tensor:
+    """Logits at the answer-predicting positions only (the LM head on a few rows, not all)."""
+    hidden = (states or decoder_states(model, batch))[-1]
     return model.lm_head(hidden[batch["rows"], batch["cols"]])
 
 
 class PatchHead(torch.nn.Module):
     """Training-only linear probe on the projector output: colour (or background), shape and size of
-    the object under each patch; shape and size are scored on object patches only. Discarded after
-    training (not part of the saved model)."""
+    the object under each patch and the patch's column, the last three scored on object patches
+    only. Discarded after training (not part of the saved model)."""
 
     def __init__(self, model):
         super().__init__()
-        self.linear = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES))
+        vision = model.config.vision_config
+        self.classes = (*AUX_CLASSES, vision.image_size // vision.patch_size + 1)  # + the patch column
+        self.linear = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.classes))
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._keep)
 
@@ -366,14 +460,51 @@ class PatchHead(torch.nn.Module):
         self.features = output
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the three attributes of the features the last forward produced."""
-        logits = self.linear(self.features).split(AUX_CLASSES, dim=-1)
+        """Mean cross-entropy over the labels of the features the last forward produced."""
+        logits = self.linear(self.features).split(self.classes, dim=-1)
         losses = [
             torch.nn.functional.cross_entropy(
                 lg.flatten(0, 1), labels[:, a].flatten(), ignore_index=-1 if a == 0 else 0
             )
             for a, lg in enumerate(logits)
         ]
+        return sum(losses) / len(losses)
+
+
+class GroundingHead(torch.nn.Module):
+    """Training-only linear probe on the decoder's residual stream: the colour, shape, size and
+    horizontal position in the image of `n_objects` objects named by the text (`word_facts`).
+
+    Two of them build the route the paper found in LLaVA, image -> question -> last, into the toy:
+    one reads every shape and colour word after `cfg.ground_layer` (the question tokens fetch the
+    facts of the objects they name), one reads the last prompt position after `cfg.gather_layer`
+    (it collects the facts of the question's first and last shape word, which the two-object
+    families compare). Without them those families stay near chance within the time budget.
+    Discarded after training (not part of the saved model)."""
+
+    X_WEIGHT = 10.0  # x is a fraction in [0, 1]: its squared error is ~10x smaller than a class loss
+    SPLIT = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES), 1)  # colour, shape (0 = absent), size, x
+
+    def __init__(self, model, n_objects: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(model.config.text_config.hidden_size, n_objects * sum(self.SPLIT))
+
+    def loss(self, states: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, facts: torch.Tensor):
+        """Mean of the colour, shape, size and position losses; `facts` is [n, n_objects, 4]."""
+        if len(facts) == 0:
+            return states.sum() * 0.0
+        out = self.linear(states[rows, cols]).view(-1, sum(self.SPLIT))
+        facts = facts.reshape(-1, 4)
+        colour, shape, size, x = out.split(self.SPLIT, dim=-1)
+        ce = torch.nn.functional.cross_entropy
+        losses = [
+            ce(colour, facts[:, 0].long(), ignore_index=-1),
+            ce(shape, facts[:, 1].long(), ignore_index=-1),
+        ]
+        known = facts[:, 3] >= 0
+        if known.any():
+            losses.append(ce(size[known], facts[known, 2].long()))
+            losses.append(self.X_WEIGHT * (x[known, 0] - facts[known, 3]).square().mean())
         return sum(losses) / len(losses)
 
 
@@ -386,10 +517,17 @@ def vision_loss(model, head: PatchHead, batch: dict[str, torch.Tensor]) -> tuple
     return loss, loss.item()
 
 
-def answer_loss(model, head: PatchHead, batch: dict[str, torch.Tensor], aux_weight: float):
-    """Stage 2: cross-entropy on the answer tokens + EOS, plus the patch loss; (total, answer part)."""
-    answer = torch.nn.functional.cross_entropy(answer_logits(model, batch), batch["targets"])
-    return answer + aux_weight * head.loss(batch["patch_labels"]), answer.item()
+def answer_loss(model, heads: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], cfg: ToyConfig):
+    """Stage 2: cross-entropy on the answer tokens + EOS, plus the patch and grounding losses;
+    (total, answer part)."""
+    states = decoder_states(model, batch)
+    answer = torch.nn.functional.cross_entropy(answer_logits(model, batch, states), batch["targets"])
+    total = answer + cfg.aux_weight * heads["patch"].loss(batch["patch_labels"])
+    if cfg.ground_weight:
+        for name, layer in (("ground", cfg.ground_layer), ("gather", cfg.gather_layer)):
+            keys = (f"{name}_rows", f"{name}_cols", f"{name}_facts")
+            total = total + cfg.ground_weight * heads[name].loss(states[layer], *(batch[k] for k in keys))
+    return total, answer.item()
 
 
 def vision_batch(data: Packed, index: list[int]) -> dict[str, torch.Tensor]:
@@ -400,10 +538,14 @@ def vision_batch(data: Packed, index: list[int]) -> dict[str, torch.Tensor]:
 
 
 def lr_at(step: int, steps: int, peak: float, cfg: ToyConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio * peak`."""
+    """Linear warm-up, the peak until `decay_from * steps` (the two-object families are learnt late,
+    at a high rate), then cosine decay to `min_lr_ratio * peak`."""
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    hold = max(cfg.warmup_steps, int(cfg.decay_from * steps))
+    if step < hold:
+        return peak
+    progress = (step - hold) / max(1, steps - hold)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
@@ -516,11 +658,16 @@ def train_loop(rank: int, world: int, cfg: ToyConfig, out: Path, data: TrainData
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{sync}", rank=rank, world_size=world)
     model = build_model(cfg, AutoTokenizer.from_pretrained(out))
-    head = PatchHead(model)
+    heads = {"patch": PatchHead(model), "ground": GroundingHead(model, 1), "gather": GroundingHead(model, 2)}
     model.train()
     torch.manual_seed(cfg.seed)
-    head.linear.reset_parameters()  # seeded like the model, independent of the process
+    for h in heads.values():  # seeded like the model, independent of the process
+        h.linear.reset_parameters()
+    head = heads["patch"]
     head_params = [(f"head.{n}", p) for n, p in head.named_parameters()]
+    ground_params = [
+        (f"{name}.{n}", p) for name in ("ground", "gather") for n, p in heads[name].named_parameters()
+    ]
     vision = [(n, p) for n, p in model.named_parameters() if "vision_tower" in n or "projector" in n]
     pool = data.pool
     stage1 = Stage(
@@ -543,8 +690,8 @@ def train_loop(rank: int, world: int, cfg: ToyConfig, out: Path, data: TrainData
 
     stage2 = Stage(
         "answers",
-        list(model.named_parameters()) + head_params,
-        lambda b: answer_loss(model, head, b, cfg.aux_weight),
+        list(model.named_parameters()) + head_params + (ground_params if cfg.ground_weight else []),
+        lambda b: answer_loss(model, heads, b, cfg),
         lambda index: collate(pool, index, data.pad_id, data.eos_id),
         cfg.steps,
         cfg.batch_size,
@@ -581,7 +728,15 @@ def train(cfg: ToyConfig, out: Path, command: str) -> dict[str, Any]:
         import torch.multiprocessing as mp
 
         with tempfile.TemporaryDirectory(prefix="mmflow-toy-") as sync:
-            mp.spawn(train_loop, args=(cfg.workers, cfg, out, data, f"{sync}/store"), nprocs=cfg.workers)
+            args = (cfg.workers, cfg, out, data, f"{sync}/store")
+            workers = mp.spawn(train_loop, args=args, nprocs=cfg.workers, join=False)
+            try:
+                while not workers.join():
+                    pass
+            finally:  # on SIGTERM or a failed worker: no orphaned training process keeps running
+                for process in workers.processes:
+                    if process.is_alive():
+                        process.terminate()
     loop = json.loads((out / "_loop.json").read_text())
     (out / "_loop.json").unlink()
     segments = [s for segs in data.pool.segments for s in segs]
