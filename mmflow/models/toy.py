@@ -9,12 +9,13 @@ Training, in two stages (deterministic for a seed, data-parallel over 2 processe
 1. the vision tower and projector learn per-patch colour, shape, size and column (a stand-in for
    the pretrained CLIP that real LLaVA starts from);
 2. everything learns to answer, with cross-entropy on the answer tokens + EOS. Each training image
-   carries ~10 single-turn questions of the six families, packed into one sequence: every segment
+   carries 12 single-turn questions of the six families, packed into one sequence: every segment
    sees the shared prefix (system prompt, image) and itself only, at the positions a single-turn
    prompt has, so each segment is exactly the analysis's prompt while the image and prefix are
-   computed once. Two training-only probes (`GroundingHead`) ask the shape words of the question to
-   carry their object's colour, size and position, and the last prompt position to collect those of
-   the first and last shape named: they build an image -> question -> last route into the toy.
+   computed once. Two training-only probes (`GroundingHead`) ask every shape and colour word to carry
+   the colour, shape, size and position of the object it names, and the last prompt position to
+   collect those of the first and last shape named: they build an image -> question -> last route
+   into the toy on purpose.
 The patch loss stays on in stage 2. Held-out evaluation uses other data seeds (unseen images and
 questions), and the analysis's own generation and answer normalisation.
 
@@ -479,8 +480,8 @@ class GroundingHead(torch.nn.Module):
     one reads every shape and colour word after `cfg.ground_layer` (the question tokens fetch the
     facts of the objects they name), one reads the last prompt position after `cfg.gather_layer`
     (it collects the facts of the question's first and last shape word, which the two-object
-    families compare). Without them those families stay near chance within the time budget.
-    Discarded after training (not part of the saved model)."""
+    families compare). Without them no two-object family left chance within the time budget (with
+    them ChooseRel does). Discarded after training (not part of the saved model)."""
 
     X_WEIGHT = 10.0  # x is a fraction in [0, 1]: its squared error is ~10x smaller than a class loss
     SPLIT = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES), 1)  # colour, shape (0 = absent), size, x
