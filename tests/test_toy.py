@@ -338,14 +338,12 @@ def test_grounding_positions_are_the_naming_words(recipe, tmp_path):
             start += len(segment)
             if named:
                 expected.append((b, start - n_answer - 1, named[0], named[-1]))
-    got = zip(
-        batch["gather_rows"].tolist(), batch["gather_cols"].tolist(), batch["gather_facts"], strict=True
-    )
-    assert len(expected) == len(batch["gather_rows"]) > 0
+    rows, cols = batch["gather_rows"].tolist(), batch["gather_cols"].tolist()
+    assert len(expected) == len(rows) > 0
+    colon = tok(" ASSISTANT:", add_special_tokens=False)["input_ids"][-1]  # the prompt's last token
+    got = zip(rows, cols, batch["gather_facts"], strict=True)
     for (b, c, facts), (b_, c_, first, last) in zip(got, expected, strict=True):
-        assert (b, c) == (b_, c_) and ids[b, c] == tok(" ASSISTANT:", add_special_tokens=False)["input_ids"][
-            -1
-        ]
+        assert (b, c) == (b_, c_) and ids[b, c] == colon
         assert torch.equal(facts[0], data.word_facts[b, NAMING_WORDS.index(first)])
         assert torch.equal(facts[1], data.word_facts[b, NAMING_WORDS.index(last)])
 

@@ -368,8 +368,8 @@ def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[st
     mask = torch.zeros((len(index), 1, length, length), dtype=torch.bool)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     rows, cols, targets = [], [], []
-    ground: dict[str, list] = {k: [] for k in ("ground_rows", "ground_cols", "ground_facts")}
-    gather: dict[str, list] = {k: [] for k in ("gather_rows", "gather_cols", "gather_facts")}
+    ground: list[tuple] = []  # (row, column, facts) read by each grounding probe
+    gather: list[tuple] = []
     word_index = {t: k for k, t in enumerate(data.word_tokens)}
     for b, i in enumerate(index):
         cut = len(data.shared[i])
@@ -388,14 +388,10 @@ def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[st
             targets += segment[len(segment) - n_answer :] + [eos_id]
             named = [(offset, word_index[t]) for offset, t in enumerate(segment) if t in word_index]
             for offset, k in named:
-                ground["ground_rows"].append(b)
-                ground["ground_cols"].append(start + offset)
-                ground["ground_facts"].append(data.word_facts[i, k : k + 1])
+                ground.append((b, start + offset, data.word_facts[i, k : k + 1]))
             shapes = [k for offset, k in named if offset < len(segment) - n_answer and k < len(SHAPES)]
             if shapes:
-                gather["gather_rows"].append(b)
-                gather["gather_cols"].append(end - n_answer - 1)
-                gather["gather_facts"].append(data.word_facts[i, [shapes[0], shapes[-1]]])
+                gather.append((b, end - n_answer - 1, data.word_facts[i, [shapes[0], shapes[-1]]]))
             start = end
         pad = torch.arange(start, length)
         mask[b, 0, pad, pad] = True  # a fully masked row would give NaN, and 0 * NaN poisons the rest
@@ -408,18 +404,18 @@ def collate(data: Packed, index: list[int], pad_id: int, eos_id: int) -> dict[st
         "cols": torch.tensor(cols),
         "targets": torch.tensor(targets),
         "patch_labels": data.patch_labels[index],
-        **_probe_targets(ground, 1),
-        **_probe_targets(gather, 2),
+        **_probe_targets("ground", ground, 1),
+        **_probe_targets("gather", gather, 2),
     }
 
 
-def _probe_targets(lists: dict[str, list], n_objects: int) -> dict[str, torch.Tensor]:
-    """One grounding probe's rows, columns and [n, n_objects, 4] facts as tensors."""
-    (rows_key, rows), (cols_key, cols), (facts_key, facts) = lists.items()
+def _probe_targets(name: str, points: list[tuple], n_objects: int) -> dict[str, torch.Tensor]:
+    """`{name}_rows`, `{name}_cols` and `{name}_facts` ([n, n_objects, 4]) of one grounding probe."""
+    rows, cols, facts = zip(*points, strict=True) if points else ((), (), ())
     return {
-        rows_key: torch.tensor(rows, dtype=torch.long),
-        cols_key: torch.tensor(cols, dtype=torch.long),
-        facts_key: torch.stack(facts) if facts else torch.zeros(0, n_objects, 4),
+        f"{name}_rows": torch.tensor(rows, dtype=torch.long),
+        f"{name}_cols": torch.tensor(cols, dtype=torch.long),
+        f"{name}_facts": torch.stack(facts) if facts else torch.zeros(0, n_objects, 4),
     }
 
 
