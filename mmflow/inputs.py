@@ -11,7 +11,7 @@ from mmflow.data.sample import Sample
 from mmflow.models.prompts import Prompt, build_prompt
 from mmflow.models.registry import LoadedModel
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw")
 
 
 @dataclass

@@ -41,8 +41,10 @@ from mmflow.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral"})
-SUPPORTED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_5_vl_text"})
+SUPPORTED_LAYERS = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer"}
+)
 # The probe row (no knockout) must reproduce the clean log-probs of the clean top tokens this closely.
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 PROBE_TOP = 10
@@ -75,10 +77,8 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
     text = model.config.get_text_config()
     if text.model_type not in SUPPORTED_MODEL_TYPES:
         return f"decoder {text.model_type!r} is not Llama-style"
-    if getattr(text, "sliding_window", None) is not None:
-        return "sliding-window attention"
-    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
-        return "layers without full causal attention"
+    if any(kind not in LAYER_KINDS for kind in getattr(text, "layer_types", None) or ()):
+        return "layers without causal (full or sliding-window) attention"
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(text, name, None) is not None:
             return f"{name} is set"
@@ -90,6 +90,24 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
     if model.training:
         return "model is in training mode (dropout)"
     return None
+
+
+LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+
+def sliding_window_in_use(loaded: LoadedModel, length: int) -> int | None:
+    """The sliding window that masks some key of a `length`-token sequence, or None if none does.
+
+    A window w lets query q see keys k with q - k < w (transformers' sliding mask), so it cuts
+    something only when length > w. Mistral applies `sliding_window` in every layer when it is set;
+    Qwen2-style configs only in layers typed "sliding_attention".
+    """
+    text = loaded.model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window) if length > window else None
 
 
 def make_fast_engine(loaded: LoadedModel) -> ReferenceEngine:
@@ -167,17 +185,21 @@ class FastEngine(ReferenceEngine):
         out = clean.logprobs.expand(len(jobs), -1).clone()  # jobs that change nothing keep p_base exactly
         by_b0: dict[int, list[int]] = {}
         reference: list[int] = []
+        window = sliding_window_in_use(self.loaded, length)
         for index, job in enumerate(jobs):
             b0 = _effective_first_target(job, n_layers)
             if b0 is None:
                 continue
-            if not isinstance(clean, FastCleanPass) or clean.start is None or b0 < clean.start:
+            if window or not isinstance(clean, FastCleanPass) or clean.start is None or b0 < clean.start:
                 reference.append(index)
             else:
                 by_b0.setdefault(b0, []).append(index)
         if reference:
-            log.warning("%d knockouts target positions the clean pass did not cache", len(reference))
-            self.fallbacks["targets before capture_from"] += 1
+            reason = "targets before capture_from"
+            if window:
+                reason = f"sliding window {window} in use (sequence of {length} tokens)"
+            log.warning("%d knockouts go to the reference engine: %s", len(reference), reason)
+            self.fallbacks[reason] += 1
         for batch in _batches(by_b0, length):
             rows = self._sweep(clean, batch, jobs)
             if rows is None:  # the probe failed: the shortcut is not exact for this sample
