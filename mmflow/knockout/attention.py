@@ -81,11 +81,13 @@ def prepare_model(model, backend: str = "sdpa") -> None:
 # Decoder families whose attention over the image is causal self-attention, like the text's.
 CAUSAL_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen2_5_vl_text"})
 # Families where "block source -> target before the softmax" is not the paper's knockout, and why.
+_CROSS = "vision enters through cross-attention layers, not through self-attention over image tokens"
+_BIDIRECTIONAL = "image tokens attend to each other bidirectionally, so blocking is not the causal knockout"
 UNDEFINED = {
-    "mllama": "vision enters through cross-attention layers, not the decoder's self-attention over image tokens",
-    "gemma3": "image tokens attend to each other bidirectionally, so the causal-prefix premise fails",
-    "gemma3_text": "image tokens attend to each other bidirectionally, so the causal-prefix premise fails",
-    "paligemma": "the image and prefix attend bidirectionally (prefix-LM), so the causal-prefix premise fails",
+    "mllama": _CROSS,
+    "gemma3": _BIDIRECTIONAL,
+    "gemma3_text": _BIDIRECTIONAL,
+    "paligemma": "image and prefix attend bidirectionally (prefix-LM): blocking is not the causal knockout",
 }
 
 
@@ -96,7 +98,7 @@ def knockout_undefined_reason(config) -> str | None:
         if model_type in UNDEFINED:
             return f"attention knockout is not defined for {model_type!r}: {UNDEFINED[model_type]}"
     if getattr(text, "cross_attention_layers", None):
-        return f"attention knockout is not defined for {text.model_type!r}: {UNDEFINED['mllama']}"
+        return f"attention knockout is not defined for {text.model_type!r}: {_CROSS}"
     if text.model_type not in CAUSAL_DECODERS:
         return (
             f"knockout supports causal decoders {sorted(CAUSAL_DECODERS)}, not {text.model_type!r} "

@@ -85,7 +85,7 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
 
 
 def load_vocabulary(name: str):
-    """A real vocabulary shipped with mmflow (`vocab/<name>.tokenizer.json.xz`) as a `tokenizers.Tokenizer`."""
+    """A real vocabulary shipped with mmflow (`vocab/<name>.tokenizer.json.xz`) as a Tokenizer."""
     import lzma
 
     from tokenizers import Tokenizer
