@@ -94,6 +94,8 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
         return f"language attention {text._attn_implementation!r} is not mmflow's"
     if model.training:
         return "model is in training mode (dropout)"
+    if len({parameter.device for parameter in language_layers(model).parameters()}) > 1:
+        return "decoder split over several devices (device_map)"
     return None
 
 

@@ -90,17 +90,19 @@ def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
     device = pick_device(cfg.get("device", "auto"))
     trust = bool(cfg.get("trust_remote_code", False))
     revision = cfg.get("revision")
-    model = (
-        getattr(transformers, cfg.model_class)
-        .from_pretrained(
-            path,
-            dtype=DTYPES[cfg.dtype],
-            use_safetensors=True,
-            trust_remote_code=trust,
-            revision=revision,
-        )
-        .to(device)
+    device_map = cfg.get("device_map")  # e.g. "auto": split a model too large for one GPU (LLaVA-1.6-34B)
+    model = getattr(transformers, cfg.model_class).from_pretrained(
+        path,
+        dtype=DTYPES[cfg.dtype],
+        use_safetensors=True,
+        trust_remote_code=trust,
+        revision=revision,
+        **({"device_map": device_map} if device_map else {}),
     )
+    if device_map:
+        device = model.get_input_embeddings().weight.device  # inputs go where the embeddings are
+    else:
+        model = model.to(device)
     model.eval()
     processor = load_processor(path, cfg.model_class, trust_remote_code=trust, revision=revision)
     processor = _apply_preprocess(processor, cfg.image_preprocess)

@@ -33,7 +33,7 @@ from mmflow.models.tiny import (
     tokenizer_corpus,
 )
 
-BUILD_VERSION = 1  # bump when a builder here changes, so stale caches are rebuilt
+BUILD_VERSION = 2  # bump when a builder here changes, so stale caches are rebuilt
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2's pre-tokenizer split (digits one at a time, otherwise as GPT-4's cl100k).
@@ -105,7 +105,8 @@ def build_series_tokenizer(spec: SeriesSpec, corpus: list[str]):
             eos_token="</s>",
             unk_token="<unk>",
         )
-        fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN], "pad_token": "<pad>"})
+        fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})  # 32000, as in llava-hf
+        fast.add_special_tokens({"pad_token": "<pad>"})  # 32001
         return fast
     if spec.tokenizer == "yi":
         fast = build_tokenizer("sentencepiece", spec.vocab_size, corpus)
