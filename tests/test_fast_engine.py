@@ -16,8 +16,7 @@ from mmflow.data.sample import Box, Sample
 from mmflow.groups import build_token_groups
 from mmflow.inputs import encode
 from mmflow.knockout import fast as fast_module
-from mmflow.knockout import kernels, rows
-from mmflow.knockout import make_engine
+from mmflow.knockout import kernels, make_engine, rows
 from mmflow.knockout.attention import language_layers
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine

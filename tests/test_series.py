@@ -18,7 +18,6 @@ from mmflow.inputs import encode
 from mmflow.knockout import make_engine
 from mmflow.knockout.attention import knockout_undefined_reason, prepare_model
 from mmflow.knockout.fast import FastEngine
-from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.prompts import build_prompt
 from mmflow.models.registry import _Attr, load_model
@@ -165,7 +164,9 @@ def _blank_inputs(loaded, size):
 
 
 PROMPTS = {
-    "mistral_instruct": "[INST] <image>\nIs it red? \nAnswer the question using a single word or phrase. [/INST]",
+    "mistral_instruct": (
+        "[INST] <image>\nIs it red? \nAnswer the question using a single word or phrase. [/INST]"
+    ),
     "chatml_direct": (
         "<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<image>\nIs it red? \n"
         "Answer the question using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n"
