@@ -33,7 +33,7 @@ DECODERS = {
 }
 # Parity images: the smallest that still exercise each family's tiling (tall anyres tiles with unpadding
 # for LLaVA-NeXT, a wide OneVision grid, Qwen2.5-VL's dynamic resolution at a GQA size); the 500 x 375
-# figures of the README table come from `python -m mmflow.models.series_table`.
+# figures of the README table come from `scripts/series_table.py`.
 PARITY_SIZES = {
     "tiny-llava-1.6-mistral": (120, 200),
     "tiny-llava-1.6-34b": (120, 200),
@@ -224,3 +224,53 @@ def test_series_cell_runs_end_to_end_on_the_fast_engine(series, tmp_path, monkey
     meta = json.loads((Path(outcome.path) / "cell.json").read_text())
     assert meta["engine"] == "fast"
     assert meta["counts"]["scored"] == 1
+
+
+REAL = {  # name: (layers, default window, decoder family in the legend)
+    "llava-1.6-mistral-7b": (32, 7, "LLaVA-1.6 (Mistral) 7B"),
+    "llava-1.6-34b": (60, 13, "LLaVA-1.6 (Yi) 34B"),
+    "llava-onevision-0.5b": (24, 5, "LLaVA-OneVision (Qwen2) 0.5B"),
+    "llava-onevision-7b": (28, 7, "LLaVA-OneVision (Qwen2) 7B"),
+    "qwen2.5-vl-7b": (28, 7, "Qwen2.5-VL 7B"),
+}
+
+
+def test_series_sweep_has_every_llava_model_at_its_scaled_window(monkeypatch):
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.chdir(ROOT)
+    with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
+        cfg = compose(config_name="series", return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        models = params.model.split(",")
+        assert cfg.sweep_name == "series" and params.data == "gqa"
+        assert len(models) * len(params.task.split(",")) * len(params.knockout.split(",")) == 8 * 6 * 6
+        assert set(REAL) - set(models) == {"qwen2.5-vl-7b"}  # every LLaVA model of the issue
+        assert {"llava-1.5-7b", "llava-1.5-13b", "llava-1.6-vicuna-7b", "llama3-llava-next-8b"} <= set(models)
+        for name, (layers, window, _) in REAL.items():
+            one = compose(config_name="series", overrides=[f"model={name}"])
+            assert (one.model.n_layers, one.window) == (layers, window)
+            assert abs(window - 7 * layers / 32) <= 1  # the paper's 7 of 32, scaled
+
+
+def test_cross_model_legend_names_family_and_size(tmp_path):
+    from test_report import curve_values, fabricate_cell
+
+    from mmflow.report.cells import load_cells
+    from mmflow.report.figures import plot_cross_model
+    from mmflow.store import atomic_write_json, cell_id
+
+    dirs = []
+    for name, (layers, _, legend) in REAL.items():
+        cell_dir = fabricate_cell(tmp_path, name, curve_values(3, layers, 10.0), "question_to_last")
+        meta = json.loads((cell_dir / "cell.json").read_text())
+        family, size = legend.rsplit(" ", 1)
+        config = {**meta["config"], "model": {**meta["config"]["model"], "family": family, "size": size}}
+        assert cell_id(config) == meta["cell_id"]  # legend labels are not part of a cell's id
+        atomic_write_json(cell_dir / "cell.json", {**meta, "config": config})
+        dirs.append(cell_dir)
+    cells, _ = load_cells(dirs)
+    ax = plot_cross_model(cells).axes[0]
+    labels = {line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert labels == {f"{legend} (L = {layers})" for layers, _, legend in REAL.values()}
