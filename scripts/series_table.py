@@ -64,6 +64,8 @@ def measure(name: str, folder: Path) -> dict:
         "engine": engine.name,
         "jobs": len(jobs),
         "parity_max_abs_dp": float((fast.exp() - ref.exp()).abs().max()),
+        "parity_max_abs_dlogp": float((fast - ref).abs().max()),
+        "knockout_max_abs_dlogp": float((ref - clean.logprobs).abs().max()),  # what the knockouts change
         "knockout_max_abs_dp": float((ref.exp() - clean.logprobs.exp()).abs().max()),  # vs clean
         "fast_seconds": round(fast_seconds, 2),
     }
@@ -77,12 +79,12 @@ def main(names: list[str]) -> None:
             row = measure(name, Path(folder))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | decoder | image tokens (500x375) | sequence length | engine | parity max abs dp |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | decoder | image tokens (500x375) | sequence | engine | parity max abs dp | dlogp |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['decoder']} | {r['image_tokens']} | {r['sequence_length']} | "
-            f"{r['engine']} | {r['parity_max_abs_dp']:.1e} |"
+            f"{r['engine']} | {r['parity_max_abs_dp']:.1e} | {r['parity_max_abs_dlogp']:.1e} |"
         )
 
 
