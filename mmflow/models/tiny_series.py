@@ -33,7 +33,7 @@ from mmflow.models.tiny import (
     tokenizer_corpus,
 )
 
-BUILD_VERSION = 2  # bump when a builder here changes, so stale caches are rebuilt
+BUILD_VERSION = 3  # bump when a builder here changes, so stale caches are rebuilt
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2's pre-tokenizer split (digits one at a time, otherwise as GPT-4's cl100k).
@@ -48,7 +48,7 @@ SIGLIP_STD = [0.5, 0.5, 0.5]
 QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
 QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
 QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 28 * 28 * 1280
+QWEN_MAX_PIXELS = 12845056  # Qwen2.5-VL-7B-Instruct's preprocessor_config.json (min 3136)
 
 
 @dataclass(frozen=True)
