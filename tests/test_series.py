@@ -18,6 +18,7 @@ from mmflow.inputs import encode
 from mmflow.knockout import make_engine
 from mmflow.knockout.attention import knockout_undefined_reason, prepare_model
 from mmflow.knockout.fast import FastEngine
+from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.prompts import build_prompt
 from mmflow.models.registry import _Attr, load_model
@@ -109,6 +110,19 @@ def test_qwen_rotary_tables_are_the_clean_runs_own(series, tmp_path):
     assert torch.allclose(clean.cos, rotary(hidden, positions)[0][0], atol=1e-6)
     naive = rotary(hidden, torch.arange(inputs.length)[None])[0][0]
     assert not torch.allclose(clean.cos[after:], naive[after:], atol=1e-3)
+
+
+def test_rotary_tables_of_another_layout_are_not_guessed(series, tmp_path):
+    """A [3, T, d] table (Qwen2-VL's older per-section layout) is refused per sample, never sliced."""
+    loaded = series["tiny-qwen2.5-vl"]
+    inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(6), (300, 200))
+    engine = FastEngine(loaded)
+    clean = engine.clean(inputs, capture_from=int(groups.question[0]))
+    clean.cos, clean.sin = clean.cos.expand(3, -1, -1), clean.sin.expand(3, -1, -1)
+    jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(1, 4))]
+    reference = ReferenceEngine(loaded)
+    assert torch.equal(engine.run(clean, jobs), reference.run(reference.clean(inputs), jobs))
+    assert "rotary tables (3, " in engine.name
 
 
 def test_object_patches_on_known_boxes_onevision(series):

@@ -184,19 +184,18 @@ class FastEngine(ReferenceEngine):
         out = clean.logprobs.expand(len(jobs), -1).clone()  # jobs that change nothing keep p_base exactly
         by_b0: dict[int, list[int]] = {}
         reference: list[int] = []
-        window = sliding_window_in_use(self.loaded, length)
+        sample_reason = self._sample_fallback_reason(clean)
+        cached = isinstance(clean, FastCleanPass) and clean.start is not None and sample_reason is None
         for index, job in enumerate(jobs):
             b0 = first_affected_target(job, n_layers)
             if b0 is None:
                 continue
-            if window or not isinstance(clean, FastCleanPass) or clean.start is None or b0 < clean.start:
+            if not cached or b0 < clean.start:
                 reference.append(index)
             else:
                 by_b0.setdefault(b0, []).append(index)
         if reference:
-            reason = "targets before capture_from"
-            if window:
-                reason = f"sliding window {window} in use (sequence of {length} tokens)"
+            reason = sample_reason or "targets before capture_from"
             log.warning("%d knockouts go to the reference engine: %s", len(reference), reason)
             self.fallbacks[reason] += 1
         for batch in plan_sweeps(by_b0, length):
@@ -208,6 +207,19 @@ class FastEngine(ReferenceEngine):
         for index in sorted(reference):
             out[index] = self.last_logprobs(clean.inputs, jobs[index])
         return out
+
+    def _sample_fallback_reason(self, clean: CleanPass) -> str | None:
+        """Why no job of this sample may take the shortcut (None: it may)."""
+        length = clean.inputs.length
+        window = sliding_window_in_use(self.loaded, length)
+        if window:
+            return f"sliding window {window} in use (sequence of {length} tokens)"
+        if isinstance(clean, FastCleanPass) and clean.start is not None:
+            expected = (length - clean.start, self.layers[0].self_attn.head_dim)
+            if clean.cos is None or tuple(clean.cos.shape) != expected:
+                shape = None if clean.cos is None else tuple(clean.cos.shape)
+                return f"rotary tables {shape} are not one [T, head_dim] row per position"
+        return None
 
     @torch.no_grad()
     def _sweep(
