@@ -14,15 +14,20 @@ from mmflow.models.registry import LoadedModel
 # Config keys an analysis does not read: dropped from its cell config (`mmflow.cli.cell_config`),
 # so they neither change its cell id nor claim something in its cell.json.
 IGNORED_KEYS: dict[str, tuple[str, ...]] = {
-    "knockout": ("lens",),
-    "answer_tracking": ("knockout", "window"),
+    "knockout": ("lens", "corruption", "patching"),
+    "answer_tracking": ("knockout", "window", "corruption", "patching"),
+    "patching": ("knockout", "lens"),
 }
 
 
 def drop_ignored_keys(config: dict[str, Any]) -> dict[str, Any]:
     """`config` without the keys its analysis ignores (see `IGNORED_KEYS`)."""
     ignored = IGNORED_KEYS.get(config.get("analysis", "knockout"), ())
-    return {k: v for k, v in config.items() if k not in ignored}
+    config = {k: v for k, v in config.items() if k not in ignored}
+    knockout = config.get("knockout")
+    if isinstance(knockout, dict) and knockout.get("heads") is None and "heads" in knockout:
+        config["knockout"] = {k: v for k, v in knockout.items() if k != "heads"}  # all heads: as before
+    return config
 
 
 def make_analysis(config: dict[str, Any], loaded: LoadedModel):
@@ -49,4 +54,19 @@ def make_analysis(config: dict[str, Any], loaded: LoadedModel):
 
         labels = {"model": config["model"]["name"], "task": config["task"]}
         return AnswerTrackingAnalysis(loaded, config.get("lens", "norm"), labels)
-    raise ValueError(f"unknown analysis {kind!r}; known: knockout, answer_tracking")
+    if kind == "patching":
+        from mmflow.analyses.patching import PatchingAnalysis
+
+        patching = config.get("patching") or {}
+        return PatchingAnalysis(
+            loaded,
+            config["engine"]["name"],
+            config.get("corruption", "noise"),
+            list(patching.get("groups", ["image", "question", "last"])),
+            int(config["window"]),
+            {"model": config["model"]["name"], "task": config["task"]},
+            noise_scale=float(patching.get("noise_scale", 3.0)),
+            margin=float(patching.get("margin", 0.05)),
+            seed=int(config.get("seed", 0)),
+        )
+    raise ValueError(f"unknown analysis {kind!r}; known: knockout, answer_tracking, patching")
