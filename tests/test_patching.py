@@ -3,7 +3,6 @@ and against the four properties a restore must have (issue 18), for both patcher
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
