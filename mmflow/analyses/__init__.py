@@ -48,6 +48,8 @@ def make_analysis(config: dict[str, Any], loaded: LoadedModel):
                 "knockout": knockout["name"],
                 "window": int(config["window"]),
             },
+            heads=knockout.get("heads"),
+            n_heads=int(loaded.model.config.get_text_config().num_attention_heads),
         )
     if kind == "answer_tracking":
         from mmflow.analyses.answer_tracking import AnswerTrackingAnalysis
