@@ -260,8 +260,11 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
         start += len(jobs)
         try:
             rows = cell.analysis.rows(sample, clean, token_id, new)
-        except GroupError as exc:  # e.g. patching: the corruption does not lower p enough
-            row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
+        except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
+            reason, detail = (
+                (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
+            )
+            row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
             cell.write(sample.question_id, row, [])
             continue
         cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
