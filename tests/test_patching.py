@@ -126,8 +126,14 @@ def test_the_four_exactness_properties(fixture, kind, request, tmp_path):
         RestoreJob(groups.image, window_layers(0, 3, n_layers)),  # image group, window holding layer 0
         RestoreJob(groups.image, range(n_layers)),
     ]
-    for patcher, corrupted in ((reference, corrupted_ref), (fast, corrupted_fast)):
-        out = patcher.restore(corrupted, states, jobs)
+    fast_states = fast.clean_states(clean, 0)  # with the clean keys/values: the covering shortcut
+    runs = (
+        (reference, corrupted_ref, states),
+        (fast, corrupted_fast, states),
+        (fast, corrupted_fast, fast_states),
+    )
+    for patcher, corrupted, clean_states in runs:
+        out = patcher.restore(corrupted, clean_states, jobs)
         assert torch.equal(out[0], corrupted.logprobs) and torch.equal(out[1], corrupted.logprobs)
         for row in out[2:]:
             assert_close(row, clean.logprobs)
@@ -137,15 +143,19 @@ def test_the_four_exactness_properties(fixture, kind, request, tmp_path):
     first = int(groups.question.min())
     job = RestoreJob(groups.question, window_layers(n_layers // 2, 3, n_layers))
     with record_layer_inputs(language_layers(loaded.model), 0) as record:
-        patched = reference.last_logprobs(corruption, job, states, 0)
+        patched = reference.last_logprobs(corruption, job, states.hidden, 0)
     patched_states = torch.stack(record["inputs"])
     assert torch.equal(patched_states[:, :first], corrupted_states[:, :first])
     assert (patched_states[:, first:] - corrupted_states[:, first:]).abs().max() > 1e-3
     assert (patched - corrupted_ref.logprobs).abs().max() > 1e-4
 
 
-def test_fast_patcher_matches_reference_on_random_jobs(tiny_llava, tmp_path):
+def test_fast_patcher_matches_reference_on_random_jobs(tiny_llava, tmp_path, monkeypatch):
     loaded = tiny_llava
+    caches, run = [], FastPatcher._run
+    monkeypatch.setattr(
+        FastPatcher, "_run", lambda self, cache, *a: caches.append(cache) or run(self, cache, *a)
+    )
     for seed, kind in ((5, "blank"), (6, "counterfactual")):
         inputs, groups, clean, corruption = setup(loaded, tmp_path, seed, kind)
         rng = np.random.default_rng(seed)
@@ -162,10 +172,14 @@ def test_fast_patcher_matches_reference_on_random_jobs(tiny_llava, tmp_path):
         reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
         states = reference.clean_states(clean, start)
         ref = reference.restore(reference.corrupted(corruption, start), states, jobs)
-        got = fast.restore(fast.corrupted(corruption, start), states, jobs)
+        corrupted = fast.corrupted(corruption, start)
+        caches.clear()
+        for clean_states in (states, fast.clean_states(clean, start)):  # without / with clean K/V
+            assert_close(fast.restore(corrupted, clean_states, jobs), ref)
         assert fast.name == "fast"
-        assert_close(got, ref)
         assert (ref - ref[0]).abs().max() > 1e-3
+        # the image jobs took the covering shortcut (rows after the image, over the clean K/V)
+        assert [cache is corrupted.cache for cache in caches] == [True, True, False]
 
 
 def test_counterfactual_pairs_are_deterministic_and_differ_in_answer(tmp_path):

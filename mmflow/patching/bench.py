@@ -23,19 +23,18 @@ from mmflow.inputs import encode
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import window_layers
 from mmflow.patching.corrupt import image_embeddings, make_corruption
-from mmflow.patching.restore import FastPatcher, ReferencePatcher, RestoreJob
+from mmflow.patching.restore import CleanStates, FastPatcher, ReferencePatcher, RestoreJob
 
 GROUPS = ("image", "question", "last")
 
 
 def _fast(patcher: FastPatcher, inputs, corruption, start: int, jobs):
-    clean = patcher.clean(inputs, capture_from=start)
-    corrupted = patcher.corrupted(corruption, start)
-    return patcher.restore(corrupted, clean.hidden, jobs)
+    states = patcher.clean_states(patcher.clean(inputs, capture_from=start), start)
+    return patcher.restore(patcher.corrupted(corruption, start), states, jobs)
 
 
 def _reference_setup(patcher: ReferencePatcher, inputs, corruption, start: int):
-    return patcher.states(inputs, start), patcher.corrupted(corruption, start)
+    return CleanStates(patcher.states(inputs, start), start), patcher.corrupted(corruption, start)
 
 
 def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repeats: int) -> dict:

@@ -34,7 +34,8 @@ class Corruption:
     """How the corrupted run of one sample differs from its clean run.
 
     `inputs`: the model inputs of the corrupted run (the clean ones for `noise`; same `input_ids`
-    always). `noise` [n, D] is added to the language model's input embeddings at `positions` [n].
+    always). `positions` [n]: the only positions whose language-model input embeddings differ from
+    the clean run's (the image tokens); `noise` [n, D], if set, is added to the embeddings there.
     `source`: what was used (the paired question id, the mean colour, or the noise seed and sd).
     """
 
@@ -213,9 +214,9 @@ def make_corruption(
                 "unreadable_image", f"counterfactual {counterfactual.question_id}: {exc}"
             ) from exc
         inputs, source = image_corruption(loaded, sample, clean, image, counterfactual.question_id)
-        return Corruption(kind, inputs, source)
+        return Corruption(kind, inputs, source, positions=image_positions)
     if kind == "blank":
         image, colour = blank_image(loaded, clean.image_size)
         inputs, source = image_corruption(loaded, sample, clean, image, f"blank rgb{colour}")
-        return Corruption(kind, inputs, source)
+        return Corruption(kind, inputs, source, positions=image_positions)
     raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")

@@ -17,6 +17,7 @@ to the clean run's input of layer j (the residual stream before the layer), in t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ class RestoreJob:
 
     positions: torch.Tensor
     layers: range
+
+
+@dataclass
+class CleanStates:
+    """The clean run's layer inputs `hidden` [L, T - start, D] from position `start` on, and (fast
+    patcher) its cache: keys/values of every position, for restores that cover the corruption."""
+
+    hidden: torch.Tensor
+    start: int
+    cache: FastCleanPass | None = None
 
 
 @dataclass
@@ -110,11 +121,11 @@ class ReferencePatcher:
             self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
         return torch.stack(record["inputs"])
 
-    def clean_states(self, clean: CleanPass, start: int) -> torch.Tensor:
-        """Clean layer inputs [L, T - start, D]: the clean pass's cache if it has them, else a forward."""
-        if isinstance(clean, FastCleanPass) and clean.start is not None and clean.start <= start:
-            return clean.hidden[:, start - clean.start :]
-        return self.states(clean.inputs, start)
+    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
+        """Clean layer inputs from `start` on: the clean pass's cache if it has them, else a forward."""
+        if _cached_from(clean, start):
+            return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
+        return CleanStates(self.states(clean.inputs, start), start)
 
     @torch.no_grad()
     def last_logprobs(
@@ -133,16 +144,29 @@ class ReferencePatcher:
         return CorruptedPass(corruption, self.last_logprobs(corruption), start)
 
     def restore(
-        self, corrupted: CorruptedPass, states: torch.Tensor, jobs: Sequence[RestoreJob]
+        self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
     ) -> torch.Tensor:
-        """Last-position log-probs [J, V] of the corrupted run with each job restored from `states`
-        [L, T - corrupted.start, D] (clean layer inputs from `corrupted.start` on)."""
-        _check_jobs(jobs, corrupted.start)
+        """Last-position log-probs [J, V] of the corrupted run with each job's positions restored
+        from the clean layer inputs `states`."""
+        _check_jobs(jobs, states.start)
         out = corrupted.logprobs.expand(len(jobs), -1).clone()
         for index, job in enumerate(jobs):
             if _changes_something(job, len(self.layers)):
-                out[index] = self.last_logprobs(corrupted.corruption, job, states, corrupted.start)
+                out[index] = self.last_logprobs(corrupted.corruption, job, states.hidden, states.start)
         return out
+
+
+def _cached_from(clean: CleanPass, start: int) -> bool:
+    return isinstance(clean, FastCleanPass) and clean.start is not None and clean.start <= start
+
+
+def covers_corruption(positions: torch.Tensor, changed: torch.Tensor | None) -> bool:
+    """Whether restoring `positions` makes every state at or before max(positions) clean: they are
+    one contiguous run holding every corrupted position (`changed`), e.g. the image group."""
+    if changed is None or changed.numel() == 0 or positions.numel() == 0:
+        return False
+    contiguous = int(positions.max()) - int(positions.min()) + 1 == positions.numel()
+    return contiguous and bool(torch.isin(changed.to(positions.device), positions).all())
 
 
 def _changes_something(job: RestoreJob, n_layers: int) -> bool:
@@ -166,8 +190,12 @@ class FastPatcher(FastEngine):
         self._states: torch.Tensor | None = None  # clean layer inputs during a sweep
         self._states_start = 0
 
-    def clean_states(self, clean: CleanPass, start: int) -> torch.Tensor:
-        return self.reference.clean_states(clean, start)
+    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
+        """Clean layer inputs from `start` on with the clean keys/values (the clean pass's cache if it
+        has them, else the knockout engine's clean pass)."""
+        if not _cached_from(clean, start):
+            clean = self.clean(clean.inputs, capture_from=start)
+        return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
 
     def corrupted(self, corruption: Corruption, start: int) -> CorruptedPass:
         """The corrupted forward (the knockout engine's clean pass, corrupted), cached from `start`."""
@@ -176,30 +204,63 @@ class FastPatcher(FastEngine):
         return CorruptedPass(corruption, cache.logprobs, start, cache)
 
     def restore(
-        self, corrupted: CorruptedPass, states: torch.Tensor, jobs: Sequence[RestoreJob]
+        self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
     ) -> torch.Tensor:
-        """Last-position log-probs [J, V], as `ReferencePatcher.restore`."""
-        _check_jobs(jobs, corrupted.start)
+        """Last-position log-probs [J, V], as `ReferencePatcher.restore`.
+
+        A job whose positions cover the corruption (`covers_corruption`, e.g. the image group) leaves
+        every state up to its last position clean from its window's first layer on (those positions
+        see only the unchanged prefix and themselves), so only the positions after it are recomputed,
+        over the clean run's keys/values; the others restart at their first position over the
+        corrupted run's.
+        """
+        _check_jobs(jobs, max(corrupted.start, states.start))
         n_layers, length = len(self.layers), corrupted.cache.inputs.length
         out = corrupted.logprobs.expand(len(jobs), -1).clone()  # jobs that restore nothing: p_corrupt exactly
         empty = torch.empty(0, dtype=torch.long)
         as_knockouts = [KnockoutJob(BlockEdges(empty, job.positions), job.layers) for job in jobs]
         by_b0: dict[int, list[int]] = {}
+        covering: dict[int, list[int]] = {}
+        changed = corrupted.corruption.positions
         for index, job in enumerate(jobs):
-            if _changes_something(job, n_layers):
+            if not _changes_something(job, n_layers):
+                continue
+            if states.cache is not None and covers_corruption(job.positions, changed):
+                after = int(job.positions.max()) + 1
+                if after >= length:  # every position up to the last one restored: the clean run
+                    out[index] = states.cache.logprobs
+                else:
+                    covering.setdefault(after, []).append(index)
+            else:
                 by_b0.setdefault(int(job.positions.min()), []).append(index)
-        self._states, self._states_start = states, corrupted.start
+        self._states, self._states_start = states.hidden, states.start
         try:
-            for batch in _batches(by_b0, length):
-                rows = self._sweep(corrupted.cache, batch, as_knockouts)
-                if rows is None:  # the probe failed: the shortcut is not exact for this sample
-                    todo = [i for indices in by_b0.values() for i in indices]
-                    out[todo] = self.reference.restore(corrupted, states, [jobs[i] for i in todo])
-                    break
-                out[list(rows)] = torch.stack(list(rows.values()))
+            self._run(corrupted.cache, by_b0, jobs, as_knockouts, out, (corrupted, states))
+            if covering:  # clean keys/values for the prefix, corrupted layer inputs for the rows; the
+                # probe row (from layer 0) then restores everything before the rows: the clean run
+                hybrid = dataclasses.replace(
+                    states.cache,
+                    start=corrupted.cache.start,
+                    hidden=corrupted.cache.hidden,
+                    cos=corrupted.cache.cos,
+                    sin=corrupted.cache.sin,
+                    probed=False,
+                )
+                self._run(hybrid, covering, jobs, as_knockouts, out, (corrupted, states))
         finally:
             self._states = None
         return out
+
+    def _run(self, cache: FastCleanPass, by_b0: dict, jobs, as_knockouts, out, fallback: tuple) -> None:
+        """Sweep the jobs in `by_b0` ({first row: job indices}) over `cache` into `out`; if the probe
+        fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
+        for batch in _batches(by_b0, cache.inputs.length):
+            rows = self._sweep(cache, batch, as_knockouts)
+            if rows is None:  # the probe failed: the shortcut is not exact for this sample
+                todo = [i for indices in by_b0.values() for i in indices]
+                out[todo] = self.reference.restore(*fallback, [jobs[i] for i in todo])
+                return
+            out[list(rows)] = torch.stack(list(rows.values()))
 
     def _forward(self, clean: FastCleanPass, groups) -> None:
         """The knockout engine's layer pass, with each row's restore applied before each layer."""
