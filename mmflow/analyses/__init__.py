@@ -2,7 +2,9 @@
 
 Every analysis has `kind`, `result_columns`, `sort_by`, `jobs(groups, sample)` (the knockouts it
 needs, possibly none; raises `GroupError` to skip the sample), `rows(sample, clean, token_id,
-new_logprobs)` and `headline(results)`.
+new_logprobs)` (may raise `GroupError` to skip the sample) and `headline(results)`. Optional:
+`prepare(samples)` (called once with the cell's samples before the first one) and
+`capture_from(groups)` (the first position whose layer inputs the clean pass must keep).
 """
 
 from __future__ import annotations
