@@ -233,3 +233,50 @@ def test_patching_cell_rows_and_skips(tmp_path):
     samples, results, _ = _run(tmp_path / "c", **changes)
     assert len(results) == 0 and set(samples["skip_reason"]) == {"corruption_too_weak"}
     assert len(samples) == 4
+
+
+def test_toy_llava_patching_and_head_knockouts_are_exact(tmp_path):
+    """The trained toy model: fast == reference for every group x centre and every head, image restored
+    from layer 0 == clean, all heads == the knockout."""
+    from conftest import model_config
+
+    from mmflow.data import load_shapes
+    from mmflow.knockout.fast import FastEngine
+    from mmflow.knockout.spec import BlockEdges, KnockoutJob
+    from mmflow.models.registry import get_model
+
+    loaded = get_model(model_config("toy-llava"))
+    (sample,) = load_shapes("ChooseAttr", 1, seed=0, cache_dir=tmp_path)
+    inputs = encode(loaded, sample)
+    groups = build_token_groups(loaded, inputs, sample)
+    sd = embedding_std(loaded, [sample])
+    corruption = make_corruption(loaded, "noise", sample, inputs, groups.image, sd=sd)
+    n_layers, start = loaded.n_layers, int(groups.image.min())
+    jobs = [
+        RestoreJob(groups.get(g), window_layers(c, 2, n_layers))
+        for g in ("image", "question", "last")
+        for c in range(n_layers)
+    ]
+    reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
+    clean = fast.clean(inputs, capture_from=start)
+    ref = reference.restore(
+        reference.corrupted(corruption, start), reference.clean_states(clean, start), jobs
+    )
+    corrupted = fast.corrupted(corruption, start)
+    got = fast.restore(corrupted, fast.clean_states(clean, start), jobs)
+    assert_close(got, ref)
+    assert (corrupted.logprobs - clean.logprobs).abs().max() > 1e-2  # the noise matters
+    assert (got - corrupted.logprobs).abs().max() > 1e-2  # and restoring does
+    assert_close(ref[0], clean.logprobs)  # image restored in a window holding layer 0
+
+    heads = loaded.model.config.get_text_config().num_attention_heads
+    edges = BlockEdges(groups.image, groups.last)
+    layers = window_layers(4, 2, n_layers)
+    head_jobs = [KnockoutJob(edges, layers, (h,)) for h in range(heads)] + [
+        KnockoutJob(edges, layers, tuple(range(heads))),
+        KnockoutJob(edges, layers),
+    ]
+    engine = FastEngine(loaded)
+    ref_heads = ReferenceEngine(loaded).run(clean, head_jobs)
+    assert_close(engine.run(engine.clean(inputs, capture_from=start), head_jobs), ref_heads)
+    assert torch.equal(ref_heads[-1], ref_heads[-2])
