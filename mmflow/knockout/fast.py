@@ -307,7 +307,7 @@ class FastEngine(ReferenceEngine):
             _rotate(q, group.cos[-n_q:], group.sin[-n_q:]),
             _rotate(k, group.cos, group.sin),
         )  # [R, H, Sq, d]
-        blocked = group.rows.at_layer(index, n_rows)
+        blocked = group.rows.at_layer(index, n_rows, q.shape[1])
         out, lse = attend_suffix(q, k, v, group.rows.causal, blocked, attn.scaling)
         if group.b0:  # the clean prefix [Hkv, b0, d], shared by every row
             prefix = (clean.keys[index][:, : group.b0], clean.values[index][:, : group.b0])

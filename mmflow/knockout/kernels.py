@@ -43,9 +43,9 @@ def attend_suffix(
     pieces = []
     for i in range(0, n_rows, step):
         rows = slice(i, i + step)
-        cut = blocked.suffix(rows, n_q)  # [r, Sq, S]
-        mask = causal.masked_fill(cut[:, None], float("-inf"))  # [r, 1, Sq, S]
-        empty = (cut | (causal != 0)).all(-1)  # [r, Sq]: a target blocked from every key it could see
+        cut = blocked.suffix(rows, n_q)  # [r, Hm, Sq, S]
+        mask = causal.masked_fill(cut, float("-inf"))  # [r, Hm, Sq, S]
+        empty = (cut | (causal != 0)).all(-1)  # [r, Hm, Sq]: a target blocked from every key it could see
         pieces.append(attention_lse(q[rows], k[rows], v[rows], mask, scale, empty))
     return cat([out for out, _ in pieces]), cat([lse for _, lse in pieces])
 
@@ -70,6 +70,11 @@ def attend_prefix(
     out, lse = attention_lse(folded.reshape(1, kv_heads, -1, d), k_prefix[None], v_prefix[None], None, scale)
     out, lse = out.view(folded.shape), lse.view(folded.shape[:-1])
     for chosen, prefix_mask in restricted:
+        if chosen.dim() == 3:  # per-head jobs: each KV head's queries over its own keys
+            per_kv = chosen.view(n_rows, kv_heads, groups, n_q).transpose(0, 1)  # [Hkv, R, G, Sq]
+            for h in (h for h in range(kv_heads) if per_kv[h].any()):
+                _restrict(out[h], lse[h], folded[h], per_kv[h], k_prefix[h], v_prefix[h], prefix_mask, scale)
+            continue
         chosen = chosen[:, None].expand(n_rows, groups, n_q)
         if prefix_mask is None:  # every prefix key is a source
             out[:, chosen], lse[:, chosen] = 0.0, float("-inf")
@@ -79,6 +84,18 @@ def attend_prefix(
         o, s = attention_lse(queries, k_prefix[None], v_prefix[None], mask, scale)
         out[:, chosen], lse[:, chosen] = o[0], s[0]
     return out.transpose(0, 1).reshape(n_rows, heads, n_q, d), lse.transpose(0, 1).reshape(n_rows, heads, n_q)
+
+
+def _restrict(out, lse, queries, chosen, k_prefix, v_prefix, prefix_mask, scale) -> None:
+    """Redo the `chosen` [R, G, Sq] queries [R, G, Sq, d] of one KV head over its prefix keys [P, d]
+    under `prefix_mask` [P] (None: every prefix key blocked), in place in out / lse of that head."""
+    if prefix_mask is None:
+        out[chosen], lse[chosen] = 0.0, float("-inf")
+        return
+    picked = queries[chosen][None, None]  # [1, 1, N, d]
+    mask = prefix_mask.expand(1, 1, picked.shape[2], -1)
+    o, s = attention_lse(picked, k_prefix[None, None], v_prefix[None, None], mask, scale)
+    out[chosen], lse[chosen] = o[0, 0], s[0, 0]
 
 
 # Elements of one materialised [rows, 1, Sq, S] suffix mask: bounds memory when the suffix is long.
@@ -99,7 +116,7 @@ def attention_lse(
     """softmax(q k^T * scale + mask) v and its log-sum-exp (float32).
 
     q [B, H, N, d], k, v [B, H, M, d] with M > 0, mask [B, 1, N, M] additive or None. Queries flagged
-    in `empty` [B, N] (every key masked) get out 0 and lse -inf. Uses torch's fused CPU flash kernel
+    in `empty` [B, 1 or H, N] (every key masked) get out 0 and lse -inf. Uses torch's fused CPU flash kernel
     where it applies.
     """
     if q.device.type == "cpu" and q.dtype in FLASH_DTYPES:
@@ -109,8 +126,8 @@ def attention_lse(
     else:
         out, lse = _attention_explicit(q, k, v, mask, scale)
     if empty is not None and empty.any():
-        lse = lse.masked_fill(empty[:, None], float("-inf"))
-        out = out.masked_fill(empty[:, None, :, None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
     return out, lse.float()
 
 

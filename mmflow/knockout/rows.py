@@ -30,6 +30,8 @@ def first_affected_target(job: KnockoutJob, n_layers: int) -> int | None:
     sources, targets = job.edges.sources, job.edges.targets
     if sources.numel() == 0 or targets.numel() == 0 or not any(0 <= j < n_layers for j in job.layers):
         return None
+    if job.heads is not None and not job.heads:  # blocks in no head
+        return None
     reachable = targets[targets >= sources.min()]
     return int(reachable.min()) if reachable.numel() else None
 
@@ -83,23 +85,29 @@ class LayerBlocks:
     window: torch.Tensor | None = None  # [R] bool: the layer is inside the row's window
     pattern: torch.Tensor | None = None  # [R] long: the row's edge set
     rows: Rows | None = None
+    heads: torch.Tensor | None = None  # [R, H] bool: the row blocks in this head (None: every head)
 
     @property
     def blocks_suffix(self) -> bool:
         return self.window is not None and bool((self.window & self.rows.suffix_any[self.pattern]).any())
 
     def suffix(self, chunk: slice, n_q: int) -> torch.Tensor:
-        """Blocked (query, suffix key) pairs [r, Sq, S] of the rows in `chunk`, for the last Sq queries."""
-        return self.rows.suffix[:, -n_q:][self.pattern[chunk]] & self.window[chunk, None, None]
+        """Blocked (query, suffix key) pairs [r, Hm, Sq, S] of the rows in `chunk`, for the last Sq
+        queries; Hm = 1 (every head) or H (per-head jobs)."""
+        cut = (self.rows.suffix[:, -n_q:][self.pattern[chunk]] & self.window[chunk, None, None])[:, None]
+        return cut if self.heads is None else cut & self.heads[chunk, :, None, None]
 
     def prefix_sets(self, n_q: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(queries [R, Sq] bool, additive prefix mask [P], None if all blocked) per restricting edge set."""
+        """(queries [R, Sq] bool, or [R, H, Sq] for per-head jobs; additive prefix mask [P], None if all
+        blocked) per restricting edge set."""
         if self.window is None:
             return []
         targets = self.rows.targets[:, -n_q:][self.pattern] & self.window[:, None]  # [R, Sq]
         sets = []
         for u, prefix_mask in enumerate(self.rows.prefix_masks):
             chosen = targets & (self.pattern == u)[:, None]
+            if self.heads is not None:
+                chosen = chosen[:, None] & self.heads[:, :, None]
             if prefix_mask is not None and chosen.any():
                 sets.append((chosen, None if self.rows.prefix_all[u] else prefix_mask))
         return sets
@@ -139,6 +147,7 @@ class Rows:
     prefix_all: tuple[bool, ...]  # U: every prefix key is a source
     causal: torch.Tensor  # [S, S] float: 0 on and below the diagonal, -inf above
     blocking_layers: list[bool]  # [L]: some row blocks something in this layer
+    heads: tuple[tuple[int, ...] | None, ...] = ()  # [R] the row's blocked heads (None: every head)
 
     @classmethod
     def build(cls, indices: list[int], jobs: Sequence[KnockoutJob], b0: int, clean: FastCleanPass) -> Rows:
@@ -173,10 +182,19 @@ class Rows:
             prefix_all=tuple(prefix is not None and bool(prefix.isinf().all()) for _, _, prefix in edge_sets),
             causal=additive(upper, clean.keys[0].dtype),
             blocking_layers=window.any(0).tolist(),
+            heads=tuple(None if job is None else job.heads for job in row_jobs),
         )
 
-    def at_layer(self, layer: int, n_rows: int) -> LayerBlocks:
-        """What the first `n_rows` rows (the active ones) block in `layer`."""
+    def at_layer(self, layer: int, n_rows: int, n_heads: int) -> LayerBlocks:
+        """What the first `n_rows` rows (the active ones) of `n_heads` query heads block in `layer`."""
         if not self.blocking_layers[layer]:
             return LayerBlocks()
-        return LayerBlocks(self.window[:n_rows, layer], self.pattern[:n_rows], self)
+        heads = None
+        if any(h is not None for h in self.heads[:n_rows]):
+            heads = torch.ones(n_rows, n_heads, dtype=torch.bool)
+            for row, chosen in enumerate(self.heads[:n_rows]):
+                if chosen is not None:
+                    heads[row] = False
+                    heads[row, list(chosen)] = True
+            heads = heads.to(self.window.device)
+        return LayerBlocks(self.window[:n_rows, layer], self.pattern[:n_rows], self, heads)
