@@ -94,7 +94,8 @@ def test_fast_engine_caches_survive_decoding(tiny_llava, tmp_path):
     assert isinstance(clean, FastCleanPass)
     keys = [k.clone() for k in clean.keys]
     greedy_token_ids(tiny_llava, clean, 4)
-    assert all(torch.equal(a, b) and a.shape[-2] == inputs.length for a, b in zip(keys, clean.keys, strict=True))
+    for before, after in zip(keys, clean.keys, strict=True):
+        assert torch.equal(before, after) and after.shape[-2] == inputs.length
 
 
 def test_generation_config_that_changes_greedy_steps_uses_generate(tiny_llava, tmp_path):

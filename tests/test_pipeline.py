@@ -53,7 +53,7 @@ def _frames(outcome) -> tuple[pd.DataFrame, pd.DataFrame]:
     return tuple(pd.read_parquet(f"{outcome.path}/{name}.parquet") for name in ("samples", "results"))
 
 
-def test_prefetched_cells_give_the_same_rows_and_a_failing_sample_is_a_skip(tiny_llava, tmp_path, monkeypatch):
+def test_prefetched_cells_same_rows_and_a_failing_sample_is_a_skip(tiny_llava, tmp_path, monkeypatch):
     load_image = runtime.load_image
 
     def flaky(sample):
@@ -81,7 +81,8 @@ def test_prefetched_cells_give_the_same_rows_and_a_failing_sample_is_a_skip(tiny
     for plain, ahead in zip(outcomes[0], outcomes[2], strict=True):
         samples, results = _frames(plain)
         samples_ahead, results_ahead = _frames(ahead)
-        pd.testing.assert_frame_equal(samples.drop(columns="image_path"), samples_ahead.drop(columns="image_path"))
+        drop = ["image_path"]
+        pd.testing.assert_frame_equal(samples.drop(columns=drop), samples_ahead.drop(columns=drop))
         pd.testing.assert_frame_equal(results, results_ahead)
         skipped = samples_ahead.set_index("question_id").loc[bad_id]
         assert (skipped["status"], skipped["skip_reason"]) == ("skipped", "unreadable_image")
