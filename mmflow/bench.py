@@ -239,23 +239,47 @@ def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mmflow.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llava-1.5")
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--pipeline", action="store_true", help="time run_cells end to end (bench_pipeline)")
+    parser.add_argument("--samples", type=int, default=None, help="default 2 (engine), 3 (pipeline)")
     parser.add_argument("--window", type=int, default=7)
-    parser.add_argument("--knockouts", default=",".join(MAIN_KNOCKOUTS), help="comma-separated names")
+    parser.add_argument(
+        "--knockouts",
+        default=None,
+        help="comma-separated names; default the four main (engine), all six (pipeline)",
+    )
     parser.add_argument("--task", default="QueryAttr", help="GQA task file the questions come from")
-    parser.add_argument("--reference-windows", type=int, default=2, help="windows timed per knockout type")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
+    parser.add_argument(
+        "--reference-windows",
+        type=int,
+        default=None,
+        help="windows timed per knockout type; default 2 (engine), 1",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved rounds, best kept; default 3 / 2"
+    )
+    parser.add_argument("--prefetch", type=int, default=2, help="pipeline: samples prepared ahead (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--profile", action="store_true", help="print the fast engine's top ops")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    pipeline = args.pipeline
+    args.samples = args.samples if args.samples is not None else (3 if pipeline else 2)
+    args.repeats = args.repeats if args.repeats is not None else (2 if pipeline else 3)
+    args.reference_windows = args.reference_windows or (1 if pipeline else 2)
+    if args.knockouts is None and not pipeline:
+        args.knockouts = ",".join(MAIN_KNOCKOUTS)
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.pipeline:
+        from mmflow.bench_pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
