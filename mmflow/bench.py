@@ -141,12 +141,20 @@ class Best:
         self.cpu: dict = {}
 
     def time(self, key, fn):
+        _sync()
         start, cpu = time.perf_counter(), time.process_time()
         out = fn()
+        _sync()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         self.wall[key] = min(self.wall.get(key, wall), wall)
         self.cpu[key] = min(self.cpu.get(key, cpu), cpu)
         return out
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so that wall-clock timings on a GPU include it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_bytes(fn) -> int:
