@@ -276,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pipeline = args.pipeline
     args.samples = args.samples if args.samples is not None else (3 if pipeline else 2)
     args.repeats = args.repeats if args.repeats is not None else (2 if pipeline else 3)
-    args.reference_windows = args.reference_windows or (1 if pipeline else 2)
+    args.reference_windows = args.reference_windows or (3 if pipeline else 2)
     if args.knockouts is None and not pipeline:
         args.knockouts = ",".join(MAIN_KNOCKOUTS)
     return args

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                 if "engine" in checks:
                     emit(check_engine(loaded, base))
                 if "pipeline" in checks:
-                    result = run_pipeline(loaded, n_samples=args.samples, repeats=1, reference_windows=1)
+                    result = run_pipeline(loaded, n_samples=args.samples, repeats=1, reference_windows=3)
                     emit({**base, "check": "pipeline", **result})
                     if dtype_name == "float16" and not args.dry_run:
                         pipelines[name] = result
