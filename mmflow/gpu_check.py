@@ -144,7 +144,7 @@ def emit(line: dict) -> None:
     print(json.dumps(line, default=str), flush=True)
 
 
-def check_engine(loaded, base: dict) -> dict:
+def check_engine(loaded, base: dict, rounds: int = 2) -> dict:
     """The engine benchmark on one sample (`mmflow.bench.run_sample`), on the model's device."""
     from mmflow.bench import MAIN_KNOCKOUTS, gqa_samples, noise_image, plan_jobs, ratios
     from mmflow.bench import run_sample as bench_sample
@@ -157,7 +157,7 @@ def check_engine(loaded, base: dict) -> dict:
     plan, _ = plan_jobs(loaded, inputs, sample, MAIN_KNOCKOUTS, 7)
     ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
     ref.clean(inputs)  # warm-up
-    result = bench_sample(ref, fast, inputs, plan, reference_windows=2, repeats=2)
+    result = bench_sample(ref, fast, inputs, plan, reference_windows=rounds, repeats=rounds)
     return {
         **base,
         "check": "engine",
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                     }
                 )
                 if "engine" in checks:
-                    emit(check_engine(loaded, base))
+                    emit(check_engine(loaded, base, rounds=1 if args.dry_run else 2))
                 if "pipeline" in checks:
                     result = run_pipeline(loaded, n_samples=args.samples, repeats=1, reference_windows=3)
                     emit({**base, "check": "pipeline", **result})
