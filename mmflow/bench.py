@@ -249,6 +249,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llava-1.5")
     parser.add_argument("--pipeline", action="store_true", help="time run_cells end to end (bench_pipeline)")
     parser.add_argument("--samples", type=int, default=None, help="default 2 (engine), 3 (pipeline)")
+    parser.add_argument(
+        "--analysis",
+        choices=("knockout", "patching"),
+        default="knockout",
+        help="patching: mmflow.patching.bench",
+    )
     parser.add_argument("--window", type=int, default=7)
     parser.add_argument(
         "--knockouts",
@@ -260,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--reference-windows",
         type=int,
         default=None,
-        help="windows timed per knockout type; default 2 (engine), 1",
+        help="reference forwards timed: per knockout type (engine, default 2), per sample (pipeline, 3)",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="interleaved rounds, best kept; default 3 / 2"
@@ -293,6 +299,10 @@ def main(argv=None) -> dict:
     knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
     torch.manual_seed(0)
     loaded = build_loaded(args.geometry, args.layers, args.hidden, args.heads)
+    if args.analysis == "patching":
+        from mmflow.patching import bench as patching_bench
+
+        return patching_bench.main(args, loaded)
     ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}

@@ -183,6 +183,13 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         for cell in cells:
             cell.error = f"{type(exc).__name__}: {exc}"
         samples = []
+    for cell in cells:  # analyses that need the whole sample list first (patching's pairs, noise scale)
+        prepare = getattr(cell.analysis, "prepare", None)
+        if prepare is not None and cell.error is None:
+            try:
+                prepare(samples)
+            except Exception as exc:
+                cell.error = f"{type(exc).__name__}: {exc}"
     bar = tqdm(
         total=len(samples),
         desc=f"{first['model']['name']}/{first['task']}",
@@ -249,6 +256,7 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         except GroupError as exc:
             skipped.append((cell, exc))
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
+    firsts += [c.analysis.capture_from(groups) for c, _ in planned if hasattr(c.analysis, "capture_from")]
     try:
         with stages.timed("clean_pass"):
             clean = engine.clean(inputs, capture_from=min(firsts, default=None))
@@ -284,7 +292,15 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         new = logprobs[start : start + len(jobs)]
         start += len(jobs)
         with stages.timed("rows_and_writes"):
-            rows = cell.analysis.rows(sample, clean, token_id, new)
+            try:
+                rows = cell.analysis.rows(sample, clean, token_id, new)
+            except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
+                reason, detail = (
+                    (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
+                )
+                row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
+                cell.write(sample.question_id, row, [])
+                continue
             cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
 
 
