@@ -288,3 +288,26 @@ def test_cross_model_legend_names_family_and_size(tmp_path):
     ax = plot_cross_model(cells).axes[0]
     labels = {line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")}
     assert labels == {f"{legend} (L = {layers})" for layers, _, legend in REAL.values()}
+
+
+@pytest.mark.parametrize("name", SERIES)
+def test_answer_from_the_clean_cache_equals_generate(series, tmp_path, name):
+    """The answer decoded from the fast clean pass's cache is `generate`'s (Qwen2.5-VL: the decode steps
+    continue its multimodal positions through the model's rope deltas)."""
+    from mmflow.answer import greedy_token_ids
+
+    loaded = series[name]
+    inputs, _ = prepared(loaded, tmp_path, np.random.default_rng(8), PARITY_SIZES[name])
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **inputs.tensors, max_new_tokens=5, do_sample=False, eos_token_id=None, min_new_tokens=5
+        )
+    expected = out[0, inputs.length :].tolist()
+    config = loaded.model.generation_config
+    eos = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        clean = FastEngine(loaded).clean(inputs, capture_from=inputs.length - 3)
+        assert greedy_token_ids(loaded, clean, 5) == expected
+    finally:
+        config.eos_token_id = eos
