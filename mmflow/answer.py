@@ -82,10 +82,14 @@ def greedy_token_ids(loaded: LoadedModel, clean: CleanPass, max_new_tokens: int)
     eos = set(eos_token_ids(loaded))
     cache, length = clean.cache, clean.inputs.length
     tokens = [int(clean.logits.float().argmax())] if max_new_tokens > 0 else []
+    # Multimodal-rotary models (Qwen2.5-VL) would rebuild positions over a full-length mask; without one
+    # they continue at cache length + their rope deltas, as `generate` does (batch of one: no padding).
+    mrope = getattr(getattr(model, "model", None), "rope_deltas", None) is not None
     while tokens and len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        mask = None if mrope else torch.ones(1, length + len(tokens), dtype=torch.long, device=device)
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
-            attention_mask=torch.ones(1, length + len(tokens), dtype=torch.long, device=device),
+            attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,

@@ -2,7 +2,7 @@
 
 Text spans come from the tokenizer's character offsets (never string search over token pieces);
 object patches come from pushing a box mask through the model's own image preprocessing and
-feature packing, so the positions are right for LLaVA-1.5 (pad) and LLaVA-NeXT (anyres) alike.
+feature packing (`mmflow.patches`), so the positions are right for every supported family.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, fields
 
 import torch
-from PIL import Image, ImageDraw
 
-from mmflow.data.sample import Box, Sample
+from mmflow.data.sample import Sample
 from mmflow.inputs import ModelInputs
 from mmflow.models.registry import LoadedModel
+from mmflow.patches import object_token_flags
 
 GROUP_NAMES = ("image", "question", "last", "object", "nonobject", "true_option", "false_option")
 
@@ -81,52 +81,6 @@ def _word_span(text: str, word: str, base: int) -> tuple[int, int] | None:
     return None if match is None else (base + match.start(), base + match.end())
 
 
-def box_mask_image(size: tuple[int, int], boxes: tuple[Box, ...]) -> Image.Image:
-    """White boxes on black, at the original image size: the mask that goes through preprocessing."""
-    mask = Image.new("RGB", size, (0, 0, 0))
-    draw = ImageDraw.Draw(mask)
-    for box in boxes:
-        draw.rectangle([box.x, box.y, box.x + box.w - 1, box.y + box.h - 1], fill=(255, 255, 255))
-    return mask
-
-
-def patch_box_overlap(loaded: LoadedModel, size: tuple[int, int], boxes: tuple[Box, ...]) -> torch.Tensor:
-    """Bool [n_views, patches_per_view]: the patch holds a pixel that is mostly box after preprocessing.
-
-    Box pixels are white, the rest black; padding (mean colour for `pad`, black for anyres tiles)
-    normalises to at most 0, so a pixel counts as box above half of white's normalised value.
-    """
-    image_processor = loaded.processor.image_processor
-    pixels = image_processor(box_mask_image(size, boxes), return_tensors="pt")["pixel_values"]
-    pixels = pixels.reshape(-1, *pixels.shape[-3:])[:, 0]  # [views, H, W], red channel
-    white = (1.0 - image_processor.image_mean[0]) / image_processor.image_std[0]
-    patch = loaded.model.config.vision_config.patch_size
-    views, height, width = pixels.shape
-    grid = pixels.reshape(views, height // patch, patch, width // patch, patch)
-    return (grid > white / 2).any(dim=(2, 4)).reshape(views, -1)
-
-
-def image_token_patch_ids(
-    loaded: LoadedModel, inputs: ModelInputs, n_views: int, per_view: int
-) -> torch.Tensor:
-    """For each image token in order: the flat (view, patch) index it comes from, or -1 for a newline.
-
-    Uses the model's own `pack_image_features` on a feature tensor that carries patch ids, so anyres
-    tiling, unpadding and newline tokens are exactly the model's.
-    """
-    ids = torch.arange(n_views * per_view, dtype=torch.float64).reshape(n_views, per_view, 1)
-    inner = loaded.model.model
-    if not hasattr(inner, "pack_image_features"):
-        return ids.flatten().long()
-    packed, _ = inner.pack_image_features(
-        [ids],
-        inputs.tensors["image_sizes"].cpu(),
-        vision_feature_select_strategy=loaded.model.config.vision_feature_select_strategy,
-        image_newline=torch.tensor([-1.0], dtype=torch.float64),
-    )
-    return packed[0].flatten().round().long()
-
-
 def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample) -> TokenGroups:
     """All groups for one sample; raises `GroupError` with a skip reason when the method cannot apply."""
     ids = inputs.input_ids.cpu()
@@ -140,15 +94,11 @@ def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample)
     if torch.isin(question, image).any():
         raise GroupError("overlapping_groups", "question tokens overlap image tokens")
 
-    overlap = patch_box_overlap(loaded, inputs.image_size, sample.object_boxes)
-    patch_ids = image_token_patch_ids(loaded, inputs, *overlap.shape)
-    if patch_ids.numel() != image.numel():
+    is_object, real = object_token_flags(loaded, inputs, sample.object_boxes)
+    if is_object.numel() != image.numel():
         raise GroupError(
-            "image_packing_mismatch", f"{patch_ids.numel()} packed features vs {image.numel()} image tokens"
+            "image_packing_mismatch", f"{is_object.numel()} packed features vs {image.numel()} image tokens"
         )
-    real = patch_ids >= 0
-    is_object = torch.zeros_like(real)
-    is_object[real] = overlap.flatten()[patch_ids[real]]
     q_start = inputs.prompt.question_span[0]
     options = {}
     for name, word in (("true_option", sample.true_option), ("false_option", sample.false_option)):

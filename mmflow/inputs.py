@@ -11,7 +11,17 @@ from mmflow.data.sample import Sample
 from mmflow.models.prompts import Prompt, build_prompt
 from mmflow.models.registry import LoadedModel
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+# What the supported families' forwards take; Qwen2.5-VL needs `mm_token_type_ids` and `image_grid_thw`
+# to build its multimodal rotary positions (without them it would silently use 1-D positions).
+MODEL_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "mm_token_type_ids",
+    "batch_num_images",
+)
 
 
 @dataclass

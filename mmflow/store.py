@@ -20,7 +20,7 @@ import pandas as pd
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
-NON_SEMANTIC_MODEL_KEYS = frozenset({"resources"})  # what an actor requests, not what it computes
+NON_SEMANTIC_MODEL_KEYS = frozenset({"resources", "family", "size"})  # requests and legend labels
 
 
 def cell_id(config: Mapping[str, Any]) -> str:

@@ -495,7 +495,7 @@ def _log_comparisons(run, cells: list) -> None:
         plot = wandb.plot.line_series(
             xs=[t["rel_depth"].tolist() for _, t in curves],
             ys=[t["mean"].tolist() for _, t in curves],
-            keys=[f"{c.model} (L={c.n_layers}, k={c.window})" for c, _ in curves],
+            keys=[f"{c.model_legend} (L={c.n_layers}, k={c.window})" for c, _ in curves],
             title=f"{group[0].label} — {task}: relative change (%) by relative depth",
             xname="relative depth (layer / L)",
         )

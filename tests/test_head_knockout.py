@@ -14,7 +14,7 @@ from mmflow.analyses import drop_ignored_keys
 from mmflow.analyses.knockout import head_sets
 from mmflow.groups import build_token_groups
 from mmflow.inputs import encode
-from mmflow.knockout import fast as fast_module
+from mmflow.knockout import kernels
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers
@@ -60,9 +60,9 @@ def test_all_heads_is_the_knockout_no_head_is_clean_and_fast_matches(
 ):
     """`explicit`: the non-fused attention path (what GPUs take), chunked masks and scores."""
     if explicit:
-        monkeypatch.setattr(fast_module, "FLASH_DTYPES", frozenset())
-        monkeypatch.setattr(fast_module, "SCORE_BUDGET", 100_000)
-        monkeypatch.setattr(fast_module, "MASK_BUDGET", 5_000)
+        monkeypatch.setattr(kernels, "FLASH_DTYPES", frozenset())
+        monkeypatch.setattr(kernels, "SCORE_BUDGET", 100_000)
+        monkeypatch.setattr(kernels, "MASK_BUDGET", 5_000)
     loaded = request.getfixturevalue(fixture)
     inputs, groups = prepared(loaded, tmp_path, 1)
     heads, n_layers = n_heads(loaded), loaded.n_layers

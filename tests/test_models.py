@@ -27,7 +27,7 @@ def test_prompts_are_the_papers():
     assert llama3.text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert llama3.text[slice(*llama3.question_span)] == "What color is it?" and not llama3.add_bos
     with pytest.raises(ValueError):
-        build_prompt("chatml", "q")
+        build_prompt("alpaca", "q")
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_next"])

@@ -73,14 +73,43 @@ def prepare_model(model, backend: str = "sdpa") -> None:
     """Route the language model's attention through mmflow and tag its decoder layers by index."""
     if backend not in BACKENDS:
         raise ValueError(f"knockout backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    text_config = model.config.get_text_config()
-    if text_config.model_type not in {"llama", "mistral", "qwen2"}:
-        raise NotImplementedError(f"knockout supports Llama-style decoders, not {text_config.model_type!r}")
+    reason = knockout_undefined_reason(model.config)
+    if reason is not None:
+        raise NotImplementedError(reason)
     vision_impl = model.config.vision_config._attn_implementation or "sdpa"
     model.set_attn_implementation({"text_config": f"mmflow_{backend}", "vision_config": vision_impl})
     for index, layer in enumerate(language_layers(model)):
         setattr(layer.self_attn, LAYER_ATTR, index)
     check_prepared(model)
+
+
+# Decoder families whose attention over the image is causal self-attention, like the text's.
+CAUSAL_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen2_5_vl_text"})
+# Families where "block source -> target before the softmax" is not the paper's knockout, and why.
+_CROSS = "vision enters through cross-attention layers, not through self-attention over image tokens"
+_BIDIRECTIONAL = "image tokens attend to each other bidirectionally, so blocking is not the causal knockout"
+UNDEFINED = {
+    "mllama": _CROSS,
+    "gemma3": _BIDIRECTIONAL,
+    "gemma3_text": _BIDIRECTIONAL,
+    "paligemma": "image and prefix attend bidirectionally (prefix-LM): blocking is not the causal knockout",
+}
+
+
+def knockout_undefined_reason(config) -> str | None:
+    """Why the attention knockout is not defined (or not supported) for this model, or None if it is."""
+    text = config.get_text_config()
+    for model_type in (config.model_type, text.model_type):
+        if model_type in UNDEFINED:
+            return f"attention knockout is not defined for {model_type!r}: {UNDEFINED[model_type]}"
+    if getattr(text, "cross_attention_layers", None):
+        return f"attention knockout is not defined for {text.model_type!r}: {_CROSS}"
+    if text.model_type not in CAUSAL_DECODERS:
+        return (
+            f"knockout supports causal decoders {sorted(CAUSAL_DECODERS)}, not {text.model_type!r} "
+            "(add it once its image attention is checked to be causal self-attention)"
+        )
+    return None
 
 
 def language_layers(model) -> torch.nn.ModuleList:

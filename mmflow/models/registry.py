@@ -10,7 +10,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODEL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+MODEL_CLASSES = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
+# What each image_preprocess value means; all but `pad` are the processor's own defaults.
+IMAGE_PREPROCESS = ("pad", "crop", "anyres", "anyres_max_9", "dynamic")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -65,17 +72,17 @@ def _apply_preprocess(processor, image_preprocess: str):
             image_std=list(ip.image_std),
             resample=ip.resample,
         )
-    elif image_preprocess not in {"crop", "anyres"}:
-        raise ValueError(f"image_preprocess must be pad, crop or anyres, got {image_preprocess!r}")
+    elif image_preprocess not in IMAGE_PREPROCESS:
+        raise ValueError(f"image_preprocess must be one of {IMAGE_PREPROCESS}, got {image_preprocess!r}")
     return processor
 
 
 def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
     """Load model + processor named by a `conf/model/*.yaml` config and prepare it for knockouts."""
     import transformers
-    from transformers import AutoProcessor
 
     from mmflow.knockout.attention import language_layers, prepare_model
+    from mmflow.models.processors import load_processor
 
     if cfg.model_class not in MODEL_CLASSES:
         raise ValueError(f"model_class must be one of {MODEL_CLASSES}, got {cfg.model_class!r}")
@@ -83,19 +90,21 @@ def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
     device = pick_device(cfg.get("device", "auto"))
     trust = bool(cfg.get("trust_remote_code", False))
     revision = cfg.get("revision")
-    model = (
-        getattr(transformers, cfg.model_class)
-        .from_pretrained(
-            path,
-            dtype=DTYPES[cfg.dtype],
-            use_safetensors=True,
-            trust_remote_code=trust,
-            revision=revision,
-        )
-        .to(device)
+    device_map = cfg.get("device_map")  # e.g. "auto": split a model too large for one GPU (LLaVA-1.6-34B)
+    model = getattr(transformers, cfg.model_class).from_pretrained(
+        path,
+        dtype=DTYPES[cfg.dtype],
+        use_safetensors=True,
+        trust_remote_code=trust,
+        revision=revision,
+        **({"device_map": device_map} if device_map else {}),
     )
+    if device_map:
+        device = model.get_input_embeddings().weight.device  # inputs go where the embeddings are
+    else:
+        model = model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust, revision=revision)
+    processor = load_processor(path, cfg.model_class, trust_remote_code=trust, revision=revision)
     processor = _apply_preprocess(processor, cfg.image_preprocess)
     prepare_model(model, knockout_backend)
     log.info("loaded %s from %s on %s", cfg.name, path, device)

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmflow.models.prompts import PROMPT_FORMATS, build_prompt
+from mmflow.models.prompts import build_prompt
 
 IMAGE_TOKEN = "<image>"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -57,13 +57,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("MMFLOW_CACHE", Path.home() / ".cache" / "mmflow"))
 
 
-def tokenizer_corpus() -> list[str]:
-    """Text the tiny tokenizers are trained on: the prompts, GQA questions and answer words."""
+def tokenizer_corpus(formats: tuple[str, ...] = ("vicuna_v1", "llama3")) -> list[str]:
+    """Text the tiny tokenizers are trained on: the prompts in `formats`, GQA questions and answer words."""
     from mmflow.data.shapes import answer_vocabulary
 
     gqa_dir = Path(__file__).resolve().parents[1] / "data" / "gqa_tasks"
     lines: list[str] = []
-    for fmt in PROMPT_FORMATS:  # repeated so the template words become whole tokens, as in real vocabularies
+    for fmt in formats:  # repeated so the template words become whole tokens, as in real vocabularies
         lines.extend([build_prompt(fmt, "Is the circle red or blue?").text] * 50)
     for csv_path in sorted(gqa_dir.glob("*.csv")):
         import pandas as pd
@@ -230,16 +230,23 @@ def build_model(spec: TinySpec, tokenizer):
 
 def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
     """Return the folder of tiny model `name`, building and saving it on first use (atomically)."""
-    if name not in TINY_SPECS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(TINY_SPECS)}")
-    spec = TINY_SPECS[name]
-    target = (root or cache_root() / "models") / f"{name}-v{BUILD_VERSION}"
+    from mmflow.models import tiny_series
+
+    known = sorted([*TINY_SPECS, *tiny_series.SERIES_SPECS])
+    if name not in known:
+        raise KeyError(f"unknown tiny model {name!r}; known: {known}")
+    version = BUILD_VERSION if name in TINY_SPECS else tiny_series.BUILD_VERSION
+    target = (root or cache_root() / "models") / f"{name}-v{version}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
-    processor = build_processor(spec, tokenizer)
-    model = build_model(spec, tokenizer)
+    if name in TINY_SPECS:
+        spec = TINY_SPECS[name]
+        tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
+        processor = build_processor(spec, tokenizer)
+        model = build_model(spec, tokenizer)
+    else:
+        model, processor = tiny_series.build(name)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)

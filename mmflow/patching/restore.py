@@ -27,8 +27,9 @@ import torch
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, language_layers
-from mmflow.knockout.fast import FastCleanPass, FastEngine, _batches, unsupported_reason
+from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
 from mmflow.knockout.reference import CleanPass
+from mmflow.knockout.rows import plan_sweeps
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.registry import LoadedModel
 from mmflow.patching.corrupt import Corruption, corrupting
@@ -216,6 +217,10 @@ class FastPatcher(FastEngine):
         """
         _check_jobs(jobs, max(corrupted.start, states.start))
         n_layers, length = len(self.layers), corrupted.cache.inputs.length
+        reason = self._sample_fallback_reason(corrupted.cache)  # e.g. a sliding window in use
+        if reason is not None:
+            self.fallbacks[reason] += 1
+            return self.reference.restore(corrupted, states, jobs)
         out = corrupted.logprobs.expand(len(jobs), -1).clone()  # jobs that restore nothing: p_corrupt exactly
         empty = torch.empty(0, dtype=torch.long)
         as_knockouts = [KnockoutJob(BlockEdges(empty, job.positions), job.layers) for job in jobs]
@@ -254,7 +259,7 @@ class FastPatcher(FastEngine):
     def _run(self, cache: FastCleanPass, by_b0: dict, jobs, as_knockouts, out, fallback: tuple) -> None:
         """Sweep the jobs in `by_b0` ({first row: job indices}) over `cache` into `out`; if the probe
         fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
-        for batch in _batches(by_b0, cache.inputs.length):
+        for batch in plan_sweeps(by_b0, cache.inputs.length):
             rows = self._sweep(cache, batch, as_knockouts)
             if rows is None:  # the probe failed: the shortcut is not exact for this sample
                 todo = [i for indices in by_b0.values() for i in indices]

@@ -76,6 +76,13 @@ class CellData:
         return self.analysis.replace("_", " ") + (f" (lens = {lens})" if lens else "")
 
     @property
+    def model_legend(self) -> str:
+        """Family and size for legends ("LLaVA-1.6 (Mistral) 7B"), else the model's config name."""
+        model = self.config.get("model", {})
+        family, size = model.get("family"), model.get("size")
+        return f"{family} {size}" if family and size else self.model
+
+    @property
     def window(self) -> int | None:
         window = self.config.get("window")
         return int(window) if window is not None and self.analysis in ("knockout", "patching") else None

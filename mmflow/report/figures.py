@@ -146,7 +146,7 @@ def plot_cross_model(cells: Sequence[CellData]) -> Figure:
     for cell in cells:
         stats = curve_stats(cell.results)
         extra = f", k = {cell.window}" if len(windows) > 1 else ""
-        label = f"{cell.model} (L = {cell.n_layers}{extra})"
+        label = f"{cell.model_legend} (L = {cell.n_layers}{extra})"
         color = PALETTE[models.index(cell.model) % len(PALETTE)]
         x = stats["layer"].to_numpy() / cell.n_layers
         _band(ax, x, stats, color, label, _style(cell.window, windows))
