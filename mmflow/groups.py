@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw
@@ -19,6 +19,9 @@ from mmflow.inputs import ModelInputs
 from mmflow.models.registry import LoadedModel
 
 GROUP_NAMES = ("image", "question", "last", "object", "nonobject", "true_option", "false_option")
+PAPER_BOX_COLOUR = (255, 0, 0)  # the paper's create_mask_with_bbox: red boxes on green
+PAPER_BACKGROUND = (0, 255, 0)
+OBJECT_GROUPS = ("object", "nonobject")
 
 
 class GroupError(ValueError):
@@ -41,6 +44,8 @@ class TokenGroups:
     nonobject: torch.Tensor
     true_option: torch.Tensor
     false_option: torch.Tensor
+    # group -> (skip reason, detail) for groups this sample cannot have (object patches of a bad box)
+    unusable: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in GROUP_NAMES:
@@ -48,14 +53,16 @@ class TokenGroups:
         return getattr(self, name)
 
     def require(self, name: str) -> torch.Tensor:
-        """The group's positions, or a `GroupError('empty_group', ...)` if it has none."""
+        """The group's positions; a `GroupError` with the reason if it is unusable or empty."""
+        if name in self.unusable:
+            raise GroupError(*self.unusable[name])
         positions = self.get(name)
         if positions.numel() == 0:
             raise GroupError("empty_group", f"token group {name!r} is empty for this sample")
         return positions
 
     def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name).tolist() for f in fields(self)})
+        return json.dumps({name: getattr(self, name).tolist() for name in GROUP_NAMES})
 
 
 def _expanded_span(inputs: ModelInputs, span: tuple[int, int]) -> tuple[int, int]:
@@ -90,20 +97,41 @@ def box_mask_image(size: tuple[int, int], boxes: tuple[Box, ...]) -> Image.Image
     return mask
 
 
-def patch_box_overlap(loaded: LoadedModel, size: tuple[int, int], boxes: tuple[Box, ...]) -> torch.Tensor:
-    """Bool [n_views, patches_per_view]: the patch holds a pixel that is mostly box after preprocessing.
+def paper_box_mask_image(size: tuple[int, int], boxes: tuple[Box, ...]) -> Image.Image:
+    """The paper's mask: red boxes filled to PIL's inclusive end pixel (x, y, x+w, y+h) on green."""
+    mask = Image.new("RGB", size, PAPER_BACKGROUND)
+    draw = ImageDraw.Draw(mask)
+    for box in boxes:
+        x, y = int(box.x), int(box.y)
+        draw.rectangle((x, y, x + int(box.w), y + int(box.h)), fill=PAPER_BOX_COLOUR)
+    return mask
 
-    Box pixels are white, the rest black; padding (mean colour for `pad`, black for anyres tiles)
-    normalises to at most 0, so a pixel counts as box above half of white's normalised value.
+
+def patch_box_overlap(loaded: LoadedModel, size: tuple[int, int], boxes: tuple[Box, ...]) -> torch.Tensor:
+    """Bool [n_views, patches_per_view]: the patch holds a pixel that is box after preprocessing.
+
+    Corrected rule: box pixels are white, the rest black; padding (mean colour for `pad`, black for
+    anyres tiles) normalises to at most 0, so a pixel counts as box above half of white's
+    normalised value. `parity=paper`: the paper's mask (`paper_box_mask_image`) goes through the
+    same preprocessing without rescaling or normalising, and a pixel counts when it is exactly red.
     """
     image_processor = loaded.processor.image_processor
-    pixels = image_processor(box_mask_image(size, boxes), return_tensors="pt")["pixel_values"]
-    pixels = pixels.reshape(-1, *pixels.shape[-3:])[:, 0]  # [views, H, W], red channel
-    white = (1.0 - image_processor.image_mean[0]) / image_processor.image_std[0]
     patch = loaded.model.config.vision_config.patch_size
-    views, height, width = pixels.shape
-    grid = pixels.reshape(views, height // patch, patch, width // patch, patch)
-    return (grid > white / 2).any(dim=(2, 4)).reshape(views, -1)
+    if loaded.parity == "paper":
+        mask = paper_box_mask_image(size, boxes)
+        pixels = image_processor(mask, do_rescale=False, do_normalize=False, return_tensors="pt")[
+            "pixel_values"
+        ]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])  # [views, 3, H, W], 0-255
+        is_box = (pixels == torch.tensor(PAPER_BOX_COLOUR, dtype=pixels.dtype)[:, None, None]).all(dim=1)
+    else:
+        pixels = image_processor(box_mask_image(size, boxes), return_tensors="pt")["pixel_values"]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])[:, 0]  # [views, H, W], red channel
+        white = (1.0 - image_processor.image_mean[0]) / image_processor.image_std[0]
+        is_box = pixels > white / 2
+    views, height, width = is_box.shape
+    grid = is_box.reshape(views, height // patch, patch, width // patch, patch)
+    return grid.any(dim=(2, 4)).reshape(views, -1)
 
 
 def image_token_patch_ids(
@@ -140,15 +168,11 @@ def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample)
     if torch.isin(question, image).any():
         raise GroupError("overlapping_groups", "question tokens overlap image tokens")
 
-    overlap = patch_box_overlap(loaded, inputs.image_size, sample.object_boxes)
-    patch_ids = image_token_patch_ids(loaded, inputs, *overlap.shape)
-    if patch_ids.numel() != image.numel():
-        raise GroupError(
-            "image_packing_mismatch", f"{patch_ids.numel()} packed features vs {image.numel()} image tokens"
-        )
-    real = patch_ids >= 0
-    is_object = torch.zeros_like(real)
-    is_object[real] = overlap.flatten()[patch_ids[real]]
+    if sample.box_issue is not None:
+        empty = torch.empty(0, dtype=torch.long)
+        patches = {"object": empty, "nonobject": empty}
+    else:
+        patches = _object_patches(loaded, inputs, sample, image)
     q_start = inputs.prompt.question_span[0]
     options = {}
     for name, word in (("true_option", sample.true_option), ("false_option", sample.false_option)):
@@ -158,7 +182,21 @@ def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample)
         image=image,
         question=question,
         last=torch.tensor([ids.shape[0] - 1]),
-        object=image[is_object],
-        nonobject=image[real & ~is_object],
+        **patches,
         **options,
+        unusable={name: sample.box_issue for name in OBJECT_GROUPS} if sample.box_issue else {},
     )
+
+
+def _object_patches(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, image: torch.Tensor) -> dict:
+    """The object and non-object image-token positions of the sample's boxes (newline tokens in neither)."""
+    overlap = patch_box_overlap(loaded, inputs.image_size, sample.object_boxes)
+    patch_ids = image_token_patch_ids(loaded, inputs, *overlap.shape)
+    if patch_ids.numel() != image.numel():
+        raise GroupError(
+            "image_packing_mismatch", f"{patch_ids.numel()} packed features vs {image.numel()} image tokens"
+        )
+    real = patch_ids >= 0
+    is_object = torch.zeros_like(real)
+    is_object[real] = overlap.flatten()[patch_ids[real]]
+    return {"object": image[is_object], "nonobject": image[real & ~is_object]}

@@ -102,7 +102,9 @@ def encode_chunked(loaded: LoadedModel, prompt: Prompt, image: Image.Image) -> M
     """
     processor, tokenizer = loaded.processor, loaded.processor.tokenizer
     before, after = prompt.text.split(IMAGE_PLACEHOLDER)
-    image_part = processor(text=IMAGE_PLACEHOLDER, images=image, return_tensors="pt", add_special_tokens=False)
+    image_part = processor(
+        text=IMAGE_PLACEHOLDER, images=image, return_tensors="pt", add_special_tokens=False
+    )
     image_ids = image_part["input_ids"][0]
     first = tokenizer(before, add_special_tokens=prompt.add_bos, return_offsets_mapping=True)
     second = tokenizer(after, add_special_tokens=False, return_offsets_mapping=True)
@@ -111,7 +113,7 @@ def encode_chunked(loaded: LoadedModel, prompt: Prompt, image: Image.Image) -> M
         if second["input_ids"][:2] != expected:
             raise TokenizationError(
                 f"the text after the image tokenizes to {second['input_ids'][:2]}, not {expected} as in the "
-                "original LLaVA code; the tokenizer does not prepend '▁' to a piece that starts with a newline"
+                "original LLaVA code: the tokenizer does not prepend '▁' to a piece that starts with '\\n'"
             )
     shift = len(before) + len(IMAGE_PLACEHOLDER)
     offsets = (

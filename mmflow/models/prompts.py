@@ -26,7 +26,9 @@ class Prompt:
 
     text: str
     question_span: tuple[int, int]
-    add_bos: bool  # whether the tokenizer must prepend its BOS token (in `parity=paper` on top of a spelled one)
+    add_bos: (
+        bool  # whether the tokenizer must prepend its BOS token (in `parity=paper` on top of a spelled one)
+    )
 
 
 def _vicuna_v1(user: str) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from typing import Any
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 IMAGE_TOKEN = "<image>"
+MODEL_CLASS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 PAD_TOKEN = "<pad>"
 BUILD_VERSION = 1  # bump when the builder changes, so cached replicas are rebuilt
 
@@ -60,7 +61,9 @@ VICUNA_7B = dict(
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
 )
-VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)
+VICUNA_13B = dict(
+    VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+)
 VICUNA_13B["num_key_value_heads"] = 40
 # meta-llama/Meta-Llama-3-8B-Instruct config.json.
 LLAMA3_8B = dict(
@@ -118,7 +121,11 @@ class ReplicaSpec:
     shrink_heads: int = 4  # CPU replica's attention heads; KV heads keep the real ratio
     shrink_vision: dict[str, Any] = field(
         default_factory=lambda: dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
         )
     )
 
@@ -310,7 +317,11 @@ def build_model(config, seed: int = 0, dtype=None):
     import torch
     import transformers
 
-    cls_name = "LlavaForConditionalGeneration" if config.model_type == "llava" else "LlavaNextForConditionalGeneration"
+    cls_name = (
+        "LlavaForConditionalGeneration"
+        if config.model_type == "llava"
+        else "LlavaNextForConditionalGeneration"
+    )
     model_cls = getattr(transformers, cls_name)
     if dtype == "meta":
         with torch.device("meta"):
@@ -353,7 +364,12 @@ def build_replica(
         processor.save_pretrained(staging)
         (staging / "replica.json").write_text(
             json.dumps(
-                {"replicates": spec.hub_id, "full_size": full_size, "seed": seed, "build_version": BUILD_VERSION},
+                {
+                    "replicates": spec.hub_id,
+                    "full_size": full_size,
+                    "seed": seed,
+                    "build_version": BUILD_VERSION,
+                },
                 indent=2,
             )
         )
@@ -387,13 +403,17 @@ def with_spec(name: str, **changes: Any) -> ReplicaSpec:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmflow.models.replica", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mmflow.models.replica", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build a replica checkpoint folder")
     build.add_argument("name", choices=sorted(REPLICA_SPECS))
     build.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     build.add_argument("--full-size", action="store_true", help="real depths and widths (7-13B weights)")
-    build.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 full size)")
+    build.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 full size)"
+    )
     build.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = build_replica(args.name, args.out, args.full_size, args.dtype, args.seed)
