@@ -48,7 +48,7 @@ def oracle() -> types.SimpleNamespace | None:
     return types.SimpleNamespace(mm=sys.modules["llava.mm_utils"], unpad_image=namespace["unpad_image"])
 
 
-def original_image_token_count(mm, unpad_image, size: tuple[int, int], pinpoints, patch: int = 14, side: int = 336):
+def original_image_token_count(mm, unpad_image, size: tuple[int, int], pinpoints, patch=14, side=336) -> int:
     """Image tokens of the original anyres `spatial_unpad` packing (llava_arch.py) for a (w, h) image."""
     import torch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,7 +20,7 @@ def model_yaml(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
-def real_model_config(name: str, parity: str, checkpoint: str | None = None, legacy: bool | None = None) -> dict:
+def real_model_config(name: str, parity: str, checkpoint: str | None = None, legacy: bool | None = None):
     """A real model's resolved config (its `parity: ${parity}` bound), on CPU in float32, on a replica."""
     from mmflow.models.replica import ensure_replica
 
@@ -32,7 +32,7 @@ def real_model_config(name: str, parity: str, checkpoint: str | None = None, leg
     return config
 
 
-@lru_cache(maxsize=None)
+@cache
 def loaded_replica(name: str, parity: str, legacy: bool | None = None):
     """The CPU replica of `name` loaded through the registry in `parity` mode (cached per test session).
 

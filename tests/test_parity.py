@@ -144,7 +144,8 @@ def paper_object_indices(image_size, boxes, aspect: str) -> set[int]:
     patches = pixels.unfold(2, 14, 14).unfold(3, 14, 14).reshape(len(pixels), 3, 576, 196).permute(0, 2, 3, 1)
     if aspect == "anyres":
         cols, rows = ORACLE.mm.get_anyres_image_grid_shape(image_size, NEXT_PINPOINTS, 336)
-        tiles = patches[1:].reshape(rows, cols, 24, 24, 588).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        tiles = patches[1:].reshape(rows, cols, 24, 24, 588).permute(4, 0, 2, 1, 3)
+        tiles = tiles.flatten(1, 2).flatten(2, 3)
         tiles = ORACLE.unpad_image(tiles, image_size)
         tiles = torch.cat([tiles, torch.full((*tiles.shape[:-1], 1), -1.0)], dim=-1).flatten(1, 2)
         patches = torch.cat([patches[0], tiles.permute(1, 0).reshape(-1, 196, 3)])
@@ -207,7 +208,8 @@ def test_bad_box_skips_only_object_groups(tiny_llava, tmp_path: Path, monkeypatc
         for k, src in knockouts
     ]
     outcomes = runtime.run_cells(tiny_llava, configs)
-    rows = {k: pd.read_parquet(Path(o.path) / "samples.parquet").iloc[0] for (k, _), o in zip(knockouts, outcomes)}
+    paths = {k: Path(o.path) for (k, _), o in zip(knockouts, outcomes, strict=True)}
+    rows = {k: pd.read_parquet(path / "samples.parquet").iloc[0] for k, path in paths.items()}
     assert rows["image_to_question"]["status"] == "scored"
     assert rows["object_to_question"]["status"] == "skipped"
     assert rows["object_to_question"]["skip_reason"] == "box_outside_image"
@@ -229,7 +231,11 @@ def test_bad_box_group_error() -> None:
 # ---------------------------------------------------------------- cell ids and cell.json
 
 # Ids of these configs before the `parity` key existed (computed with main's store.cell_id).
-OLD_IDS = {"tiny-llava": "43d1706100281025", "tiny-llava-next": "75bd05acad24dccc", "toy-llava": "fcee77c270475c35"}
+OLD_IDS = {
+    "tiny-llava": "43d1706100281025",
+    "tiny-llava-next": "75bd05acad24dccc",
+    "toy-llava": "fcee77c270475c35",
+}
 
 
 def test_cell_ids_keep_their_old_values_where_the_modes_agree() -> None:

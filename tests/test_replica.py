@@ -18,7 +18,7 @@ from replica_helpers import REAL_MODELS, loaded_replica  # noqa: E402
 
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv  # noqa: E402
 from mmflow.inputs import encode  # noqa: E402
-from mmflow.models.prompts import LLAMA3_SYSTEM, VICUNA_SYSTEM, build_prompt  # noqa: E402
+from mmflow.models.prompts import INSTRUCTION, LLAMA3_SYSTEM, VICUNA_SYSTEM, build_prompt  # noqa: E402
 from mmflow.models.replica import (  # noqa: E402
     REPLICA_SPECS,
     build_model,
@@ -116,9 +116,10 @@ def test_full_size_replica_dims(name: str) -> None:
 
 
 def test_cli_builds_a_loadable_folder(tmp_path: Path) -> None:
+    from replica_helpers import real_model_config
+
     from mmflow.models.registry import _Attr, load_model
     from mmflow.models.replica import main
-    from replica_helpers import real_model_config
 
     main(["build", "llava-1.6-vicuna-7b", "--out", str(tmp_path / "r")])
     loaded = load_model(_Attr(real_model_config("llava-1.6-vicuna-7b", "corrected", str(tmp_path / "r"))))
@@ -133,9 +134,11 @@ def test_chat_template_renders_the_prompt(name: str) -> None:
     question = "Is the jar full or empty?"
     fmt, system = ("vicuna_v1", VICUNA_SYSTEM) if "1.5" in name else ("llama3", LLAMA3_SYSTEM)
     text = build_prompt(fmt, question).text
-    user = [{"type": "image"}, {"type": "text", "text": text[text.index("\n") + 1 : text.index(question) + 80]}]
-    user[1]["text"] = f"{question} \nAnswer the question using a single word or phrase."
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, {"role": "user", "content": user}]
+    user = [{"type": "image"}, {"type": "text", "text": f"{question} {INSTRUCTION.lstrip(' ')}"}]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {"role": "user", "content": user},
+    ]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == text
 
@@ -144,7 +147,7 @@ def test_chat_template_renders_the_prompt(name: str) -> None:
 
 
 def paper_prompt_text(fmt: str, question: str) -> str:
-    """The prompt the paper's code builds (LLaVA conv templates; InformationFlow.py appends " \\n" for LLaMA-3)."""
+    """The paper's prompt (LLaVA conv templates; InformationFlow.py appends " \\n" for LLaMA-3)."""
     user = f"<image>\n{question} \nAnswer the question using a single word or phrase."
     if fmt == "vicuna_v1":  # llava conv_vicuna_v1: system + " USER: " + msg + " ASSISTANT:"
         return f"{VICUNA_SYSTEM} USER: {user} ASSISTANT:"
@@ -173,7 +176,7 @@ class RawTokenizer:
 @pytest.mark.parametrize("legacy", [True, False])
 def test_prompt_ids_equal_the_original_code(name: str, legacy: bool) -> None:
     """mmflow's ids = the original `tokenizer_image_token` on the paper's prompt with the raw vocabulary
-    (image token expanded), under both tokenizer normalisers; corrected LLaMA-3 drops the extra BOS and " \\n"."""
+    (image token expanded), under both tokenizer normalisers; corrected LLaMA-3 drops BOS 2 and " \\n"."""
     if REPLICA_SPECS[name].vocab == "llama3" and not legacy:
         pytest.skip("the Llama-3 vocabulary has no SentencePiece normaliser")
     spec = REPLICA_SPECS[name]
