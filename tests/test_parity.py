@@ -302,3 +302,22 @@ def test_pil_backend_is_pinned(tmp_path: Path) -> None:
     processor = SimpleNamespace(image_processor=LlavaNextImageProcessor())
     pin_pil_backend(processor, str(ensure_replica("llava-1.6-vicuna-7b")))
     assert type(processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
+
+
+def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
+    """The cells main computed before `parity` existed (tests/fixtures/legacy_results) get the same ids
+    from today's composed config, whichever mode is chosen (they are all tiny/toy-model cells)."""
+    import json
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from mmflow.analyses import drop_ignored_keys
+    from mmflow.store import cell_id
+
+    cells = json.loads((Path(__file__).parent / "fixtures" / "legacy_results" / "cells.json").read_text())
+    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+        for old_id, overrides in cells.items():
+            for parity in ("paper", "corrected"):
+                cfg = compose(config_name="config", overrides=[*overrides, "logger=none", f"parity={parity}"])
+                assert cell_id(drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True))) == old_id

@@ -341,8 +341,13 @@ def build_replica(
     dtype: str | None = None,
     seed: int = 0,
     legacy: bool | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Build the replica of `name` into folder `out` (written atomically); return the folder."""
+    """Build the replica of `name` into folder `out` (written atomically); return the folder.
+
+    `legacy` overrides the tokenizer's `legacy` flag (see `build_tokenizer`); `overwrite=False`
+    raises OSError instead of replacing an existing folder.
+    """
     import torch
 
     if name not in REPLICA_SPECS:
@@ -373,9 +378,9 @@ def build_replica(
                 indent=2,
             )
         )
-        if out.exists():
+        if out.exists() and overwrite:
             shutil.rmtree(out)
-        os.replace(staging, out)
+        os.replace(staging, out)  # OSError if `out` is a non-empty folder (not overwritten)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -390,7 +395,7 @@ def ensure_replica(name: str, root: Path | None = None, legacy: bool | None = No
     target = (root or cache_root() / "models") / f"replica-{name}{tag}-v{BUILD_VERSION}"
     if not (target / "config.json").exists():
         try:
-            build_replica(name, target, legacy=legacy)
+            build_replica(name, target, legacy=legacy, overwrite=False)
         except OSError:  # another process finished the same build first
             if not (target / "config.json").exists():
                 raise
