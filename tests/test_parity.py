@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llava_oracle import oracle, original_image_token_count  # noqa: E402
-from replica_helpers import NEXT_MODELS, loaded_replica, real_model_config  # noqa: E402
+from replica_helpers import NEXT_MODELS, REAL_MODELS, loaded_replica, real_model_config  # noqa: E402
 
 from mmflow.data.sample import Box, Sample  # noqa: E402
 from mmflow.groups import GroupError, build_token_groups  # noqa: E402
@@ -111,11 +111,11 @@ def test_square_tie_gets_transposed_tiles() -> None:
 
 
 @needs_oracle
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.6-vicuna-7b"])
+@pytest.mark.parametrize("name", REAL_MODELS)
 def test_pixel_values_equal_the_original_preprocessing(name: str) -> None:
     """pad: expand2square with the mean colour, CLIP resize and crop; anyres: squashed base view,
     resize_and_pad_image, 336 px tiles. Paper mode equals the original for every size, ties included."""
-    aspect = "pad" if "1.5" in name else "anyres"
+    aspect = "anyres" if name in NEXT_MODELS else "pad"
     sizes = [(500, 375), (333, 500), (320, 240), (256, 256)]
     for parity in ("paper", "corrected"):
         loaded = loaded_replica(name, parity)
@@ -156,9 +156,9 @@ def paper_object_indices(image_size, boxes, aspect: str) -> set[int]:
 
 
 @needs_oracle
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.6-vicuna-7b"])
+@pytest.mark.parametrize("name", REAL_MODELS)
 def test_paper_object_patches_equal_the_papers(name: str) -> None:
-    aspect = "pad" if "1.5" in name else "anyres"
+    aspect = "anyres" if name in NEXT_MODELS else "pad"
     loaded = loaded_replica(name, "paper")
     cases = [
         ((500, 375), (Box(40, 30, 100, 80),)),
@@ -321,3 +321,43 @@ def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
             for parity in ("paper", "corrected"):
                 cfg = compose(config_name="config", overrides=[*overrides, "logger=none", f"parity={parity}"])
                 assert cell_id(drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True))) == old_id
+
+
+@pytest.mark.slow
+def test_launch_with_a_replica_folder(tmp_path: Path) -> None:
+    """`model=<real> model.checkpoint=<folder>` runs a cell end to end through launch.py."""
+    import json
+    import os
+    import subprocess
+
+    from replica_helpers import ROOT
+
+    from mmflow.models.replica import ensure_replica
+
+    folder = ensure_replica("llava-1.5-7b")
+    overrides = [
+        "model=llava-1.5-7b",
+        f"model.checkpoint={folder}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "n_samples=1",
+        "window=1",
+        "require_correct=false",
+        "logger=none",
+        "parity=corrected",
+        f"results_dir={tmp_path}",
+        f"data.cache_dir={tmp_path / 'shapes'}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (meta_path,) = [p for p in tmp_path.glob("*/cell.json") if not p.parent.name.startswith("_")]
+    meta = json.loads(meta_path.read_text())
+    assert meta["status"] == "done" and meta["parity"] == "corrected" and meta["model_path"] == str(folder)
+    assert meta["counts"]["scored"] == 1
