@@ -22,7 +22,7 @@ from mmflow.models.prompts import INSTRUCTION, LLAMA3_SYSTEM, VICUNA_SYSTEM, bui
 from mmflow.models.replica import (  # noqa: E402
     REPLICA_SPECS,
     build_model,
-    build_replica,
+    ensure_replica,
     replica_config,
     vocabulary_json,
 )
@@ -63,9 +63,9 @@ def test_vocabularies_are_the_real_ones() -> None:
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_replica_config_fields(name: str, tmp_path: Path) -> None:
+def test_replica_config_fields(name: str) -> None:
     spec = REPLICA_SPECS[name]
-    folder = build_replica(name, tmp_path / name) if name == "llava-1.5-7b" else None
+    folder = ensure_replica(name) if name == "llava-1.5-7b" else None
     tokenizer = loaded_replica(name, "corrected").tokenizer
     config = replica_config(spec, tokenizer)
     llama3 = spec.vocab == "llama3"
@@ -172,18 +172,18 @@ class RawTokenizer:
 
 
 @needs_oracle
-@pytest.mark.parametrize("name", REAL_MODELS)
-@pytest.mark.parametrize("legacy", [True, False])
-def test_prompt_ids_equal_the_original_code(name: str, legacy: bool) -> None:
+@pytest.mark.parametrize(
+    ("name", "legacy"),  # each replica's own tokenizer (Metaspace-first for Vicuna), and the legacy form
+    [(name, REPLICA_SPECS[name].legacy) for name in REAL_MODELS] + [("llava-1.5-7b", True)],
+)
+def test_prompt_ids_equal_the_original_code(name: str, legacy: bool | None) -> None:
     """mmflow's ids = the original `tokenizer_image_token` on the paper's prompt with the raw vocabulary
     (image token expanded), under both tokenizer normalisers; corrected LLaMA-3 drops BOS 2 and " \\n"."""
-    if REPLICA_SPECS[name].vocab == "llama3" and not legacy:
-        pytest.skip("the Llama-3 vocabulary has no SentencePiece normaliser")
     spec = REPLICA_SPECS[name]
     fmt = "llama3" if spec.vocab == "llama3" else "vicuna_v1"
     raw = RawTokenizer(spec.vocab)
     for parity in ("paper", "corrected"):
-        loaded = loaded_replica(name, parity, legacy=legacy if spec.vocab == "llama2" else None)
+        loaded = loaded_replica(name, parity, legacy=None if legacy == spec.legacy else legacy)
         image_id = loaded.model.config.image_token_id
         for sample in gqa_rows():
             ids = encode(loaded, sample, Image.new("RGB", sample.image_size)).input_ids.tolist()
@@ -203,7 +203,7 @@ def test_prompt_ids_equal_the_original_code(name: str, legacy: bool) -> None:
 def test_whole_prompt_tokenization_would_drop_the_space() -> None:
     """Why mmflow tokenizes in pieces: a Metaspace prepend_scheme="first" tokenizer (llava-hf's
     non-legacy form) drops "▁" after the image when the prompt is tokenized in one piece."""
-    first = loaded_replica("llava-1.5-7b", "paper", legacy=False).tokenizer
+    first = loaded_replica("llava-1.5-7b", "paper").tokenizer  # the spec: legacy=False
     legacy = loaded_replica("llava-1.5-7b", "paper", legacy=True).tokenizer
     text = "USER: <image>\nWhat"
     assert first(text).input_ids[5:7] == [32000, 13]

@@ -391,6 +391,7 @@ def ensure_replica(name: str, root: Path | None = None, legacy: bool | None = No
     """The cached CPU-size replica of `name` (built on first use into `$MMFLOW_CACHE/models`)."""
     from mmflow.models.tiny import cache_root
 
+    legacy = None if legacy == REPLICA_SPECS[name].legacy else legacy  # the spec's own form: one folder
     tag = "" if legacy is None else f"-legacy{int(legacy)}"
     target = (root or cache_root() / "models") / f"replica-{name}{tag}-v{BUILD_VERSION}"
     if not (target / "config.json").exists():
