@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from mmflow.models.registry import LoadedModel
 from mmflow.patches import object_token_flags
 
 GROUP_NAMES = ("image", "question", "last", "object", "nonobject", "true_option", "false_option")
+OBJECT_GROUPS = ("object", "nonobject")
 
 
 class GroupError(ValueError):
@@ -41,6 +42,8 @@ class TokenGroups:
     nonobject: torch.Tensor
     true_option: torch.Tensor
     false_option: torch.Tensor
+    # group -> (skip reason, detail) for groups this sample cannot have (object patches of a bad box)
+    unusable: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in GROUP_NAMES:
@@ -48,14 +51,16 @@ class TokenGroups:
         return getattr(self, name)
 
     def require(self, name: str) -> torch.Tensor:
-        """The group's positions, or a `GroupError('empty_group', ...)` if it has none."""
+        """The group's positions; a `GroupError` with the reason if it is unusable or empty."""
+        if name in self.unusable:
+            raise GroupError(*self.unusable[name])
         positions = self.get(name)
         if positions.numel() == 0:
             raise GroupError("empty_group", f"token group {name!r} is empty for this sample")
         return positions
 
     def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name).tolist() for f in fields(self)})
+        return json.dumps({name: getattr(self, name).tolist() for name in GROUP_NAMES})
 
 
 def _expanded_span(inputs: ModelInputs, span: tuple[int, int]) -> tuple[int, int]:
@@ -94,11 +99,11 @@ def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample)
     if torch.isin(question, image).any():
         raise GroupError("overlapping_groups", "question tokens overlap image tokens")
 
-    is_object, real = object_token_flags(loaded, inputs, sample.object_boxes)
-    if is_object.numel() != image.numel():
-        raise GroupError(
-            "image_packing_mismatch", f"{is_object.numel()} packed features vs {image.numel()} image tokens"
-        )
+    if sample.box_issue is not None:
+        empty = torch.empty(0, dtype=torch.long)
+        patches = {"object": empty, "nonobject": empty}
+    else:
+        patches = _object_patches(loaded, inputs, sample, image)
     q_start = inputs.prompt.question_span[0]
     options = {}
     for name, word in (("true_option", sample.true_option), ("false_option", sample.false_option)):
@@ -108,7 +113,17 @@ def build_token_groups(loaded: LoadedModel, inputs: ModelInputs, sample: Sample)
         image=image,
         question=question,
         last=torch.tensor([ids.shape[0] - 1]),
-        object=image[is_object],
-        nonobject=image[real & ~is_object],
+        **patches,
         **options,
+        unusable={name: sample.box_issue for name in OBJECT_GROUPS} if sample.box_issue else {},
     )
+
+
+def _object_patches(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, image: torch.Tensor) -> dict:
+    """The object and non-object image-token positions of the sample's boxes (newline tokens in neither)."""
+    is_object, real = object_token_flags(loaded, inputs, sample.object_boxes)
+    if is_object.numel() != image.numel():
+        raise GroupError(
+            "image_packing_mismatch", f"{is_object.numel()} packed features vs {image.numel()} image tokens"
+        )
+    return {"object": image[is_object], "nonobject": image[real & ~is_object]}

@@ -27,6 +27,45 @@ def box_mask_image(size: tuple[int, int], boxes: tuple[Box, ...]) -> Image.Image
     return mask
 
 
+PAPER_BOX_COLOUR = (255, 0, 0)  # the paper's create_mask_with_bbox: red boxes on green
+PAPER_BACKGROUND = (0, 255, 0)
+
+
+def paper_box_mask_image(size: tuple[int, int], boxes: tuple[Box, ...]) -> Image.Image:
+    """The paper's mask: red boxes filled to PIL's inclusive end pixel (x, y, x+w, y+h) on green."""
+    mask = Image.new("RGB", size, PAPER_BACKGROUND)
+    draw = ImageDraw.Draw(mask)
+    for box in boxes:
+        x, y = int(box.x), int(box.y)
+        draw.rectangle((x, y, x + int(box.w), y + int(box.h)), fill=PAPER_BOX_COLOUR)
+    return mask
+
+
+def box_pixels(
+    loaded: LoadedModel, size: tuple[int, int], boxes: tuple[Box, ...]
+) -> tuple[torch.Tensor, float]:
+    """(pixel values of the box mask after preprocessing, red-channel threshold above which a pixel is box).
+
+    Corrected rule: box pixels are white, the rest black; padding (mean colour or black) normalises to at
+    most 0, so a pixel counts as box above half of white's normalised red value. `parity=paper`: the
+    paper's mask (`paper_box_mask_image`) goes through the same preprocessing without rescaling or
+    normalising, and a pixel counts when it is exactly red (returned as 1.0 in every channel).
+    """
+    image_processor = loaded.processor.image_processor
+    if getattr(loaded, "parity", None) == "paper":
+        if hasattr(image_processor, "merge_size"):
+            raise ValueError("parity=paper is defined for the paper's LLaVA models only")
+        mask = paper_box_mask_image(size, boxes)
+        pixels = image_processor(mask, do_rescale=False, do_normalize=False, return_tensors="pt")[
+            "pixel_values"
+        ]
+        red = torch.tensor(PAPER_BOX_COLOUR, dtype=pixels.dtype)[:, None, None]
+        is_box = (pixels == red).all(dim=-3, keepdim=True)
+        return is_box.expand_as(pixels).to(torch.float32), 0.5
+    pixels = image_processor(box_mask_image(size, boxes), return_tensors="pt")["pixel_values"]
+    return pixels, (1.0 - image_processor.image_mean[0]) / image_processor.image_std[0] / 2
+
+
 def object_token_flags(
     loaded: LoadedModel, inputs: ModelInputs, boxes: tuple[Box, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,13 +73,10 @@ def object_token_flags(
 
     `is_patch` is False for LLaVA-NeXT/OneVision newline tokens; `is_object` marks tokens whose patch
     (or, after OneVision's downsizing or Qwen2.5-VL's merging, any of whose source patches) holds a
-    pixel that is mostly box after preprocessing.
+    pixel that is box after preprocessing (`box_pixels`: the corrected or the paper's rule).
     """
     image_processor = loaded.processor.image_processor
-    pixels = image_processor(box_mask_image(inputs.image_size, boxes), return_tensors="pt")["pixel_values"]
-    # Box pixels are white, the rest black; padding (mean colour or black) normalises to at most 0, so a
-    # pixel counts as box above half of white's normalised red value.
-    threshold = (1.0 - image_processor.image_mean[0]) / image_processor.image_std[0] / 2
+    pixels, threshold = box_pixels(loaded, inputs.image_size, boxes)
     if hasattr(image_processor, "merge_size"):  # Qwen2-VL family: flat patches, merged in groups
         return _merged_flags(image_processor, pixels, threshold)
     overlap = _view_overlap(pixels, loaded.model.config.vision_config.patch_size, threshold)

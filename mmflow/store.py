@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.parity import effective_parity
+
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
@@ -24,8 +26,13 @@ NON_SEMANTIC_MODEL_KEYS = frozenset({"resources", "family", "size"})  # requests
 
 
 def cell_id(config: Mapping[str, Any]) -> str:
-    """A stable id of a resolved cell config (plus the schema version), never Hydra's job number."""
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    """A stable id of a resolved cell config (plus the schema version), never Hydra's job number.
+
+    The top-level `parity` key is not hashed itself: it reaches the id through `model.parity`, which
+    only the models the paper ran carry (`parity: ${parity}`). For every other model the two modes
+    compute the same thing, so their cells keep the ids they had before the key existed.
+    """
+    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "parity"}
     if isinstance(semantic.get("model"), Mapping):
         semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
     blob = json.dumps({"schema": SCHEMA_VERSION, "config": semantic}, sort_keys=True, default=str)
@@ -85,6 +92,7 @@ class CellStore:
 
     def write_meta(self, **fields: Any) -> dict[str, Any]:
         meta = {**self.read_meta(), **fields, "cell_id": self.id, "schema_version": SCHEMA_VERSION}
+        meta["parity"] = effective_parity(self.config)  # null: a model without paper-code differences
         meta["config"] = self.config
         atomic_write_json(self.meta_path, meta)
         return meta

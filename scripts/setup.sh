@@ -12,4 +12,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+if [[ ",$extras," == *",test,"* ]]; then
+  # The original LLaVA code as a test oracle (tests/llava_oracle.py loads only mm_utils.py and one
+  # function from it): without its dependencies, which pin old torch/transformers.
+  .venv/bin/python -m pip install --quiet --no-deps "llava-torch==1.2.2.post1"
+fi
 .venv/bin/python -c "import torch, transformers; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"

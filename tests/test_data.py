@@ -54,10 +54,11 @@ def jpeg(path: Path, size: tuple[int, int]) -> Path:
 def test_real_files_one_result_per_row(task: str) -> None:
     results = parse_real(task)
     assert len(results) == REAL_ROWS[task] == len(csv_rows(GQA_TASKS_DIR / f"{task}.csv"))
-    skips = [r for r in results if isinstance(r, Skip)]
-    assert {s.question_id for s in skips} == REAL_OUTSIDE.get(task, set())
-    assert all(s.reason == "box_outside_image" for s in skips)
-    for s in (r for r in results if isinstance(r, Sample)):
+    assert not [r for r in results if isinstance(r, Skip)]  # a bad box is not a bad sample
+    bad_boxes = [r for r in results if r.box_issue is not None]
+    assert {s.question_id for s in bad_boxes} == REAL_OUTSIDE.get(task, set())
+    assert all(s.box_issue[0] == "box_outside_image" and s.object_boxes == () for s in bad_boxes)
+    for s in (r for r in results if r.box_issue is None):
         assert s.task == task and s.answer and s.question.strip()
         assert 1 <= len(s.object_boxes) == len(s.object_names) <= 2
         assert all(b.inside(*s.image_size) for b in s.object_boxes)  # 1-2 px overflows are clipped
@@ -165,12 +166,14 @@ def test_empty_text_is_malformed(tmp_path: Path) -> None:
 
 
 def test_box_checks(tmp_path: Path) -> None:
-    skip = read_one(tmp_path, query_row(**{"central object w": "60"}))  # 10 + 60 > 64 + 2
-    assert skip.reason == "box_outside_image"
+    outside = read_one(tmp_path, query_row(**{"central object w": "60"}))  # 10 + 60 > 64 + 2
+    assert isinstance(outside, Sample) and outside.object_boxes == ()  # still a sample: only the
+    assert outside.box_issue[0] == "box_outside_image"  # object-patch groups skip it
     clipped = read_one(tmp_path, query_row(**{"central object w": "56"}))  # 2 px over: clipped
     assert isinstance(clipped, Sample) and clipped.object_boxes == (Box(10, 5, 54, 30),)
+    assert clipped.box_issue is None
     dashes = {f"central object {k}": "-" for k in "xywh"}
-    assert read_one(tmp_path, query_row(**dashes)).reason == "missing_box"
+    assert read_one(tmp_path, query_row(**dashes)).box_issue[0] == "missing_box"
     assert read_one(tmp_path, query_row(**{"central object h": "-"})).reason == "malformed_row"
 
 

@@ -212,7 +212,7 @@ class AnswerTrackingAnalysis:
         """No knockouts; raises `GroupError` (a per-sample skip) when the answer has no usable token."""
         if sample is None:
             raise TypeError("answer tracking needs the sample in jobs(groups, sample)")
-        prompt = build_prompt(self.loaded.prompt_format, sample.question)
+        prompt = build_prompt(self.loaded.prompt_format, sample.question, self.loaded.parity)
         self._tokens(sample, prompt.text, prompt.add_bos)
         return []
 

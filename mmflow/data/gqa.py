@@ -168,9 +168,7 @@ def _row_to_sample(row: dict[str, str], task: str, image_dir: Path, where: str, 
     false_opt = _text(row, "false option", where) if task in CHOOSE_TASKS else None
     objects = [(prefix, *_object(row, prefix, where)) for prefix in object_prefixes(task)]
     present = [(prefix, name, box) for prefix, name, box in objects if box is not None]
-    if not present:
-        raise _RowError(MISSING_BOX, f"{where}: no object box (all box fields are '-')")
-    boxes = tuple(_fit_box(box, *size, prefix, where) for prefix, _, box in present)
+    boxes, box_issue = _usable_boxes(present, size, where)
     image_path = (image_dir / f"{img_id}.jpg").absolute()
     if check_images:
         _check_image(image_path, size, where)
@@ -192,7 +190,21 @@ def _row_to_sample(row: dict[str, str], task: str, image_dir: Path, where: str, 
         true_option=true_opt,
         false_option=false_opt,
         extra=extra,
+        box_issue=box_issue,
     )
+
+
+def _usable_boxes(present: list, size: tuple[int, int], where: str) -> tuple[tuple[Box, ...], tuple | None]:
+    """The fitted boxes, or no boxes and the (reason, detail) that makes them unusable.
+
+    A bad box is not a bad sample: only the groups built from object patches need it.
+    """
+    try:
+        if not present:
+            raise _RowError(MISSING_BOX, f"{where}: no object box (all box fields are '-')")
+        return tuple(_fit_box(box, *size, prefix, where) for prefix, _, box in present), None
+    except _RowError as err:
+        return (), (err.reason, err.detail)
 
 
 def read_task_csv(

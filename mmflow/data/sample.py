@@ -51,6 +51,9 @@ class Sample:
     true_option: str | None = None
     false_option: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    # (skip reason, detail) when the object boxes cannot be used (e.g. a box outside the image): only
+    # what needs object patches skips the sample; everything else still scores it.
+    box_issue: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ class Prompt:
 
     text: str
     question_span: tuple[int, int]
-    add_bos: bool  # whether the tokenizer must prepend its BOS token (the text does not spell it)
+    add_bos: (
+        bool  # whether the tokenizer must prepend its BOS token (in `parity=paper` on top of a spelled one)
+    )
 
 
 def _vicuna_v1(user: str) -> tuple[str, str]:
@@ -70,14 +72,23 @@ PROMPT_FORMATS = {
     # Qwen2.5-VL's chat template: the image is a vision span the processor expands.
     "qwen2_vl": (_chatml(QWEN_SYSTEM), False, QWEN_VISION_PLACEHOLDER),
 }
+# The paper's code (InformationFlow.py) appends " \n" to llama3-llava-next-8b's prompt, and its
+# `tokenizer_image_token` adds BOS although the conversation text already starts with <|begin_of_text|>.
+PAPER_LLAMA3_TAIL = " \n"
 
 
-def build_prompt(prompt_format: str, question: str) -> Prompt:
-    """User turn = image, newline, question, instruction; wrapped in the model's conversation format."""
+def build_prompt(prompt_format: str, question: str, parity: str | None = None) -> Prompt:
+    """User turn = image, newline, question, instruction; wrapped in the model's conversation format.
+
+    `parity="paper"` reproduces the paper's LLaMA-3 prompt (a second BOS and a trailing `" \n"`);
+    `"corrected"` and `None` (models the paper did not run) give the clean conversation.
+    """
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
     wrap, add_bos, placeholder = PROMPT_FORMATS[prompt_format]
     user = f"{placeholder}\n{question}{INSTRUCTION}"
     prefix, suffix = wrap(user)
+    if parity == "paper" and prompt_format == "llama3":
+        add_bos, suffix = True, suffix + PAPER_LLAMA3_TAIL
     start = len(prefix) + len(placeholder) + 1
     return Prompt(prefix + user + suffix, (start, start + len(question)), add_bos)

@@ -33,6 +33,7 @@ class LoadedModel:
     image_preprocess: str
     n_layers: int
     device: torch.device
+    parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
 
     @property
     def tokenizer(self):
@@ -40,11 +41,16 @@ class LoadedModel:
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
-    """`tiny:<name>` builds (once) and returns the project's tiny model; anything else is passed on."""
+    """`tiny:<name>` / `replica:<name>` build (once) and return the project's tiny model or the CPU
+    replica of a real checkpoint (`mmflow.models.replica`); anything else (hub id, folder) is passed on."""
     if checkpoint.startswith("tiny:"):
         from mmflow.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(checkpoint.removeprefix("tiny:")))
+    if checkpoint.startswith("replica:"):
+        from mmflow.models.replica import ensure_replica
+
+        return str(ensure_replica(checkpoint.removeprefix("replica:")))
     if checkpoint.startswith("toy:"):
         from mmflow.models.toy import ensure_toy_model
 
@@ -77,6 +83,27 @@ def _apply_preprocess(processor, image_preprocess: str):
     return processor
 
 
+def pin_pil_backend(processor, path: str, **kwargs):
+    """Use the PIL image processor, as the checkpoints were trained with (transformers 5 picks a
+    torchvision one, which resizes differently, whenever torchvision is installed)."""
+    if not type(processor.image_processor).__name__.endswith("Pil"):
+        from transformers import AutoImageProcessor
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **kwargs)
+    return processor
+
+
+def apply_parity(model, processor, parity: str | None) -> None:
+    """`parity=paper`: pick anyres tiles as the original code does, in the processor and the model alike."""
+    from mmflow.parity import check_parity, paper_pinpoints
+
+    check_parity(parity, "model.parity")
+    pinpoints = getattr(model.config, "image_grid_pinpoints", None)
+    if parity == "paper" and pinpoints:
+        model.config.image_grid_pinpoints = paper_pinpoints(pinpoints)
+        processor.image_processor.image_grid_pinpoints = paper_pinpoints(pinpoints)
+
+
 def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
     """Load model + processor named by a `conf/model/*.yaml` config and prepare it for knockouts."""
     import transformers
@@ -105,7 +132,9 @@ def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
         model = model.to(device)
     model.eval()
     processor = load_processor(path, cfg.model_class, trust_remote_code=trust, revision=revision)
+    processor = pin_pil_backend(processor, path, trust_remote_code=trust, revision=revision)
     processor = _apply_preprocess(processor, cfg.image_preprocess)
+    apply_parity(model, processor, cfg.get("parity"))
     prepare_model(model, knockout_backend)
     log.info("loaded %s from %s on %s", cfg.name, path, device)
     return LoadedModel(
@@ -117,6 +146,7 @@ def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
         image_preprocess=cfg.image_preprocess,
         n_layers=len(language_layers(model)),
         device=device,
+        parity=cfg.get("parity"),
     )
 
 

@@ -1,0 +1,275 @@
+"""Replica checkpoints: folders laid out like the llava-hf ones, with real vocabularies and random weights.
+
+A replica has everything of its real checkpoint except trained weights: `config.json` with the
+real architecture fields (vision tower, projector, `image_token_index`, feature layer and strategy,
+`image_grid_pinpoints`, rope theta, KV heads), the processor and image-processor configs, the real
+tokenizer with `<image>` (and `<pad>`) added as llava-hf's conversion scripts do, a chat template,
+`generation_config.json` and seeded random safetensors weights. It loads through the same
+`from_pretrained` path as a hub id. Depth and width are shrunk for CPU unless `full_size` is set.
+
+    python -m mmflow.models.replica build llava-1.5-7b --out DIR [--full-size] [--dtype float16]
+
+Every field's source is in `mmflow.models.replica_specs` (comments) and the README "Replica checkpoints".
+Another model family is one more `ReplicaSpec` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mmflow.models.replica_specs import (  # noqa: F401 - re-exported: the builder's public names
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+    NEXT_PINPOINTS,
+    PAD_TOKEN,
+    REPLICA_SPECS,
+    ReplicaSpec,
+)
+
+VOCAB_DIR = Path(__file__).parent / "vocab"
+MODEL_CLASS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+BUILD_VERSION = 1  # bump when the builder changes, so cached replicas are rebuilt
+
+
+def vocabulary_json(vocab: str) -> str:
+    """The decompressed `tokenizer.json` text of a packaged vocabulary (llama2, llama3, mistral)."""
+    path = VOCAB_DIR / f"{vocab}.tokenizer.json.xz"
+    if not path.is_file():
+        known = sorted(p.name.split(".")[0] for p in VOCAB_DIR.glob("*.tokenizer.json.xz"))
+        raise FileNotFoundError(f"no packaged vocabulary {vocab!r} in {VOCAB_DIR}; known: {known}")
+    return lzma.decompress(path.read_bytes()).decode("utf-8")
+
+
+def build_tokenizer(spec: ReplicaSpec, legacy: bool | None = None):
+    """The real vocabulary with `<image>` (and `<pad>`) added as special tokens, as llava-hf does.
+
+    `legacy` overrides the spec's tokenizer_config `legacy` flag (Llama SentencePiece vocabularies):
+    transformers then normalises with `Prepend("▁")` semantics (True) or Metaspace
+    `prepend_scheme="first"` (False), the two forms llava-hf tokenizers exist in.
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    backend = Tokenizer.from_str(vocabulary_json(spec.vocab))
+    backend.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    if spec.add_pad_token:
+        backend.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
+    config: dict[str, Any] = {
+        "tokenizer_class": spec.tokenizer_class,
+        **{f"{k}_token": v for k, v in spec.special_tokens.items()},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.text["max_position_embeddings"],
+        "extra_special_tokens": {"image_token": IMAGE_TOKEN},
+    }
+    legacy = spec.legacy if legacy is None else legacy
+    if legacy is not None:
+        config["legacy"] = legacy
+    with tempfile.TemporaryDirectory() as folder:
+        backend.save(str(Path(folder) / "tokenizer.json"))
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config))
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _shrunk(spec: ReplicaSpec) -> tuple[dict, dict]:
+    """CPU sizes: the spec's shrunk widths and depths, KV heads in the real ratio."""
+    text = dict(spec.text, **spec.shrink_text)
+    ratio = spec.text["num_attention_heads"] // spec.text["num_key_value_heads"]
+    text.update(num_attention_heads=spec.shrink_heads, num_key_value_heads=max(1, spec.shrink_heads // ratio))
+    return text, dict(spec.vision, **spec.shrink_vision)
+
+
+def replica_config(spec: ReplicaSpec, tokenizer, full_size: bool = False):
+    """The `LlavaConfig` / `LlavaNextConfig` of the replica (full-size or shrunk dims)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    text, vision = (dict(spec.text), dict(spec.vision)) if full_size else _shrunk(spec)
+    n_tokens = len(tokenizer)
+    vocab_size = -(-n_tokens // spec.pad_vocab_to) * spec.pad_vocab_to
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    pad_id = tokenizer.convert_tokens_to_ids(spec.special_tokens["pad"])
+    eos = spec.generation["eos_token_id"]
+    text_config = LlamaConfig(
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        **text,
+    )
+    kwargs = dict(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_config,
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,  # llava-hf config.json; mm_vision_select_layer=-2 in the originals
+        vision_feature_select_strategy="default",  # drop CLS: mm_vision_select_feature="patch"
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+    )
+    if spec.architecture == "llava":
+        from transformers import LlavaConfig
+
+        return LlavaConfig(**kwargs)
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(image_grid_pinpoints=spec.pinpoints, **kwargs)
+
+
+def build_processor(spec: ReplicaSpec, tokenizer):
+    """The llava-hf processor: CLIP-L/336 image processing (anyres for NeXT), 576 tokens per view."""
+    side = spec.vision["image_size"]
+    common = dict(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,  # bicubic, as clip-vit-large-patch14-336's preprocessor_config.json
+        do_convert_rgb=True,
+    )
+    processor_kwargs = dict(
+        tokenizer=tokenizer,
+        patch_size=spec.vision["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+        image_token=IMAGE_TOKEN,
+        chat_template=spec.chat_template,
+    )
+    if spec.architecture == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**common), **processor_kwargs)
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=spec.pinpoints, **common)
+    return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
+
+
+def build_model(config, seed: int = 0, dtype=None):
+    """Seeded random weights for `config` (on the meta device when `dtype == 'meta'`)."""
+    import torch
+    import transformers
+
+    cls_name = (
+        "LlavaForConditionalGeneration"
+        if config.model_type == "llava"
+        else "LlavaNextForConditionalGeneration"
+    )
+    model_cls = getattr(transformers, cls_name)
+    if dtype == "meta":
+        with torch.device("meta"):
+            return model_cls(config)
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config, dtype=dtype or torch.float32)
+    if hasattr(model.model, "image_newline"):  # initialised from torch.empty upstream
+        with torch.no_grad():
+            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
+    return model
+
+
+def build_replica(
+    name: str,
+    out: str | Path,
+    full_size: bool = False,
+    dtype: str | None = None,
+    seed: int = 0,
+    legacy: bool | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Build the replica of `name` into folder `out` (written atomically); return the folder.
+
+    `legacy` overrides the tokenizer's `legacy` flag (see `build_tokenizer`); `overwrite=False`
+    raises OSError instead of replacing an existing folder.
+    """
+    import torch
+
+    if name not in REPLICA_SPECS:
+        raise KeyError(f"no replica spec for {name!r}; known: {sorted(REPLICA_SPECS)}")
+    spec = REPLICA_SPECS[name]
+    out = Path(out)
+    tokenizer = build_tokenizer(spec, legacy)
+    processor = build_processor(spec, tokenizer)
+    config = replica_config(spec, tokenizer, full_size)
+    torch_dtype = getattr(torch, dtype or ("float16" if full_size else "float32"))
+    model = build_model(config, seed, torch_dtype)
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(**spec.generation)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "replica.json").write_text(
+            json.dumps(
+                {
+                    "replicates": spec.hub_id,
+                    "full_size": full_size,
+                    "seed": seed,
+                    "build_version": BUILD_VERSION,
+                },
+                indent=2,
+            )
+        )
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.replace(staging, out)  # OSError if `out` is a non-empty folder (not overwritten)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def ensure_replica(name: str, root: Path | None = None, legacy: bool | None = None) -> Path:
+    """The cached CPU-size replica of `name` (built on first use into `$MMFLOW_CACHE/models`)."""
+    from mmflow.models.tiny import cache_root
+
+    legacy = None if legacy == REPLICA_SPECS[name].legacy else legacy  # the spec's own form: one folder
+    tag = "" if legacy is None else f"-legacy{int(legacy)}"
+    target = (root or cache_root() / "models") / f"replica-{name}{tag}-v{BUILD_VERSION}"
+    if not (target / "config.json").exists():
+        try:
+            build_replica(name, target, legacy=legacy, overwrite=False)
+        except OSError:  # another process finished the same build first
+            if not (target / "config.json").exists():
+                raise
+    return target
+
+
+def with_spec(name: str, **changes: Any) -> ReplicaSpec:
+    """A copy of a spec with fields changed (e.g. another family built from an existing one)."""
+    return replace(REPLICA_SPECS[name], **changes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mmflow.models.replica", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a replica checkpoint folder")
+    build.add_argument("name", choices=sorted(REPLICA_SPECS))
+    build.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    build.add_argument("--full-size", action="store_true", help="real depths and widths (7-13B weights)")
+    build.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: float16 full size)"
+    )
+    build.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_replica(args.name, args.out, args.full_size, args.dtype, args.seed)
+    print(f"[mmflow] replica of {REPLICA_SPECS[args.name].hub_id} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
