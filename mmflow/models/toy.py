@@ -780,7 +780,7 @@ def model_config(path: Path | str | None = None) -> dict[str, Any]:
     """conf/model/toy-llava.yaml as a dict, optionally pointing at another weights folder."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / "toy-llava.yaml"
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / "toy-llava.yaml"
     config = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
     if path is not None:
         config["checkpoint"] = str(path)
