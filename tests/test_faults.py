@@ -66,7 +66,7 @@ def write_table(folder: Path, rows=QUESTIONS, name: str = "vqa.csv", task: str |
 
 
 def table_config(folder: Path, table: Path, **changes) -> dict:
-    data = {"name": "table", "path": str(table), "image_dir": str(table.parent / "images"), "columns": {}}
+    data = {"name": "table", "path": str(table), "image_dir": str(table.parent / "images"), "columns": None}
     return cell_config(folder, data=data, n_samples=len(pd.read_csv(table)), **changes)
 
 
