@@ -257,6 +257,10 @@ def test_seed_left_the_config_and_cell_ids_stay_the_same():
     assert cell_id(config) == cell_id({**config, "seed": 0}) == "431f7f0360d2cb14"
     tracking = {k: v for k, v in config.items() if k not in ("knockout", "window")}
     assert cell_id({**tracking, "analysis": "answer_tracking", "lens": "norm"}) == "78dd9b3c9476986c"
+    legacy = sorted((Path(__file__).parent / "fixtures" / "legacy_results").glob("*/cell.json"))
+    for path in legacy:  # cells computed by main 13f7c92, each with `seed: 0` in its config
+        old = json.loads(path.read_text())["config"]
+        assert old.pop("seed") == 0 and cell_id(old) == path.parent.name
     from omegaconf import OmegaConf
 
     root = Path(__file__).resolve().parents[1]

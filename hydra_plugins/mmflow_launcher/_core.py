@@ -730,10 +730,11 @@ class Sweep:
     def run(self) -> list[JobReturn]:
         redact_hydra_files(self.sweep_dir)  # multirun.yaml, saved by Hydra's sweeper before us
         mark_stale_sweeps(self.sweep_dir.parent, self.sweep_dir)
-        with sigterm_as_interrupt():
-            returns = self._run()
-        redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
-        return returns
+        try:
+            with sigterm_as_interrupt():
+                return self._run()
+        finally:
+            redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
 
     def _run(self) -> list[JobReturn]:
         for cell_id, cell in self.cells.items():
