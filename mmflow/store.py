@@ -44,6 +44,8 @@ def cell_id(config: Mapping[str, Any]) -> str:
     semantic = {**IMPLIED_KEYS, **{k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}}
     if isinstance(semantic.get("model"), Mapping):
         semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
+    if isinstance(semantic.get("data"), Mapping) and semantic["data"].get("cache_dir") is not None:
+        semantic["data"] = {**semantic["data"], "cache_dir": None}  # where shapes are cached, not which
     blob = json.dumps({"schema": SCHEMA_VERSION, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

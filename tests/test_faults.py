@@ -255,6 +255,8 @@ def test_seed_left_the_config_and_cell_ids_stay_the_same():
         "logger": {"name": "none"},
     }
     assert cell_id(config) == cell_id({**config, "seed": 0}) == "431f7f0360d2cb14"
+    # where the synthetic data is cached does not change what is computed, nor the id
+    assert cell_id({**config, "data": {**config["data"], "cache_dir": "/elsewhere"}}) == "431f7f0360d2cb14"
     tracking = {k: v for k, v in config.items() if k not in ("knockout", "window")}
     assert cell_id({**tracking, "analysis": "answer_tracking", "lens": "norm"}) == "78dd9b3c9476986c"
     legacy = sorted((Path(__file__).parent / "fixtures" / "legacy_results").glob("*/cell.json"))
