@@ -233,6 +233,14 @@ def test_an_invalid_cell_fails_alone_in_its_group(tiny_llava, tmp_path):
     assert out_bad.status == "failed" and out_bad.error.startswith("CellConfigError: window=0")
 
 
+def test_configs_that_compute_nothing_fail_instead_of_finishing_done(tiny_llava, tmp_path):
+    blind = {"name": "last_to_image", "source": "last", "target": "image"}  # blocks no causal edge
+    for changes, key in [({"n_samples": 0}, "n_samples"), ({"knockout": blind}, "knockout.source")]:
+        (outcome,) = run_cells(tiny_llava, [cell_config(tmp_path, **changes)])
+        assert outcome.status == "failed" and outcome.error.startswith(f"CellConfigError: {key}="), outcome
+        assert meta_of(outcome)["status"] == "failed"
+
+
 def test_seed_left_the_config_and_cell_ids_stay_the_same():
     # ids computed on main before the change (mmflow.store.cell_id of these exact configs)
     config = {
