@@ -72,24 +72,19 @@ def group_key(config: dict) -> str:
 
 
 def load_samples(config: dict) -> list[Sample | Skip]:
-    """The cell's samples from its data config (shapes, gqa or table), first `n_samples` in order.
-
-    Raises `DataError` when two rows share a question id (both rows named).
-    """
+    """The cell's samples from its data config (shapes, gqa or table), first `n_samples` in order."""
     from mmflow.data import load_gqa, load_shapes, load_table
 
     data = config["data"]
     if data["name"] == "shapes":
-        samples = load_shapes(
+        return load_shapes(
             config["task"], config["n_samples"], seed=data.get("seed", 0), cache_dir=data.get("cache_dir")
         )
-    elif data["name"] == "gqa":
-        samples = load_gqa(config["task"], data["image_dir"], n_samples=config["n_samples"])
-    elif data["name"] == "table":
-        samples = load_table(data, config["task"], n_samples=config["n_samples"])
-    else:
-        raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa, table")
-    return samples
+    if data["name"] == "gqa":
+        return load_gqa(config["task"], data["image_dir"], n_samples=config["n_samples"])
+    if data["name"] == "table":
+        return load_table(data, config["task"], n_samples=config["n_samples"])
+    raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa, table")
 
 
 @torch.no_grad()
