@@ -315,7 +315,8 @@ def test_interrupted_cell_leaves_one_offline_run_to_upload(tiny_llava, tmp_path,
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
     logger = {"name": "wandb", "project": "mmflow-test", "mode": "offline", "curve_every": 0}
-    config = cell_config(tmp_path, n_samples=3, logger=logger)
+    ray = {"runtime_env": {"env_vars": {"HF_TOKEN": "hf_S3cr3tValue"}}}
+    config = cell_config(tmp_path, n_samples=3, logger=logger, ray=ray)
     seen = []
 
     def stop(n):
@@ -334,6 +335,8 @@ def test_interrupted_cell_leaves_one_offline_run_to_upload(tiny_llava, tmp_path,
     # what `wandb sync <dir>` uploads: */*.wandb, the same file once (`latest-run` is a link)
     uploads = sorted({p.resolve().parent.name for p in synced.glob("*/*.wandb")})
     assert len(uploads) == 1 and uploads[0].endswith(cell_id(config))
+    for path in tmp_path.rglob("*"):  # the runs' config is redacted like cell.json (item 10)
+        assert not path.is_file() or b"hf_S3cr3tValue" not in path.read_bytes(), path
     assert len(list((tmp_path / "wandb-superseded").iterdir())) == 1  # kept, not uploaded
 
 
