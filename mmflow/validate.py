@@ -47,7 +47,7 @@ def _int(config: Mapping[str, Any], key: str, low: int, high: int | None = None)
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise CellConfigError(key, value, f"must be one of {', '.join(allowed)}")
+        raise CellConfigError(key, value, f"unknown {key} {value!r}; must be one of {', '.join(allowed)}")
 
 
 def validate_cell(config: Mapping[str, Any]) -> None:

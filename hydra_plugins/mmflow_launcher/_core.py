@@ -38,7 +38,7 @@ from mmflow.cli import cell_config
 from mmflow.locks import mark_stale_sweeps, sigterm_as_interrupt, this_process
 from mmflow.secrets import forwarded_env, redact, redact_hydra_files, warn_runtime_env_secrets
 from mmflow.store import CellStore, atomic_write_json
-from mmflow.validate import validate_cell
+from mmflow.validate import CellConfigError, validate_cell
 
 if TYPE_CHECKING:
     from hydra_plugins.mmflow_launcher import MmflowLauncher
@@ -117,6 +117,7 @@ class Job:
     cell: dict[str, Any] | None = None
     cell_id: str = ""
     error: str | None = None  # the config could not be resolved into a cell
+    invalid: str | None = None  # the cell cannot compute anything meaningful (it fails alone)
 
 
 @dataclass
@@ -709,9 +710,11 @@ class Sweep:
         HydraConfig.instance().set_config(config)
         try:
             cell = cell_config(task_cfg)
-            validate_cell(cell)  # each cell on its own, before any model loads
             job.cell, job.cell_id = cell, CellStore(cell["results_dir"], cell).id
-        except Exception as exc:  # an unresolvable or invalid config fails its own job, not the sweep
+            validate_cell(cell)  # each cell on its own, before any model loads
+        except CellConfigError as exc:  # this cell fails alone, with the key named
+            job.invalid = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # an unresolvable config fails its own job, not the sweep
             job.error = f"{type(exc).__name__}: {short_error(exc)}"
         finally:
             HydraConfig.instance().cfg = previous
@@ -739,6 +742,11 @@ class Sweep:
     def _run(self) -> list[JobReturn]:
         for cell_id, cell in self.cells.items():
             self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
+        for job in (j for j in self.jobs if j.invalid and j.cell is not None):
+            CellStore(job.cell["results_dir"], job.cell).write_meta(
+                status="failed", error=job.invalid, **self.context()
+            )
+            self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
         todo = {cid: cell for cid, cell in self.cells.items() if self.status[cid] == "pending"}
         log.info(
             "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
