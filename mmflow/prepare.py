@@ -38,7 +38,7 @@ def find_special_text(loaded: LoadedModel, sample: Sample) -> str | None:
     return None
 
 
-def prepare_sample(loaded: LoadedModel, sample: Sample) -> tuple[ModelInputs, TokenGroups] | Skip:
+def prepare_or_skip(loaded: LoadedModel, sample: Sample) -> tuple[ModelInputs, TokenGroups] | Skip:
     """Encode `sample` and build its token groups; any failure is returned as the sample's `Skip`."""
     try:
         special = find_special_text(loaded, sample)

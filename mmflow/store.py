@@ -29,8 +29,8 @@ SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
 NON_SEMANTIC_MODEL_KEYS = frozenset({"resources"})  # what an actor requests, not what it computes
-# Removed keys with the one value they ever had in a computed cell: the top-level `seed` was read by
-# nothing (shapes data has its own `data.seed`), so it left the config; ids still include `seed: 0`.
+# Keys dropped from some cells with the value every earlier id had: knockout and answer-tracking cells
+# read no `seed` (patching's noise seed), so it left their configs; their ids still include `seed: 0`.
 IMPLIED_KEYS: dict[str, Any] = {"seed": 0}
 FILES = ("samples.parquet", "results.parquet")
 

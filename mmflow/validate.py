@@ -9,7 +9,8 @@ from typing import Any
 
 from mmflow.data.sample import TASKS
 
-ANALYSES = ("knockout", "answer_tracking")
+ANALYSES = ("knockout", "answer_tracking", "patching")
+CORRUPTIONS = ("noise", "counterfactual", "blank")
 DATA_SOURCES = ("shapes", "gqa", "table")
 ENGINES = ("fast", "reference")
 ATTENTIONS = ("sdpa", "eager")
@@ -54,7 +55,7 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     """Raise `CellConfigError` (naming the key and allowed values) unless `config` is computable.
 
     Checks: task, analysis, data source, engine, n_samples >= 1, max_new_tokens >= 1, the knockout's
-    groups and window (1..model.n_layers), the lens, and that removed keys (`seed`) are not set.
+    groups and window (1..model.n_layers), the lens, patching's corruption and seed.
     """
     _choice("task", config.get("task"), TASKS)
     analysis = config.get("analysis", "knockout")
@@ -66,14 +67,14 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     _choice("engine.attention", engine.get("attention", "sdpa"), ATTENTIONS)
     _int(config, "n_samples", 1)
     _int(config, "max_new_tokens", 1)
-    if config.get("seed", 0) != 0:
-        raise CellConfigError(
-            "seed",
-            config["seed"],
-            "the top-level seed was removed (nothing read it); shapes data has data.seed",
-        )
     if analysis == "knockout":
         _check_knockout(config)
+    if analysis == "patching":
+        _choice("corruption", config.get("corruption", "noise"), CORRUPTIONS)
+        if "seed" in config:
+            _int(config, "seed", 0)
+        n_layers = (config.get("model") or {}).get("n_layers")
+        _int(config, "window", 1, int(n_layers) if n_layers else None)
     if analysis == "answer_tracking":
         _choice("lens", config.get("lens", "norm"), LENSES)
 
