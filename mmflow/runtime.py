@@ -2,7 +2,10 @@
 
 Cells that share model, data and task are computed sample by sample: each sample is encoded,
 grouped and run clean once, then every cell's knockouts of that sample go to the engine together.
-Each cell keeps its own folder, resumes at sample granularity, and fails alone.
+Each cell keeps its own folder, resumes at sample granularity, and fails alone. A cell is computed
+by one process at a time (`mmflow.locks.CellLock`); a cell another process holds is waited for, then
+found cached. Every ending this process sees is recorded in `cell.json` (done, failed with the
+error, interrupted), and each start is appended to its `runs` list.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from tqdm.auto import tqdm
 from mmflow.analyses import make_analysis
 from mmflow.answer import answer_from_clean, generate_answer
 from mmflow.data.sample import Sample, Skip
-from mmflow.groups import GroupError, TokenGroups, build_token_groups
-from mmflow.inputs import ModelInputs, encode, load_image
+from mmflow.groups import GroupError, TokenGroups
+from mmflow.inputs import ModelInputs
 from mmflow.knockout import make_engine
+from mmflow.locks import CellLock, describe, lock_wait_s, this_process
 from mmflow.models.registry import LoadedModel
 from mmflow.pipeline import Stages, prefetch
+from mmflow.prepare import SAMPLE_ERROR, prepare_or_skip
 from mmflow.store import CellStore
+from mmflow.validate import validate_cell
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +75,8 @@ def group_key(config: dict) -> str:
 
 
 def load_samples(config: dict) -> list[Sample | Skip]:
-    """The cell's samples from its data config (shapes or gqa), first `n_samples` in order."""
-    from mmflow.data import load_gqa, load_shapes
+    """The cell's samples from its data config (shapes, gqa or table), first `n_samples` in order."""
+    from mmflow.data import load_gqa, load_shapes, load_table
 
     data = config["data"]
     if data["name"] == "shapes":
@@ -79,7 +85,9 @@ def load_samples(config: dict) -> list[Sample | Skip]:
         )
     if data["name"] == "gqa":
         return load_gqa(config["task"], data["image_dir"], n_samples=config["n_samples"])
-    raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa")
+    if data["name"] == "table":
+        return load_table(data, config["task"], n_samples=config["n_samples"])
+    raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa, table")
 
 
 __all__ = ["generate_answer", "normalise_answer", "run_cells"]  # generate_answer: the reference answer
@@ -101,6 +109,7 @@ class _Cell:
         self.error: str | None = None
         self.analysis = make_analysis(config, loaded)
         self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
+        self.lock = CellLock(self.store.dir)
 
     def write(self, question_id: str, row: dict, result_rows: list[dict]) -> None:
         """Record one sample in the store, then stream it to the cell's logger."""
@@ -144,26 +153,102 @@ def run_cells(
         raise ValueError("cells run together must share model, data, task, samples and engine")
     context = dict(context or {})
     outcomes: dict[str, CellOutcome] = {}
+    pipeline = (prefetch_depth, stages if stages is not None else Stages())
+    args = (loaded, outcomes, on_sample, context, progress, logger_factory, pipeline)
+    busy = _run_round(list(configs), 0.0, *args)
+    if busy:  # computed by another process right now: wait for it, then they are cached
+        wait = lock_wait_s()
+        for config in busy:
+            store = CellStore(config["results_dir"], config)
+            owner = describe(CellLock(store.dir).owner())
+            print(
+                f"[mmflow] cell {store.id} is being computed by {owner}; waiting up to {wait:g} s", flush=True
+            )
+        for config in _run_round(busy, wait, *args):
+            store = CellStore(config["results_dir"], config)
+            owner = describe(CellLock(store.dir).owner())
+            error = f"not computed here: {owner} still holds {store.dir / '.lock'} after {wait:g} s"
+            outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
+    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+
+
+def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, logger_factory, pipeline):
+    """Compute the cells of `configs` whose lock this process gets within `wait_s`; return the others
+    (a list of configs)."""
+    busy: list[dict] = []
     cells: list[_Cell] = []
-    for config in configs:
-        cell = _Cell(config, loaded)
-        if cell.store.is_done():
-            outcomes[cell.store.id] = CellOutcome(cell.store.id, "cached", str(cell.store.dir))
-            continue
-        cell.done_ids = cell.store.done_question_ids()
-        cell.store.write_meta(status="running", model_path=loaded.path, **context)
-        cells.append(cell)
-    if not cells:
-        return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
     try:
-        for cell in cells:
-            cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
-        pipeline = (prefetch_depth, stages if stages is not None else Stages())
-        _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline)
+        for config in configs:
+            store = CellStore(config["results_dir"], config)
+            try:
+                validate_cell(config)
+            except ValueError as exc:  # this cell only
+                error = f"{type(exc).__name__}: {exc}"
+                store.write_meta(status="failed", error=error, **context)
+                outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
+                continue
+            cell = _Cell(config, loaded)
+            if not cell.lock.acquire(wait_s):
+                busy.append(config)
+                continue
+            if cell.store.is_done():
+                cell.lock.release()
+                outcomes[cell.store.id] = CellOutcome(cell.store.id, "cached", str(cell.store.dir))
+                continue
+            cells.append(cell)
+            _start(cell, loaded, context)
+        if cells:
+            for cell in cells:
+                cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
+            _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline)
+    except BaseException as exc:
+        _record_ending(cells, outcomes, exc, context)
+        raise
     finally:
         for cell in (c for c in cells if c.logger is not None):
             cell.logger.close()  # a no-op after a successful finish
-    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+        for cell in cells:
+            cell.lock.release()
+    return busy
+
+
+def _start(cell: _Cell, loaded: LoadedModel, context: dict) -> None:
+    """Report a stale `running` record, find the resume point, record this run as running."""
+    meta = cell.store.read_meta()
+    cell.done_ids = cell.store.done_question_ids()
+    if meta.get("status") == "running":  # we hold the lock, so its writer is gone
+        last = (meta.get("runs") or [{}])[-1]
+        print(
+            f"[mmflow] cell {cell.store.id}: stale 'running' record left by {describe(last)}, which ended "
+            f"without recording it (killed?); resuming from {len(cell.done_ids)} recorded sample(s)",
+            flush=True,
+        )
+        for run in (meta.get("runs") or [])[-1:]:
+            run.setdefault("ended", "unrecorded (process gone; stale 'running' record)")
+    runs = [*(meta.get("runs") or []), {**this_process(), **context}]
+    cell.store.write_meta(status="running", error=None, model_path=loaded.path, runs=runs, **context)
+
+
+def _record_ending(cells: list[_Cell], outcomes: dict, exc: BaseException, context: dict) -> None:
+    """Record an interruption (Ctrl-C, SIGTERM) or an unexpected error in every unfinished cell."""
+    interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
+    status = "interrupted" if interrupted else "failed"
+    error = f"{type(exc).__name__}: {exc}".strip()
+    if not interrupted:
+        error += "\n" + traceback.format_exc(limit=5)
+    for cell in (c for c in cells if c.store.id not in outcomes):
+        try:
+            _end_run(cell, status)
+            cell.store.write_meta(status=status, error=error, **context)
+        except Exception as write_exc:  # noqa: BLE001 - the original exception matters more
+            log.warning("could not record %s for cell %s: %s", status, cell.store.id, write_exc)
+
+
+def _end_run(cell: _Cell, status: str) -> None:
+    meta = cell.store.read_meta()
+    runs = meta.get("runs") or [{}]
+    runs[-1]["ended"] = status
+    cell.store.write_meta(runs=runs)
 
 
 def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) -> None:
@@ -183,6 +268,7 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         for cell in cells:
             cell.error = f"{type(exc).__name__}: {exc}"
         samples = []
+    expected = {s.question_id for s in samples}
     for cell in cells:  # analyses that need the whole sample list first (patching's pairs, noise scale)
         prepare = getattr(cell.analysis, "prepare", None)
         if prepare is not None and cell.error is None:
@@ -211,7 +297,7 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     bar.close()
     elapsed = time.time() - started
     for cell in cells:
-        outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name)
+        outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name, expected)
 
 
 def _todo(cells: list[_Cell], sample: Sample | Skip) -> list[_Cell]:
@@ -221,16 +307,15 @@ def _todo(cells: list[_Cell], sample: Sample | Skip) -> list[_Cell]:
 
 def prepare_sample(
     loaded: LoadedModel, sample: Sample | Skip, stages: Stages
-) -> tuple[ModelInputs, TokenGroups] | None:
+) -> tuple[ModelInputs, TokenGroups] | Skip | None:
     """Read, preprocess, encode and group one sample (None for a sample the data already skipped).
 
-    Runs in the prefetch thread; whatever it raises is raised again where the sample is run.
+    Runs in the prefetch thread; any failure of this one sample is its `Skip` (`mmflow.prepare`).
     """
     if isinstance(sample, Skip):
         return None
     with stages.timed("prepare"):
-        inputs = encode(loaded, sample, load_image(sample))
-        return inputs, build_token_groups(loaded, inputs, sample)
+        return prepare_or_skip(loaded, sample)
 
 
 def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_passes, stages) -> None:
@@ -244,17 +329,22 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         return _skip_all(cells, order, sample, sample.reason, sample.detail)
     try:
         with stages.timed("wait_for_prepare"):
-            inputs, groups = prepared.result()
-    except GroupError as exc:
-        return _skip_all(cells, order, sample, exc.reason, exc.detail)
-    except OSError as exc:
-        return _skip_all(cells, order, sample, "unreadable_image", str(exc))
+            ready = prepared.result()
+    except Exception as exc:  # the prefetch itself failed: still this sample's skip
+        ready = Skip(sample.question_id, SAMPLE_ERROR, f"{type(exc).__name__}: {exc}")
+    if isinstance(ready, Skip):
+        return _skip_all(cells, order, sample, ready.reason, ready.detail)
+    inputs, groups = ready
     planned, skipped = [], []
     for cell in cells:
         try:
             planned.append((cell, cell.analysis.jobs(groups, sample)))
         except GroupError as exc:
             skipped.append((cell, exc))
+        except Exception as exc:  # a cell whose own settings cannot apply: that cell fails, not its group
+            cell.error = f"{type(exc).__name__}: {exc}"
+    if not planned and not skipped:
+        return None
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
     firsts += [c.analysis.capture_from(groups) for c, _ in planned if hasattr(c.analysis, "capture_from")]
     try:
@@ -310,18 +400,24 @@ def _skip_all(cells, order, sample, reason: str, detail: str) -> None:
 
 
 def _finish(
-    cell: _Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str
+    cell: _Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str, expected: set[str]
 ) -> CellOutcome:
     store = cell.store
     if cell.error is not None:
+        _end_run(cell, "failed")
         store.write_meta(status="failed", error=cell.error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
     try:
         samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
+        missing = expected - set(samples["question_id"].astype(str))
+        if missing:  # never mark done what lacks samples
+            raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
         summary = summarise(samples, results, cell.analysis)
+        _end_run(cell, "done")
         store.write_meta(
             status="done",
             error=None,
+            rows={"samples.parquet": len(samples), "results.parquet": len(results)},
             counts=summary["counts"],
             headline=summary["headline"],
             timings={"group_seconds": round(elapsed, 3)},
@@ -335,6 +431,7 @@ def _finish(
         return CellOutcome(store.id, "done", str(store.dir), summary=summary["headline"])
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        _end_run(cell, "failed")
         store.write_meta(status="failed", error=error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=error)
 

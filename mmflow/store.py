@@ -3,14 +3,20 @@
 A cell folder holds `cell.json`, `samples.parquet` and `results.parquet`. While a cell runs, each
 finished sample is written atomically as its own part file under `parts/`, so an interrupted cell
 resumes from the samples it had and never counts one twice; `finish` merges the parts.
+
+Damaged state never counts: `is_done` opens both parquet files and compares their rows with the
+counts recorded in `cell.json`; an unreadable `cell.json` makes the cell not done (with a warning
+naming the file); an unreadable part is moved to `<cell>/damaged/` and its sample computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +25,16 @@ import pandas as pd
 
 from mmflow.parity import effective_parity
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
 NON_SEMANTIC_MODEL_KEYS = frozenset({"resources", "family", "size"})  # requests and legend labels
+# Keys dropped from some cells with the value every earlier id had: knockout and answer-tracking cells
+# read no `seed` (patching's noise seed), so it left their configs; their ids still include `seed: 0`.
+IMPLIED_KEYS: dict[str, Any] = {"seed": 0}
+FILES = ("samples.parquet", "results.parquet")
 
 
 def cell_id(config: Mapping[str, Any]) -> str:
@@ -31,10 +43,16 @@ def cell_id(config: Mapping[str, Any]) -> str:
     The top-level `parity` key is not hashed itself: it reaches the id through `model.parity`, which
     only the models the paper ran carry (`parity: ${parity}`). For every other model the two modes
     compute the same thing, so their cells keep the ids they had before the key existed.
+
+    Keys removed from the config keep the default they had in every id computed before (see
+    `IMPLIED_KEYS`), so results folders computed earlier are still found.
     """
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "parity"}
+    kept = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "parity"}
+    semantic = {**IMPLIED_KEYS, **kept}
     if isinstance(semantic.get("model"), Mapping):
         semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
+    if isinstance(semantic.get("data"), Mapping) and semantic["data"].get("cache_dir") is not None:
+        semantic["data"] = {**semantic["data"], "cache_dir": None}  # where shapes are cached, not which
     blob = json.dumps({"schema": SCHEMA_VERSION, "config": semantic}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -80,28 +98,86 @@ class CellStore:
         return self.dir / "cell.json"
 
     def read_meta(self) -> dict[str, Any]:
-        return json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
+        """`cell.json`, or {} when it is missing or unreadable (a warning names the file)."""
+        if not self.meta_path.exists():
+            return {}
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            return meta
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable %s (%s): the cell counts as not done", self.meta_path, exc)
+            return {}
 
     def is_done(self) -> bool:
-        """Finished only when the status says so and both result files are there."""
-        return (
-            self.read_meta().get("status") == "done"
-            and (self.dir / "samples.parquet").exists()
-            and (self.dir / "results.parquet").exists()
-        )
+        """Finished only when `cell.json` says done and both files open with the recorded row counts."""
+        meta = self.read_meta()
+        if meta.get("status") != "done":
+            return False
+        problem = self.check_files(meta)
+        if problem:
+            log.warning("cell %s: cell.json says done but %s; computing it again", self.id, problem)
+            print(f"[mmflow] cell {self.id}: damaged ({problem}); computing it again", flush=True)
+            self.quarantine([self.dir / name for name in FILES], problem)
+            return False
+        return True
+
+    def check_files(self, meta: Mapping[str, Any]) -> str | None:
+        """What is wrong with the final files of a done cell, or None."""
+        import pyarrow.parquet as pq
+
+        expected = dict(meta.get("rows") or {})
+        counts = meta.get("counts") or {}
+        expected.setdefault("samples.parquet", counts.get("samples"))
+        for name in FILES:
+            path = self.dir / name
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as exc:  # noqa: BLE001 - missing, truncated or not parquet
+                return f"{path} cannot be read ({type(exc).__name__}: {exc})"
+            if expected.get(name) is not None and rows != expected[name]:
+                return f"{path} has {rows} rows, cell.json records {expected[name]}"
+        return None
+
+    def quarantine(self, paths: list[Path], why: str) -> None:
+        """Move damaged files to `<cell>/damaged/` (kept for inspection, never read again)."""
+        target = self.dir / "damaged"
+        for path in (p for p in paths if p.exists()):
+            target.mkdir(parents=True, exist_ok=True)
+            dest = target / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+            os.replace(path, dest)
+            log.warning("moved %s to %s: %s", path, dest, why)
 
     def write_meta(self, **fields: Any) -> dict[str, Any]:
+        """Update `cell.json` (secrets in the config redacted, see `mmflow.secrets`)."""
+        from mmflow.secrets import redact
+
         meta = {**self.read_meta(), **fields, "cell_id": self.id, "schema_version": SCHEMA_VERSION}
         meta["parity"] = effective_parity(self.config)  # null: a model without paper-code differences
-        meta["config"] = self.config
+        meta["config"] = redact(self.config)
         atomic_write_json(self.meta_path, meta)
         return meta
 
     def done_question_ids(self) -> set[str]:
-        """Samples already recorded in part files (the resume point)."""
+        """Samples already recorded in part files (the resume point).
+
+        A sample whose part (or results part) cannot be read is moved to `damaged/` with a warning
+        and is not counted, so it is computed again.
+        """
         done: set[str] = set()
         for part in sorted(self.parts.glob("samples-*.parquet")):
-            done.update(pd.read_parquet(part, columns=["question_id"])["question_id"].astype(str))
+            results = part.with_name(part.name.replace("samples-", "results-", 1))
+            try:
+                ids = pd.read_parquet(part, columns=["question_id"])["question_id"].astype(str)
+                if results.exists():
+                    pd.read_parquet(results, columns=["question_id"])
+            except Exception as exc:  # noqa: BLE001 - truncated or garbage part
+                why = f"unreadable part ({type(exc).__name__}: {exc}); its sample is computed again"
+                print(f"[mmflow] cell {self.id}: {part.name} {why}", flush=True)
+                self.quarantine([part, results], why)
+                continue
+            done.update(ids)
         return done
 
     def write_sample(self, question_id: str, sample_row: dict, result_rows: list[dict]) -> None:
@@ -112,7 +188,12 @@ class CellStore:
         atomic_write_parquet(self.parts / f"samples-{key}.parquet", pd.DataFrame([sample_row]))
 
     def _merge(self, kind: str, columns: list[str]) -> pd.DataFrame:
-        frames = [pd.read_parquet(p) for p in sorted(self.parts.glob(f"{kind}-*.parquet"))]
+        frames = []
+        for path in sorted(self.parts.glob(f"{kind}-*.parquet")):
+            try:
+                frames.append(pd.read_parquet(path))
+            except Exception as exc:  # noqa: BLE001 - a results part whose sample never finished
+                self.quarantine([path], f"unreadable part ({type(exc).__name__}: {exc})")
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 

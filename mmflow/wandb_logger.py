@@ -1,9 +1,10 @@
 """Weights & Biases logging: one run per cell, opened and closed where the cell is computed, one per sweep.
 
 Config (`conf/logger/wandb.yaml`): `project`, `entity`, `mode` (auto | online | offline | disabled),
-`dir` (default: the results folder), `curve_every`. `mode: auto` is online when `WANDB_API_KEY` is set
-and offline otherwise; `WANDB_MODE=offline` (or `disabled`) in the environment always wins. The API key
-is read by wandb from the environment only: nothing here reads, stores or prints it.
+`dir` (default: `$WANDB_DIR` when set, else the results folder), `curve_every`. `mode: auto` is
+online when `WANDB_API_KEY` is set and offline otherwise; `WANDB_MODE=offline` (or `disabled`) in
+the environment always wins. The API key is read by wandb from the environment only: nothing here
+reads, stores or prints it.
 
 The runtime calls `cell_logger(config, n_layers)` (a picklable module-level factory) for every cell it
 starts computing; a cached cell gets no logger and logs nothing. The launcher calls `log_sweep` once
@@ -23,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.secrets import redact
 from mmflow.store import cell_id
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,27 @@ def sweep_name(config: Mapping[str, Any]) -> str:
 
 
 def run_root(cfg: Mapping[str, Any], default: str | Path) -> Path:
-    """The folder wandb writes into (`<it>/wandb/...`): `logger.dir`, else `default`."""
-    return Path(cfg.get("dir") or default).resolve()
+    """The folder wandb writes into (`<it>/wandb/...`): `logger.dir`, else `$WANDB_DIR`, else `default`."""
+    return Path(cfg.get("dir") or os.environ.get("WANDB_DIR") or default).resolve()
+
+
+SUPERSEDED = "wandb-superseded"
+
+
+def supersede_offline_runs(root: Path, run_id: str) -> list[Path]:
+    """Move earlier offline runs of `run_id` out of `<root>/wandb` into `<root>/wandb-superseded`.
+
+    An interrupted cell resumes in a new offline run (W&B cannot append to an offline run), so the
+    earlier, partial one is set aside: `wandb sync <root>/wandb` then uploads each cell once.
+    """
+    moved = []
+    for old in sorted((root / "wandb").glob(f"offline-run-*-{run_id}")):
+        target = root / SUPERSEDED / old.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(old, target)
+        log.info("W&B: superseded offline run %s moved to %s", old, target)
+        moved.append(target)
+    return moved
 
 
 def sync_command(root: str | Path) -> str:
@@ -215,15 +236,18 @@ class WandbCellLogger:
         job_type = knockout.get("name") if self.analysis == "knockout" else self.analysis
         third = f"window={config.get('window')}" if self.analysis == "knockout" else self.analysis
         tags = [str(config["model"]["name"]), str(config["task"]), third]
+        root = run_root(self.cfg, config["results_dir"])
+        if resolve_mode(self.cfg["mode"]) == "offline":
+            supersede_offline_runs(root, self.id)
         return init_run(
             self.cfg,
-            run_root(self.cfg, config["results_dir"]),
+            root,
             id=self.id,
             name="/".join(tags),
             group=sweep_name(config),
             job_type=str(job_type),
             tags=tags,
-            config=config,
+            config=redact(config),
         )
 
     def _seed_from_parts(self) -> None:

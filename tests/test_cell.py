@@ -103,7 +103,7 @@ def test_interrupted_cell_resumes_without_recounting(tiny_llava, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_cells(tiny_llava, [config], on_sample=crash_after_two)
     store_dir = tmp_path / CellStore(tmp_path, config).id
-    assert json.loads((store_dir / "cell.json").read_text())["status"] == "running"
+    assert json.loads((store_dir / "cell.json").read_text())["status"] == "interrupted"  # recorded, issue 15
     assert len(list((store_dir / "parts").glob("samples-*.parquet"))) == 2
     before = {p.name: p.stat().st_mtime_ns for p in (store_dir / "parts").iterdir()}
 

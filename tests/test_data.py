@@ -126,7 +126,7 @@ def query_row(qid: str = "0007", img: str = "0042", **over: str) -> dict[str, st
 
 
 def read_one(tmp_path: Path, row: dict[str, str], check_images: bool = False) -> Sample | Skip:
-    path = write_csv(tmp_path / "q.csv", QUERY_HEADER, [query_row(), row])
+    path = write_csv(tmp_path / "q.csv", QUERY_HEADER, [query_row(qid="0001"), row])
     results = read_task_csv(path, "QueryAttr", tmp_path, check_images=check_images)
     assert len(results) == 2
     return results[1]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import cell_config
 
-from mmflow import runtime
+from mmflow import prepare, runtime
 from mmflow.pipeline import Stages, prefetch
 from mmflow.runtime import run_cells
 from mmflow.store import CellStore
@@ -54,14 +54,14 @@ def _frames(outcome) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_prefetched_cells_same_rows_and_a_failing_sample_is_a_skip(tiny_llava, tmp_path, monkeypatch):
-    load_image = runtime.load_image
+    load_image = prepare.load_image  # samples are read in mmflow.prepare (issue 15)
 
     def flaky(sample):
         if sample.question_id == bad_id:
             raise OSError("truncated JPEG")
         return load_image(sample)
 
-    monkeypatch.setattr(runtime, "load_image", flaky)
+    monkeypatch.setattr(prepare, "load_image", flaky)
     outcomes = {}
     for depth in (0, 2):
         folder = tmp_path / f"depth{depth}"

@@ -235,8 +235,10 @@ def test_resumed_cell_reuses_its_id_and_counts(tmp_path: Path, monkeypatch) -> N
     )
     second.close()
     dirs = run_dirs(tmp_path, cell_id(config))
-    assert len(dirs) == 2  # two fragments of one run id (`wandb sync` merges them), never a new id
-    records, summary = inspect(dirs[1])
+    # one run per cell id to upload (issue 15): the interrupted fragment is set aside, never a new id
+    assert len(dirs) == 1
+    assert [p.name for p in (tmp_path / "wandb-superseded").iterdir()][0].endswith(cell_id(config))
+    records, summary = inspect(dirs[0])
     assert of_type(records, "run")[0]["run_id"] == cell_id(config) and summary["exit_code"] == 1
     (progress,) = [h["item"] for h in of_type(records, "history")]
     assert progress["progress/samples_done"] == 2 and progress["progress/correct"] == 1

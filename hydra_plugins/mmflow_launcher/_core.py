@@ -35,7 +35,10 @@ from ray.exceptions import RayError, RayTaskError
 
 from hydra_plugins.mmflow_launcher._config import MmflowLauncherConf
 from mmflow.cli import cell_config
+from mmflow.locks import mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.secrets import forwarded_env, redact, redact_hydra_files, warn_runtime_env_secrets
 from mmflow.store import CellStore, atomic_write_json
+from mmflow.validate import CellConfigError, validate_cell
 
 if TYPE_CHECKING:
     from hydra_plugins.mmflow_launcher import MmflowLauncher
@@ -114,6 +117,7 @@ class Job:
     cell: dict[str, Any] | None = None
     cell_id: str = ""
     error: str | None = None  # the config could not be resolved into a cell
+    invalid: str | None = None  # the cell cannot compute anything meaningful (it fails alone)
 
 
 @dataclass
@@ -265,8 +269,9 @@ def ray_session(ray_cfg: dict[str, Any]) -> Iterator[None]:
         yield
         return
     address = str(ray_cfg.get("address") or "").strip() or None
-    env = {name: os.environ[name] for name in ray_cfg.get("forward_env") or [] if name in os.environ}
+    env = forwarded_env(ray_cfg.get("forward_env") or [], os.environ)
     runtime_env = copy.deepcopy(ray_cfg.get("runtime_env") or {})
+    warn_runtime_env_secrets(runtime_env)
     if env:
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
     kwargs: dict[str, Any] = {
@@ -687,6 +692,7 @@ class Sweep:
                 self.cells.setdefault(job.cell_id, job.cell)
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.driver = this_process()  # lets a later run tell a killed driver's `running` record
 
     # -- composition
 
@@ -703,8 +709,11 @@ class Sweep:
         previous = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)
         try:
-            job.cell = cell_config(task_cfg)
-            job.cell_id = CellStore(job.cell["results_dir"], job.cell).id
+            cell = cell_config(task_cfg)
+            job.cell, job.cell_id = cell, CellStore(cell["results_dir"], cell).id
+            validate_cell(cell)  # each cell on its own, before any model loads
+        except CellConfigError as exc:  # this cell fails alone, with the key named
+            job.invalid = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # an unresolvable config fails its own job, not the sweep
             job.error = f"{type(exc).__name__}: {short_error(exc)}"
         finally:
@@ -722,8 +731,22 @@ class Sweep:
     # -- running
 
     def run(self) -> list[JobReturn]:
+        redact_hydra_files(self.sweep_dir)  # multirun.yaml, saved by Hydra's sweeper before us
+        mark_stale_sweeps(self.sweep_dir.parent, self.sweep_dir)
+        try:
+            with sigterm_as_interrupt():
+                return self._run()
+        finally:
+            redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
+
+    def _run(self) -> list[JobReturn]:
         for cell_id, cell in self.cells.items():
             self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
+        for job in (j for j in self.jobs if j.invalid and j.cell is not None):
+            CellStore(job.cell["results_dir"], job.cell).write_meta(
+                status="failed", error=job.invalid, **self.context()
+            )
+            self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
         todo = {cid: cell for cid, cell in self.cells.items() if self.status[cid] == "pending"}
         log.info(
             "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
@@ -822,6 +845,7 @@ class Sweep:
             "sweep_name": self.name,
             "sweep_dir": str(self.sweep_dir),
             "status": state,
+            "driver": self.driver,
             "error": error,
             "started": datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
             "wall_seconds": round(time.time() - self.started, 3),
@@ -830,7 +854,9 @@ class Sweep:
             "cells": cells,
             "failed": self.failed_ids(),
             "invalid_jobs": [
-                {"job": j.idx, "overrides": j.overrides, "error": j.error} for j in self.jobs if j.error
+                {"job": j.idx, "overrides": redact(j.overrides), "error": j.error}
+                for j in self.jobs
+                if j.error
             ],
         }
         atomic_write_json(self.sweep_dir / "sweep.json", payload)
@@ -853,7 +879,7 @@ class Sweep:
         return returns
 
     def job_result(self, job: Job, _cfg: DictConfig) -> dict[str, Any]:
-        overrides = " ".join(filter_overrides(job.overrides))
+        overrides = " ".join(redact(filter_overrides(job.overrides)))
         if job.error is not None or job.cell is None:
             raise CellFailed(f"job #{job.idx} ({overrides}) has no valid cell config: {job.error}")
         status = self.status.get(job.cell_id, "pending")
@@ -913,7 +939,7 @@ def print_summary(sweep: Sweep) -> None:
         name = "/".join(str(v) for v in labels(sweep.cells[cell_id]).values())
         console.print(f"[bold red]FAILED[/] {cell_id} ({name}): {error}")
     for job in (j for j in sweep.jobs if j.error):
-        console.print(f"[bold red]INVALID[/] job #{job.idx} {' '.join(job.overrides)}: {job.error}")
+        console.print(f"[bold red]INVALID[/] job #{job.idx} {' '.join(redact(job.overrides))}: {job.error}")
 
 
 def headline_text(headline: dict[str, Any]) -> str:

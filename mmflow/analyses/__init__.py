@@ -16,8 +16,8 @@ from mmflow.models.registry import LoadedModel
 # Config keys an analysis does not read: dropped from its cell config (`mmflow.cli.cell_config`),
 # so they neither change its cell id nor claim something in its cell.json.
 IGNORED_KEYS: dict[str, tuple[str, ...]] = {
-    "knockout": ("lens", "corruption", "patching"),
-    "answer_tracking": ("knockout", "window", "corruption", "patching"),
+    "knockout": ("lens", "corruption", "patching", "seed"),
+    "answer_tracking": ("knockout", "window", "corruption", "patching", "seed"),
     "patching": ("knockout", "lens"),
 }
 

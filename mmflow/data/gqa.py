@@ -2,7 +2,8 @@
 
 Every row becomes either a `Sample` or a `Skip` with a machine-readable reason, so a run can
 report what it left out instead of crashing on one bad row or silently dropping it. Whole-file
-problems (missing file, missing columns, unknown task, no image folder) raise `DataError`.
+problems (missing file, missing columns, unknown task, no image folder, two rows with one
+question id) raise `DataError`. `mmflow.data.table` reads users' own files through the same rules.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _row_to_sample(row: dict[str, str], task: str, image_dir: Path, where: str, 
     objects = [(prefix, *_object(row, prefix, where)) for prefix in object_prefixes(task)]
     present = [(prefix, name, box) for prefix, name, box in objects if box is not None]
     boxes, box_issue = _usable_boxes(present, size, where)
-    image_path = (image_dir / f"{img_id}.jpg").absolute()
+    image_path = (image_dir / (row.get("image_file") or f"{img_id}.jpg")).absolute()
     if check_images:
         _check_image(image_path, size, where)
     extra: dict = {"img_id": img_id}
@@ -227,6 +228,7 @@ def read_task_csv(
     if not csv_path.is_file():
         raise DataError(f"task file not found: {csv_path}")
     out: list[Sample | Skip] = []
+    wheres: list[str] = []
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         _check_header(csv_path, reader.fieldnames, task)
@@ -236,16 +238,35 @@ def read_task_csv(
                 break
             where = f"{csv_path.name} data row {index} (line {start_line})"
             start_line = reader.line_num + 1
-            out.append(_parse_row(row, task, image_dir, where, check_images))
+            out.append(parse_row(row, task, image_dir, where, check_images))
+            wheres.append(where)
+    check_unique_ids(out, wheres)
     return out
 
 
-def _parse_row(row: dict, task: str, image_dir: Path, where: str, check_images: bool) -> Sample | Skip:
+def check_unique_ids(rows: list[Sample | Skip], wheres: list[str]) -> None:
+    """Raise `DataError` naming both rows when two rows share a question id (counts never shrink)."""
+    first: dict[str, str] = {}
+    for row, where in zip(rows, wheres, strict=True):
+        if row.question_id in first:
+            raise DataError(
+                f"duplicate question_id {row.question_id!r}: {first[row.question_id]} and {where} "
+                "(question ids identify samples and their result files; make them unique)"
+            )
+        first[row.question_id] = where
+
+
+def parse_row(row: dict, task: str, image_dir: Path, where: str, check_images: bool) -> Sample | Skip:
+    """One row (GQA column names, string values) -> `Sample`, or `Skip` with reason and detail.
+
+    An optional `image_file` entry names the image relative to `image_dir` (default `<img_id>.jpg`).
+    A row without a question id is skipped under the id `(no id: <where>)`, so no two rows share one.
+    """
     qid = (row.get("question_id") or "").strip()
     if None in row or any(v is None for v in row.values()):
-        return Skip(qid, MALFORMED_ROW, f"{where}: wrong number of fields")
+        return Skip(qid or f"(no id: {where})", MALFORMED_ROW, f"{where}: wrong number of fields")
     if not qid:
-        return Skip(qid, MALFORMED_ROW, f"{where}: column 'question_id' is empty")
+        return Skip(f"(no id: {where})", MALFORMED_ROW, f"{where}: column 'question_id' is empty")
     try:
         return _row_to_sample(row, task, image_dir, where, check_images)
     except _RowError as err:

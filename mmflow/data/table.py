@@ -1,0 +1,160 @@
+"""`data=table`: your own VQA file (CSV, JSONL or parquet) read with pandas into `Sample`s.
+
+Each row is translated to the GQA loader's row and parsed by the same code (`gqa.parse_row`), so
+every validation and skip rule is the GQA loader's. mmflow's column names (rename yours with
+`data.columns: {your_name: mmflow_name}`):
+
+- `question_id` (unique), `image` (file relative to `data.image_dir`), `question`, `answer`
+- `image_w`, `image_h`: the image size in pixels (checked against the file)
+- `objects`: JSON list of `{"name": ..., "box": [x, y, w, h]}` (GQA pixels; `box: null` for an
+  object named in the question but absent from the image): one for ChooseAttr/ChooseCat/QueryAttr,
+  two for ChooseRel/CompareAttr/LogicalObj
+- `true_option`, `false_option`: ChooseAttr, ChooseCat and ChooseRel only
+- `task` (optional): the row's task family; rows of other families are left out of the cell. Without
+  it, every row belongs to the cell's `task` (one family per file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmflow.data.gqa import (
+    MALFORMED_ROW,
+    NO_VALUE,
+    DataError,
+    check_unique_ids,
+    object_prefixes,
+    parse_row,
+)
+from mmflow.data.sample import CHOOSE_TASKS, TASKS, Sample, Skip
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+BASE = ("question_id", "image", "question", "answer", "image_w", "image_h", "objects")
+OPTIONS = ("true_option", "false_option")
+TASK_COLUMN = "task"
+
+
+def required(task: str) -> tuple[str, ...]:
+    return BASE + (OPTIONS if task in CHOOSE_TASKS else ())
+
+
+def read_frame(path: Path, fmt: str | None = None) -> pd.DataFrame:
+    """The file as a frame of its raw values (ids stay strings: `000123` is not 123)."""
+    fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt == "csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True, dtype=False)
+    if fmt == "parquet":
+        return pd.read_parquet(path)
+    raise DataError(f"{path}: unknown table format {fmt!r}; use data.format=csv|jsonl|parquet")
+
+
+def _text(value: Any) -> str:
+    """A cell value as the GQA parser's string ('' for missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _objects(value: Any, task: str) -> dict[str, str]:
+    """The `objects` list as the GQA loader's `<prefix> name/x/y/w/h` fields."""
+    prefixes = object_prefixes(task)
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else []
+    objects = list(value) if value is not None else []
+    if len(objects) != len(prefixes):
+        raise ValueError(f"{task} needs {len(prefixes)} object(s) in 'objects', got {len(objects)}")
+    fields = {}
+    for prefix, obj in zip(prefixes, objects, strict=True):
+        box = obj.get("box")
+        fields[f"{prefix} name"] = _text(obj.get("name"))
+        coords = [NO_VALUE] * 4 if box is None else [_text(v) for v in box]
+        if len(coords) != 4:
+            raise ValueError(f"box of {obj.get('name')!r} must be [x, y, w, h], got {box!r}")
+        fields.update({f"{prefix} {k}": c for k, c in zip("xywh", coords, strict=True)})
+    return fields
+
+
+def _gqa_row(record: Mapping[str, Any], task: str, where: str) -> dict[str, str] | Skip:
+    image = _text(record["image"]).strip()
+    row = {
+        "question_id": _text(record["question_id"]).strip(),
+        "img_id": Path(image).stem if image else "",
+        "image_file": image,
+        "question": _text(record["question"]),
+        "answer": _text(record["answer"]),
+        "image_w": _text(record["image_w"]),
+        "image_h": _text(record["image_h"]),
+    }
+    if task in CHOOSE_TASKS:
+        row.update(
+            {"true option": _text(record["true_option"]), "false option": _text(record["false_option"])}
+        )
+    try:
+        row.update(_objects(record["objects"], task))
+    except (ValueError, TypeError, AttributeError) as exc:
+        return Skip(row["question_id"] or f"(no id: {where})", MALFORMED_ROW, f"{where}: objects: {exc}")
+    return row
+
+
+def read_table(
+    path: str | Path,
+    task: str,
+    image_dir: str | Path,
+    columns: Mapping[str, str] | None = None,
+    fmt: str | None = None,
+    limit: int | None = None,
+    check_images: bool = True,
+) -> list[Sample | Skip]:
+    """The rows of `path` for `task` (first `limit`), each a `Sample` or a `Skip`, in file order.
+
+    Raises `DataError` for a missing file or image folder, missing columns, an unknown task or a
+    question id used twice (both rows named).
+    """
+    path, image_dir = Path(path).expanduser(), Path(image_dir).expanduser()
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if not path.is_file():
+        raise DataError(f"data.path: table file not found: {path}")
+    if not image_dir.is_dir():
+        raise DataError(f"data.image_dir: image folder not found: {image_dir}")
+    frame = read_frame(path, fmt).rename(columns=dict(columns or {}))
+    missing = [c for c in required(task) if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) for task {task}: {', '.join(missing)} (have: "
+            f"{', '.join(map(str, frame.columns))}; rename yours with data.columns)"
+        )
+    frame["_row"] = range(1, len(frame) + 1)
+    if TASK_COLUMN in frame.columns:
+        frame = frame[frame[TASK_COLUMN].astype(str).str.strip() == task]
+    if limit is not None:
+        frame = frame.head(limit)
+    out: list[Sample | Skip] = []
+    wheres: list[str] = []
+    for record in frame.to_dict("records"):
+        where = f"{path.name} data row {record['_row']}"
+        row = _gqa_row(record, task, where)
+        out.append(row if isinstance(row, Skip) else parse_row(row, task, image_dir, where, check_images))
+        wheres.append(where)
+    check_unique_ids(out, wheres)
+    return out
+
+
+def load_table(data: Mapping[str, Any], task: str, n_samples: int | None = None) -> list[Sample | Skip]:
+    """`data=table`: `data.path`, `data.image_dir`, optional `data.columns` and `data.format`."""
+    for key in ("path", "image_dir"):
+        if not data.get(key):
+            raise DataError(f"data.{key} is required for data=table")
+    return read_table(
+        data["path"], task, data["image_dir"], data.get("columns"), data.get("format"), limit=n_samples
+    )
