@@ -12,12 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder.
 
-    Keys the cell's analysis ignores are dropped (answer tracking: knockout, window; knockout: lens),
-    so they do not change its cell id.
+    Its analysis's config (`conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
+    nothing it ignores can change its cell id.
     """
-    from mmflow.analyses import drop_ignored_keys
-
-    config = drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
     return config

@@ -865,14 +865,15 @@ class Sweep:
 
 
 def labels(cell: dict[str, Any]) -> dict[str, Any]:
-    """What a person reads to recognise a cell."""
-    knockout = cell.get("knockout") or {}
+    """What a person reads to recognise a cell (its analysis's `Labels`)."""
+    from mmflow.analyses import analysis_for
+
+    names = analysis_for(cell).labels
     return {
         "model": cell["model"]["name"],
         "task": cell.get("task"),
-        "knockout": knockout.get("name") if isinstance(knockout, dict) else knockout,
-        "window": cell.get("window"),
-        "analysis": cell.get("analysis", "knockout"),
+        "variant": names.variant,
+        "window": names.window,
     }
 
 
@@ -883,7 +884,7 @@ def print_summary(sweep: Sweep) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"mmflow sweep '{sweep.name}'", show_lines=False)
-    for column in ("cell", "model", "task", "knockout", "window", "status", "time s", "headline", "node"):
+    for column in ("cell", "model", "task", "analysis", "window", "status", "time s", "headline", "node"):
         table.add_column(column, no_wrap=column in ("cell", "status"))
     styles = {"done": "green", "cached": "cyan", "failed": "bold red"}
     for cell_id, cell in sweep.cells.items():
@@ -895,8 +896,8 @@ def print_summary(sweep: Sweep) -> None:
             cell_id,
             row["model"],
             str(row["task"]),
-            str(row["knockout"]),
-            str(row["window"]),
+            str(row["variant"]),
+            str(row["window"] if row["window"] is not None else "-"),
             f"[{styles.get(status, 'yellow')}]{status}[/]",
             f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
             headline_text(meta.get("headline") or {}) if status in ("done", "cached") else "-",

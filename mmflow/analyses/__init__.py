@@ -1,52 +1,27 @@
-"""Analyses: what is computed from a sample's clean pass and the engine's knockouts.
+"""Analyses: what is computed from a sample's clean pass and the engine's jobs, and how it is shown.
 
-Every analysis has `kind`, `result_columns`, `sort_by`, `jobs(groups, sample)` (the knockouts it
-needs, possibly none; raises `GroupError` to skip the sample), `rows(sample, clean, token_id,
-new_logprobs)` and `headline(results)`.
+Each analysis is a plug-in implementing `mmflow.analyses.base.Analysis` (one module here and one
+config `conf/analysis/<name>.yaml`); `analysis_for(config)` finds it by the config's `analysis` key.
 """
 
-from __future__ import annotations
+from mmflow.analyses.base import (
+    Analysis,
+    FigureSpec,
+    Labels,
+    analysis_class,
+    analysis_for,
+    known_analyses,
+    make_analysis,
+    register,
+)
 
-from typing import Any
-
-from mmflow.models.registry import LoadedModel
-
-# Config keys an analysis does not read: dropped from its cell config (`mmflow.cli.cell_config`),
-# so they neither change its cell id nor claim something in its cell.json.
-IGNORED_KEYS: dict[str, tuple[str, ...]] = {
-    "knockout": ("lens",),
-    "answer_tracking": ("knockout", "window"),
-}
-
-
-def drop_ignored_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` without the keys its analysis ignores (see `IGNORED_KEYS`)."""
-    ignored = IGNORED_KEYS.get(config.get("analysis", "knockout"), ())
-    return {k: v for k, v in config.items() if k not in ignored}
-
-
-def make_analysis(config: dict[str, Any], loaded: LoadedModel):
-    """The analysis named by the cell config's `analysis` key."""
-    kind = config.get("analysis", "knockout")
-    if kind == "knockout":
-        from mmflow.analyses.knockout import KnockoutAnalysis
-        from mmflow.knockout.spec import KnockoutSpec
-
-        knockout = config["knockout"]
-        return KnockoutAnalysis(
-            KnockoutSpec(knockout["name"], knockout["source"], knockout["target"]),
-            int(config["window"]),
-            loaded.n_layers,
-            labels={
-                "model": config["model"]["name"],
-                "task": config["task"],
-                "knockout": knockout["name"],
-                "window": int(config["window"]),
-            },
-        )
-    if kind == "answer_tracking":
-        from mmflow.analyses.answer_tracking import AnswerTrackingAnalysis
-
-        labels = {"model": config["model"]["name"], "task": config["task"]}
-        return AnswerTrackingAnalysis(loaded, config.get("lens", "norm"), labels)
-    raise ValueError(f"unknown analysis {kind!r}; known: knockout, answer_tracking")
+__all__ = [
+    "Analysis",
+    "FigureSpec",
+    "Labels",
+    "analysis_class",
+    "analysis_for",
+    "known_analyses",
+    "make_analysis",
+    "register",
+]
