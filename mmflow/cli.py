@@ -27,7 +27,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     from mmflow.wandb_logger import cell_logger, sync_hint
 
     config = cell_config(cfg)
-    loaded = get_model(config["model"], config["engine"].get("attention", "sdpa"))
+    loaded = get_model(config["model"])
     outcome = run_cells(loaded, [config], progress=True, logger_factory=cell_logger)[0]
     print(f"[mmflow] cell {outcome.cell_id}: {outcome.status} -> {outcome.path}")
     if outcome.status != "cached" and (hint := sync_hint(config)):

@@ -85,7 +85,7 @@ class ModelActor:
 
         self.token, self.group_samples = token, 0
         hf_logging.disable_progress_bar()
-        loaded = get_model(self.model, self.backend)
+        loaded = get_model(self.model)  # the engine prepares attention (engine.attention)
         context = {**context, **self.ready(), "model_loads": LOAD_COUNT["n"]}
         outcomes = run_cells(
             loaded, configs, on_sample=self._tick, context=context, logger_factory=cell_logger

@@ -19,6 +19,7 @@ import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
@@ -177,10 +178,8 @@ def register(cls: type[Analysis]) -> type[Analysis]:
 
 def known_analyses() -> list[str]:
     """Names of the analyses shipped in `mmflow/analyses/` (modules with a registered class)."""
-    import mmflow.analyses as package
-
     skip = {"base", "curves", "plots", "knockout_figures"}
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name not in skip)
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in skip)
 
 
 def analysis_class(name: str) -> type[Analysis]:

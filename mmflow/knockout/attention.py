@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.anatomy import anatomy_of
 
 LAYER_ATTR = "_mmflow_layer"
 BACKENDS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
@@ -68,19 +69,14 @@ def prepare_model(model, backend: str = "sdpa") -> None:
     """Route the language model's attention through mmflow and tag its decoder layers by index."""
     if backend not in BACKENDS:
         raise ValueError(f"knockout backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    text_config = model.config.get_text_config()
-    if text_config.model_type not in {"llama", "mistral", "qwen2"}:
-        raise NotImplementedError(f"knockout supports Llama-style decoders, not {text_config.model_type!r}")
+    anatomy = anatomy_of(model)
+    if anatomy.decoder_kind not in {"llama", "mistral", "qwen2"}:
+        raise NotImplementedError(f"knockout supports Llama-style decoders, not {anatomy.decoder_kind!r}")
     vision_impl = model.config.vision_config._attn_implementation or "sdpa"
     model.set_attn_implementation({"text_config": f"mmflow_{backend}", "vision_config": vision_impl})
-    for index, layer in enumerate(language_layers(model)):
+    for index, layer in enumerate(anatomy.layers):
         setattr(layer.self_attn, LAYER_ATTR, index)
     check_prepared(model)
-
-
-def language_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of the language model of a LLaVA-style model."""
-    return model.model.language_model.layers
 
 
 def check_prepared(model) -> None:

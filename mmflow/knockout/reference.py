@@ -13,7 +13,7 @@ import torch
 
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
-from mmflow.knockout.attention import blocking, language_layers
+from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.registry import LoadedModel
 
@@ -47,12 +47,17 @@ def check_no_empty_rows(job: KnockoutJob, length: int) -> None:
 
 
 class ReferenceEngine:
-    """Full recompute per job, batch size one."""
+    """Full recompute per job, batch size one.
+
+    Making an engine routes the model's language attention through mmflow's `attention` backend
+    (`prepare_model`); a model has one backend at a time, the last engine made on it sets it.
+    """
 
     name = "reference"
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
         self.loaded = loaded
+        prepare_model(loaded.model, attention)
 
     @torch.no_grad()
     def last_logprobs(self, inputs: ModelInputs, job: KnockoutJob | None) -> torch.Tensor:
@@ -63,7 +68,7 @@ class ReferenceEngine:
 
     def clean(self, inputs: ModelInputs, capture_from: int | None = None) -> CleanPass:
         """The clean forward through the same code as every knockout (`capture_from` is unused here)."""
-        with record_layer_inputs(language_layers(self.loaded.model), None, last=True) as record:
+        with record_layer_inputs(self.loaded.anatomy.layers, None, last=True) as record:
             logprobs = self.last_logprobs(inputs, None)
         return CleanPass(inputs, logprobs, torch.stack(record["last"]))
 
