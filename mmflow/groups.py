@@ -115,7 +115,7 @@ def image_token_patch_ids(
     tiling, unpadding and newline tokens are exactly the model's.
     """
     ids = torch.arange(n_views * per_view, dtype=torch.float64).reshape(n_views, per_view, 1)
-    inner = loaded.model.model
+    inner = loaded.anatomy.backbone
     if not hasattr(inner, "pack_image_features"):
         return ids.flatten().long()
     packed, _ = inner.pack_image_features(

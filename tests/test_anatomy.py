@@ -21,6 +21,7 @@ def test_anatomy_names_the_language_models_parts(name):
     language = loaded.model.model.language_model  # the one path, checked against the model here
     assert anatomy.layers is language.layers and anatomy.final_norm is language.norm
     assert anatomy.unembedding is loaded.model.lm_head and anatomy.decoder_kind == "llama"
+    assert anatomy.backbone is loaded.model.model
     assert anatomy.depth == loaded.n_layers == model_config(name)["n_layers"] == len(language.layers)
     hidden = torch.randn(3, loaded.model.config.get_text_config().hidden_size)
     expected = loaded.model.lm_head(language.norm(hidden))

@@ -18,13 +18,16 @@ class Anatomy:
 
     `layers`: the decoder layers in order (L of them); `final_norm`: the norm applied to the last
     layer's output before the unembedding; `unembedding`: hidden [.., D] -> logits [.., V];
-    `decoder_kind`: the text config's `model_type` ("llama", "mistral", "qwen2", ...).
+    `decoder_kind`: the text config's `model_type` ("llama", "mistral", "qwen2", ...); `backbone`:
+    the multimodal base model under the LM head (vision tower, projector, language model; LLaVA-NeXT's
+    `pack_image_features`), whose forward returns hidden states.
     """
 
     layers: torch.nn.ModuleList
     final_norm: torch.nn.Module
     unembedding: torch.nn.Module
     decoder_kind: str
+    backbone: torch.nn.Module
 
     @property
     def depth(self) -> int:
@@ -44,4 +47,5 @@ def anatomy_of(model) -> Anatomy:
         final_norm=language.norm,
         unembedding=model.get_output_embeddings(),
         decoder_kind=str(model.config.get_text_config().model_type),
+        backbone=model.model,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mmflow.analyses import Analysis, analysis_for
+from mmflow.analyses.curves import curve_minimum
 from mmflow.store import cell_id
 from mmflow.wandb_logger.settings import image, import_wandb, init_run, logger_config, run_root, sweep_name
 
@@ -203,16 +204,9 @@ class WandbCellLogger:
         out.update({k: v for k, v in summary.get("headline", {}).items() if isinstance(v, int | float | str)})
         out.update(n_layers=self.n_layers, status="done")
         value = self.analysis.minimum_of
-        curve = table[table["value"] == value] if value is not None else table.iloc[:0]
-        if len(curve):
-            best = curve.loc[curve["mean"].idxmin()]
-            out.update(
-                {
-                    f"min_{value}": float(best["mean"]),
-                    "min_layer": int(best["layer"]),
-                    "min_rel_depth": float(best["rel_depth"]),
-                }
-            )
+        best = curve_minimum(table, value) if value is not None and len(table) else {}
+        if best:
+            out.update(best, min_rel_depth=best["min_layer"] / self.n_layers)
         return out
 
     def _figure(self, results: pd.DataFrame) -> Any:

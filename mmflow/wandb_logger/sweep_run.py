@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.analyses.curves import curve_minimum
 from mmflow.wandb_logger.cell_run import per_layer_table
 from mmflow.wandb_logger.settings import (
     image,
@@ -85,9 +86,9 @@ def _log_comparisons(run, cells: list) -> None:
     frames = []
     for (_, task, key), same in sorted(compared.items()):
         analysis = same[0].analysis
-        value = analysis.minimum_of or analysis.value_columns[0]
         curves = [(c, per_layer_table(c.analysis, c.results, c.n_layers)) for c in same]
-        curves = [(c, t[t["value"].str.startswith(value)]) for c, t in curves]
+        value = analysis.minimum_of or str(curves[0][1]["value"].iloc[0])
+        curves = [(c, t[t["value"] == value]) for c, t in curves]
         plot = wandb.plot.line_series(
             xs=[t["rel_depth"].tolist() for _, t in curves],
             ys=[t["mean"].tolist() for _, t in curves],
@@ -102,9 +103,8 @@ def _log_comparisons(run, cells: list) -> None:
         run.log(logged)
         for cell, table in curves:
             frames.append(table.assign(model=cell.model, task=task, variant=key, window=cell.window))
-            run.summary[f"min_{value}/{task}/{key}/{cell.model}{_window(cell, '/k')}"] = float(
-                table["mean"].min()
-            )
+            minimum = curve_minimum(table, value)[f"min_{value}"]
+            run.summary[f"min_{value}/{task}/{key}/{cell.model}{_window(cell, '/k')}"] = minimum
     run.log({"curves": wandb.Table(dataframe=pd.concat(frames, ignore_index=True))})
     run.summary["n_cells"] = len(cells)
 

@@ -14,14 +14,18 @@ from mmflow.models.toy_training.data import Packed
 
 def decoder_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The decoder's residual stream: embeddings, then the output of every layer (the last one normed)."""
-    return model.model(
-        input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-        output_hidden_states=True,
-    ).hidden_states
+    return (
+        anatomy_of(model)
+        .backbone(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        .hidden_states
+    )
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor], states: tuple | None = None) -> torch.Tensor:
@@ -41,7 +45,7 @@ class PatchHead(torch.nn.Module):
         self.classes = (*AUX_CLASSES, vision.image_size // vision.patch_size + 1)  # + the patch column
         self.linear = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.classes))
         self.features: torch.Tensor | None = None
-        model.model.multi_modal_projector.register_forward_hook(self._keep)
+        anatomy_of(model).backbone.multi_modal_projector.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
         self.features = output
@@ -97,7 +101,7 @@ class GroundingHead(torch.nn.Module):
 
 def vision_loss(model, head: PatchHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
     """Stage 1: the patch loss of the vision tower + projector alone (the decoder is not run)."""
-    model.model.get_image_features(
+    anatomy_of(model).backbone.get_image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default"
     )
     loss = head.loss(batch["patch_labels"])
