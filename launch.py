@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from mmflow.cli import run_from_hydra
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="mmflow/conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     return run_from_hydra(cfg)
 

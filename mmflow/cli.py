@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder.
 
-    Its analysis's config (`conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
+    Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
     nothing it ignores can change its cell id.
     """
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

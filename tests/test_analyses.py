@@ -70,8 +70,7 @@ def compose(overrides: list[str]) -> dict:
 
     if not any(o.startswith("results_dir=") for o in overrides):
         overrides = ["results_dir=/results", *overrides]
-    conf = ROOT / "mmflow" / "conf" if (ROOT / "mmflow" / "conf").exists() else ROOT / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
         return cell_config(hydra_compose("config", overrides=overrides))
 
 

@@ -263,7 +263,7 @@ def _compose(overrides: list[str], results_dir: Path) -> dict:
 
     from mmflow.cli import cell_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"results_dir={results_dir}", *overrides])
     return cell_config(cfg)
 

@@ -103,7 +103,7 @@ def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, m
 
 
 def test_default_config_uses_the_launcher_and_a_local_ray() -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
     assert cfg.hydra.launcher.reuse_models is True and cfg.ray.address == ""

@@ -263,12 +263,10 @@ def train(cfg: ToyConfig, out: Path, command: str) -> dict[str, Any]:
 
 
 def model_config(path: Path | str | None = None) -> dict[str, Any]:
-    """conf/model/toy-llava.yaml as a dict, optionally pointing at another weights folder."""
+    """mmflow/conf/model/toy-llava.yaml as a dict, optionally pointing at another weights folder."""
     from omegaconf import OmegaConf
 
-    package = Path(__file__).resolve().parents[2]  # mmflow/
-    found = [d / "model" / "toy-llava.yaml" for d in (package / "conf", package.parent / "conf")]
-    conf = next((f for f in found if f.is_file()), found[0])
+    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / "toy-llava.yaml"  # mmflow/conf
     config = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
     if path is not None:
         config["checkpoint"] = str(path)
