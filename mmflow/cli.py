@@ -15,7 +15,9 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
     nothing it ignores can change its cell id.
     """
-    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    from mmflow.analyses import canonical_config
+
+    config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
     return config

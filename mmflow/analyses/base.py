@@ -139,10 +139,17 @@ class Analysis(ABC):
         return None
 
     @classmethod
+    def canonical(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The cell config as its cell id sees it (default: as it is). An analysis whose config gained
+        a key whose default means "as before" drops it here, so cells computed before keep their ids."""
+        return config
+
+    @classmethod
     def report_sections(cls, cells: Sequence[Any]) -> list[tuple[str, list[FigureSpec]]]:
-        """The report's sections for the finished cells of this analysis: (title, figures)."""
+        """The report's sections: (title, figures). `cells` are all finished cells of the report (an
+        analysis may draw others beside its own); by default one figure per cell of this analysis."""
         figures = []
-        for cell in cells:
+        for cell in (c for c in cells if c.kind == cls.name):
             figure = cell.analysis.figure(cell)
             if figure is not None:
                 stem = "__".join((cls.name, cell.model, cell.task, cell.cell_id))
@@ -178,7 +185,7 @@ def register(cls: type[Analysis]) -> type[Analysis]:
 
 def known_analyses() -> list[str]:
     """Names of the analyses shipped in `mmflow/analyses/` (modules with a registered class)."""
-    skip = {"base", "curves", "plots", "knockout_figures"}
+    skip = {"base", "curves", "plots", "knockout_figures", "patching_figures"}
     return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in skip)
 
 
@@ -194,6 +201,11 @@ def analysis_class(name: str) -> type[Analysis]:
 def analysis_for(config: Mapping[str, Any]) -> Analysis:
     """The analysis of a resolved cell config (its `analysis` key), not yet bound to a model."""
     return analysis_class(str(config.get("analysis", DEFAULT_ANALYSIS)))(config)
+
+
+def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved cell config as its analysis ids it (`Analysis.canonical`): what the cell store keeps."""
+    return analysis_class(str(config.get("analysis", DEFAULT_ANALYSIS))).canonical(config)
 
 
 def make_analysis(config: Mapping[str, Any], loaded: LoadedModel) -> Analysis:

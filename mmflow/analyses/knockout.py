@@ -34,13 +34,42 @@ RESULT_COLUMNS = [
     "knockout",
     "window",
 ]
+
+
+def head_sets(heads: str | int | Sequence[int] | None, n_heads: int) -> list[tuple[int, ...] | None]:
+    """`knockout.heads` -> the head set of each job per centre layer: None (every head, one job),
+    `each` (one job per head), or a list of heads blocked together (one job). ValueError if out of range."""
+    if heads is None:
+        return [None]
+    if heads == "each":
+        return [(h,) for h in range(n_heads)]
+    chosen = (heads,) if isinstance(heads, int) else tuple(sorted({int(h) for h in heads}))
+    if isinstance(heads, str) or not chosen or not all(0 <= h < n_heads for h in chosen):
+        raise ValueError(f"knockout.heads must be null, 'each' or heads in 0..{n_heads - 1}, got {heads!r}")
+    return [chosen]
+
+
+def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
+    """The cell config as its id sees it: `knockout.heads: null` (every head) is the knockout as it was
+    before heads existed, so it is left out and keeps the cell ids computed then."""
+    knockout = config.get("knockout")
+    if isinstance(knockout, dict) and "heads" in knockout and knockout["heads"] is None:
+        return {**config, "knockout": {k: v for k, v in knockout.items() if k != "heads"}}
+    return config
+
+
 # Per-layer means logged next to the curve (result column -> curve-table column).
 EXTRAS = {"logp_change": "logp_change", "top1_changed": "top1_changed_frac"}
 
 
 @register
 class KnockoutAnalysis(Analysis):
-    """Block `spec` in the window of width `window` around every centre layer 0..L-1."""
+    """Block `spec` in the window of width `window` around every centre layer 0..L-1.
+
+    With `knockout.heads` (see `head_sets`) the edges are blocked in those attention heads only; rows
+    then record the head (`each`: column `head`, the head index) or the head set (a list: column
+    `heads`, e.g. "0,2").
+    """
 
     name = "knockout"
     config_keys = ("knockout", "window")
@@ -53,12 +82,23 @@ class KnockoutAnalysis(Analysis):
         knockout = self.config["knockout"]
         self.spec = KnockoutSpec(knockout["name"], knockout["source"], knockout["target"])
         self.width = int(self.config["window"])
+        self.heads = knockout.get("heads")
+        self.head_column = None if self.heads is None else "head" if self.heads == "each" else "heads"
+        self.head_sets: list[tuple[int, ...] | None] = [None]
+        if self.head_column is not None:
+            self.result_columns = RESULT_COLUMNS[:2] + [self.head_column] + RESULT_COLUMNS[2:]
+            self.sort_by = ["question_id", "layer", self.head_column]
+
+    @classmethod
+    def canonical(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return canonical_knockout(config)
 
     # ------------------------------------------------------------ compute side
 
     def bind(self, loaded) -> KnockoutAnalysis:
         for centre in range(loaded.n_layers):
             window_layers(centre, self.width, loaded.n_layers)  # validates the width early
+        self.head_sets = head_sets(self.heads, int(loaded.model.config.get_text_config().num_attention_heads))
         return super().bind(loaded)
 
     @property
@@ -70,9 +110,16 @@ class KnockoutAnalysis(Analysis):
         return {**super().row_labels, "knockout": self.spec.name, "window": self.width}
 
     def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
-        """One job per centre layer; raises `GroupError` if a group is empty."""
+        """One job per centre layer and head set (centre-major); raises `GroupError` if a group is empty."""
         edges = BlockEdges(groups.require(self.spec.source), groups.require(self.spec.target))
-        return [KnockoutJob(edges, window_layers(c, self.width, self.n_layers)) for c in range(self.n_layers)]
+        return [
+            KnockoutJob(edges, window_layers(c, self.width, self.n_layers), heads)
+            for c in range(self.n_layers)
+            for heads in self.head_sets
+        ]
+
+    def _head_value(self, heads: tuple[int, ...]) -> int | str:
+        return heads[0] if self.head_column == "head" else ",".join(map(str, heads))
 
     def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
         """Rows for one sample: clean pass vs knocked-out last-position log-probs `new` [L, V]."""
@@ -81,22 +128,32 @@ class KnockoutAnalysis(Analysis):
         top1 = new.argmax(dim=-1).tolist()
         labels = self.row_labels
         out = []
-        for layer in range(self.n_layers):
-            logp_new = float(new[layer, token_id])
+        for index, (layer, heads) in enumerate((c, h) for c in range(self.n_layers) for h in self.head_sets):
+            logp_new = float(new[index, token_id])
             p_new = math.exp(logp_new)
-            out.append(
+            row = {"question_id": sample.question_id, "layer": layer}
+            if heads is not None:
+                row[self.head_column] = self._head_value(heads)
+            row.update(
                 {
-                    "question_id": sample.question_id,
-                    "layer": layer,
                     "p_base": p_base,
                     "p_new": p_new,
                     "rel_change_pct": (p_new - p_base) / p_base * 100.0,
                     "logp_change": logp_new - logp_base,
-                    "top1_changed": top1[layer] != token_id,
+                    "top1_changed": top1[index] != token_id,
                     **labels,
                 }
             )
+            out.append(row)
         return out
+
+    def headline(self, results: pd.DataFrame) -> dict[str, Any]:
+        """The curve's minimum and its layer; per head (`heads: each`) the (layer, head) minimum."""
+        if self.head_column != "head" or not len(results):
+            return super().headline(results)
+        curve = results.groupby(["layer", "head"])["rel_change_pct"].mean()
+        layer, head = curve.idxmin()
+        return {"min_rel_change_pct": float(curve.min()), "min_layer": int(layer), "min_head": int(head)}
 
     # ------------------------------------------------------------ output side
 
@@ -117,9 +174,12 @@ class KnockoutAnalysis(Analysis):
     def labels(self) -> Labels:
         from mmflow.analyses.knockout_figures import knockout_order
 
+        legend = self.spec.label
+        if self.heads is not None:
+            legend += f" ({'per head' if self.heads == 'each' else f'heads {self.heads}'})"
         return Labels(
             variant=self.spec.name,
-            legend=self.spec.label,
+            legend=legend,
             tags=(str(self.config["model"]["name"]), str(self.config["task"]), f"window={self.width}"),
             order=(knockout_order(self.spec.name), self.width),
             window=self.width,
@@ -127,11 +187,14 @@ class KnockoutAnalysis(Analysis):
 
     def figure(self, cell: Any):
         from mmflow.analyses.knockout_figures import plot_model_task
+        from mmflow.analyses.patching_figures import plot_head_heatmap
 
-        return plot_model_task([cell]) if len(cell.results) else None
+        if not len(cell.results):
+            return None
+        return plot_head_heatmap(cell) if self.heads == "each" else plot_model_task([cell])
 
     def comparison_key(self) -> str | None:
-        return self.spec.name
+        return self.spec.name if self.heads is None else None
 
     @classmethod
     def plot_comparison(cls, cells: Sequence[Any]):
@@ -143,8 +206,11 @@ class KnockoutAnalysis(Analysis):
     def report_sections(cls, cells: Sequence[Any]) -> list[tuple[str, list[FigureSpec]]]:
         """Per model and task (one line per knockout), across models, and a per-model overview."""
         from mmflow.analyses.knockout_figures import plot_model_overview, plot_model_task
+        from mmflow.analyses.patching_figures import head_sections
 
-        cells = [c for c in cells if len(c.results)]
+        mine = [c for c in cells if c.kind == cls.name and len(c.results)]
+        per_head = head_sections([c for c in mine if c.analysis.heads == "each"])
+        cells = [c for c in mine if c.analysis.heads is None]
         per_model = [
             FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(group))
             for (model, task, k), group in _by(cells, "model", "task", "window").items()
@@ -165,7 +231,8 @@ class KnockoutAnalysis(Analysis):
             if len({c.task for c in group}) > 1
         ]
         sections = [("Per model and task", per_model), ("Across models (relative depth)", cross)]
-        return ([("Per model: every task", overview)] if overview else []) + sections
+        sections = ([("Per model: every task", overview)] if overview else []) + sections
+        return (sections if cells else []) + per_head
 
 
 def _by(cells: Sequence[Any], *keys: str) -> dict[tuple, list]:

@@ -9,7 +9,6 @@ from `results.parquet` / `samples.parquet`, and writes PNG + PDF figures and one
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,13 +52,10 @@ def _save(spec: FigureSpec, out_dir: Path) -> FigureEntry:
 
 def _sections(cells: list[CellData], out_dir: Path, notes: list[str]) -> list[tuple[str, list[FigureEntry]]]:
     """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal)."""
-    by_kind: dict[str, list[CellData]] = defaultdict(list)
-    for cell in cells:
-        by_kind[cell.kind].append(cell)
     sections = []
-    for kind, group in by_kind.items():
+    for kind in dict.fromkeys(cell.kind for cell in cells):
         try:
-            specs = analysis_class(kind).report_sections(group)
+            specs = analysis_class(kind).report_sections(cells)
         except Exception as exc:  # one analysis's figures must not break the report
             notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
             continue

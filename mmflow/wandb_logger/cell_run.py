@@ -189,6 +189,9 @@ class WandbCellLogger:
             self.run.log(rows[layer])
         wandb = import_wandb()
         self.run.log({"per_layer": wandb.Table(dataframe=table)})
+        if "head" in results:  # knockout.heads: each: the heat map's numbers, layer x head
+            means = results.groupby(["layer", "head"])["rel_change_pct"].mean().reset_index()
+            self.run.log({"per_layer_head": wandb.Table(dataframe=means)})
         self.run.summary.update(self._summary(table, summary))
         figure = self._figure(results)
         if figure is not None:
