@@ -49,7 +49,8 @@ def draw_patching(ax, cell: CellData) -> None:
     """Recovered fraction (%) against centre layer on `ax`, one line per restored group."""
     table = cell.analysis.curve_table(cell.results)  # labels of the restored groups, from the analysis
     labels = {
-        value.removeprefix("recovered_pct/"): label for value, label in zip(table["value"], table["label"])
+        value.removeprefix("recovered_pct/"): label
+        for value, label in zip(table["value"], table["label"], strict=True)
     }
     curves = patching_curves(cell.results)
     for index, group in enumerate(sorted(curves["group"].unique(), key=_group_key)):
