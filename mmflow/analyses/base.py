@@ -66,9 +66,12 @@ class FigureSpec:
 class Analysis(ABC):
     """One kind of analysis, built from a resolved cell config (`config`).
 
-    Compute side (needs `bind(loaded)` first): `jobs`, `rows`. Output side (config and results only,
-    so the report can use it on cell folders): `headline`, `curve_table`, `labels`, `figure`,
-    `report_sections`, `comparison_key`, `plot_comparison`.
+    Compute side (needs `bind(loaded)` first): `jobs`, `rows` (may raise `GroupError`: a per-sample
+    skip), and two optional hooks the runtime calls when an analysis has them: `prepare(samples)`
+    once before the first sample, `capture_from(groups)` the first position whose layer inputs the
+    clean pass must keep. Output side (config and results only, so the report can use it on cell
+    folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`, `comparison_key`,
+    `plot_comparison`; `canonical` for the cell id.
     """
 
     name: ClassVar[str]

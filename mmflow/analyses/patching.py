@@ -108,7 +108,8 @@ class PatchingAnalysis(Analysis):
         self._positions: dict[str, dict[str, torch.Tensor]] = {}  # question id -> group -> positions
 
     def bind(self, loaded: LoadedModel) -> PatchingAnalysis:
-        self.patcher = make_patcher(self.config["engine"]["name"], loaded)
+        engine = self.config["engine"]
+        self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.n_layers = loaded.n_layers
         for centre in range(self.n_layers):
             window_layers(centre, self.width, self.n_layers)  # validates width early

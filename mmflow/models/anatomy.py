@@ -16,6 +16,8 @@ import torch
 class Anatomy:
     """The language model's parts of one loaded model.
 
+    `language_model`: the decoder stack (embeddings in, final norm out; its forward pre-hook sees
+    the input embeddings);
     `layers`: the decoder layers in order (L of them); `final_norm`: the norm applied to the last
     layer's output before the unembedding; `unembedding`: hidden [.., D] -> logits [.., V];
     `decoder_kind`: the text config's `model_type` ("llama", "mistral", "qwen2", ...); `backbone`:
@@ -23,6 +25,7 @@ class Anatomy:
     `pack_image_features`), whose forward returns hidden states.
     """
 
+    language_model: torch.nn.Module
     layers: torch.nn.ModuleList
     final_norm: torch.nn.Module
     unembedding: torch.nn.Module
@@ -43,6 +46,7 @@ def anatomy_of(model) -> Anatomy:
             f"{type(model).__name__} has no LLaVA-style language model (model.model.language_model)"
         )
     return Anatomy(
+        language_model=language,
         layers=language.layers,
         final_norm=language.norm,
         unembedding=model.get_output_embeddings(),
