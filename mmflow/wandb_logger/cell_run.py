@@ -208,8 +208,10 @@ class WandbCellLogger:
         out.update(n_layers=self.n_layers, status="done")
         value = self.analysis.minimum_of
         best = curve_minimum(table, value) if value is not None and len(table) else {}
+        for key, number in best.items():  # the analysis's own headline wins (per head: its (layer, head))
+            out.setdefault(key, number)
         if best:
-            out.update(best, min_rel_depth=best["min_layer"] / self.n_layers)
+            out["min_rel_depth"] = out["min_layer"] / self.n_layers
         return out
 
     def _figure(self, results: pd.DataFrame) -> Any:
