@@ -35,7 +35,6 @@ from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
 from mmflow.data.sample import Sample
 from mmflow.groups import build_token_groups
 from mmflow.inputs import ModelInputs, encode
-from mmflow.knockout.attention import prepare_model
 from mmflow.knockout.fast import make_fast_engine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
@@ -97,7 +96,6 @@ def build_loaded(geometry: str, layers: int, hidden: int, heads: int) -> LoadedM
     )
     tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
     model = build_model(spec, tokenizer).eval()
-    prepare_model(model, "sdpa")
     return LoadedModel(
         name=spec.name,
         model=model,
@@ -105,7 +103,6 @@ def build_loaded(geometry: str, layers: int, hidden: int, heads: int) -> LoadedM
         path=f"random:{spec.name}",
         prompt_format=spec.prompt_format,
         image_preprocess=geo.image_preprocess,
-        n_layers=layers,
         device=torch.device("cpu"),
     )
 

@@ -16,12 +16,12 @@ register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before H
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder.
 
-    Keys the cell's analysis ignores are dropped (answer tracking: knockout, window; knockout: lens),
-    so they do not change its cell id.
+    Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
+    nothing it ignores can change its cell id.
     """
-    from mmflow.analyses import drop_ignored_keys
+    from mmflow.analyses import canonical_config
 
-    config = drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
     return config
@@ -37,7 +37,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     redact_hydra_output()
     config = cell_config(cfg)
     validate_cell(config)  # before the model loads (minutes for a 7B model)
-    loaded = get_model(config["model"], config["engine"].get("attention", "sdpa"))
+    loaded = get_model(config["model"])
     with sigterm_as_interrupt():
         outcome = run_cells(loaded, [config], progress=True, logger_factory=cell_logger)[0]
     print(f"[mmflow] cell {outcome.cell_id}: {outcome.status} -> {outcome.path}")

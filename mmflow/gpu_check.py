@@ -135,7 +135,6 @@ def build_full_size(name: str, size: Size, dtype: torch.dtype, device: torch.dev
         path=f"random:{name}",
         prompt_format=spec.prompt_format,
         image_preprocess=geo.image_preprocess,
-        n_layers=size.layers,
         device=device,
     )
 

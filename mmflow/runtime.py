@@ -259,7 +259,7 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     depth, stages = pipeline
     started = time.time()
     first = cells[0].config
-    engine = make_engine(first["engine"]["name"], loaded)
+    engine = make_engine(first["engine"]["name"], loaded, first["engine"].get("attention", "sdpa"))
     clean_passes: Counter[str] = Counter()
     try:
         with stages.timed("load_samples"):

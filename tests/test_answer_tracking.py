@@ -65,7 +65,11 @@ def pieces(loaded, sample) -> dict[str, str | None]:
 
 
 def analysis(loaded, lens: str = "norm") -> AnswerTrackingAnalysis:
-    return AnswerTrackingAnalysis(loaded, lens, {"model": loaded.name, "task": "ChooseAttr"})
+    config = {"analysis": "answer_tracking", "lens": lens, "model": {"name": loaded.name}}
+    config["task"] = "ChooseAttr"
+    analysis = make_analysis(config, loaded)
+    assert isinstance(analysis, AnswerTrackingAnalysis)
+    return analysis
 
 
 # ---------------------------------------------------------------- token forms and bad input
@@ -264,17 +268,22 @@ def _compose(overrides: list[str], results_dir: Path) -> dict:
     return cell_config(cfg)
 
 
-def test_cell_ids_ignore_keys_the_analysis_does_not_read(tmp_path):
+def test_cell_configs_hold_only_the_keys_their_analysis_reads(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
     from mmflow.store import cell_id
 
     base = ["task=ChooseAttr", "analysis=answer_tracking"]
-    at = [_compose([*base, *o], tmp_path) for o in ([], ["knockout=image_to_last"], ["window=5"])]
-    assert "knockout" not in at[0] and "window" not in at[0] and at[0]["lens"] == "norm"
-    assert len({cell_id(c) for c in at}) == 1
-    assert cell_id(_compose([*base, "lens=raw"], tmp_path)) != cell_id(at[0])
-    ko = [_compose(["task=ChooseAttr", *o], tmp_path) for o in ([], ["lens=raw"])]
-    assert "lens" not in ko[0] and ko[0]["window"] == ko[0]["model"]["default_window"]
-    assert cell_id(ko[0]) == cell_id(ko[1])
+    at = _compose(base, tmp_path)
+    assert "knockout" not in at and "window" not in at and at["lens"] == "norm"
+    for foreign in (["knockout=image_to_last"], ["window=5"]):  # an error, not a silently ignored key
+        with pytest.raises(ConfigCompositionException):
+            _compose([*base, *foreign], tmp_path)
+    assert cell_id(_compose([*base, "lens=raw"], tmp_path)) != cell_id(at)
+    ko = _compose(["task=ChooseAttr"], tmp_path)
+    assert "lens" not in ko and ko["window"] == ko["model"]["default_window"]
+    with pytest.raises(ConfigCompositionException):
+        _compose(["task=ChooseAttr", "lens=raw"], tmp_path)
 
 
 def test_both_analyses_share_one_clean_pass_per_sample(tmp_path, monkeypatch):

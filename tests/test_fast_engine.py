@@ -17,10 +17,10 @@ from mmflow.groups import build_token_groups
 from mmflow.inputs import encode
 from mmflow.knockout import fast as fast_module
 from mmflow.knockout import kernels, make_engine, rows
-from mmflow.knockout.attention import language_layers
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
+from mmflow.models.anatomy import anatomy_of
 from mmflow.models.registry import get_model
 
 CONF = Path(__file__).resolve().parents[1] / "mmflow" / "conf" / "model"
@@ -99,7 +99,7 @@ def sharpened(loaded, factor: float = 4.0):
     """A copy whose attention is peaked (q, k weights x factor): wrong keys or positions then show."""
     model = copy.deepcopy(loaded.model)
     with torch.no_grad():
-        for layer in language_layers(model):
+        for layer in anatomy_of(model).layers:
             layer.self_attn.q_proj.weight.mul_(factor)
             layer.self_attn.k_proj.weight.mul_(factor)
     return dataclasses.replace(loaded, model=model)

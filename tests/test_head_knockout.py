@@ -10,7 +10,7 @@ import torch
 from conftest import cell_config, model_config, noise_sample
 from test_knockout_reference import _embeds, plain_forward
 
-from mmflow.analyses import drop_ignored_keys
+from mmflow.analyses import canonical_config
 from mmflow.analyses.knockout import head_sets
 from mmflow.groups import build_token_groups
 from mmflow.inputs import encode
@@ -134,6 +134,6 @@ def test_each_head_cell_rows(tmp_path):
 def test_heads_null_keeps_the_cell_id(tmp_path):
     config = cell_config(tmp_path)
     with_null = {**config, "knockout": {**config["knockout"], "heads": None}}
-    assert cell_id(drop_ignored_keys(with_null)) == cell_id(drop_ignored_keys(config))
+    assert cell_id(canonical_config(with_null)) == cell_id(canonical_config(config))
     each = {**config, "knockout": {**config["knockout"], "heads": "each"}}
-    assert cell_id(drop_ignored_keys(each)) != cell_id(drop_ignored_keys(config))
+    assert cell_id(canonical_config(each)) != cell_id(canonical_config(config))

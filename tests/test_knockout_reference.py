@@ -10,7 +10,7 @@ from conftest import model_config, noise_sample
 from mmflow.groups import build_token_groups
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import encode
-from mmflow.knockout.attention import check_prepared, language_layers
+from mmflow.knockout.attention import check_prepared
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers
 from mmflow.models.registry import _Attr, load_model
@@ -70,7 +70,7 @@ def plain_forward(model, embeds: torch.Tensor, blocked: dict[int, torch.Tensor])
 
 def _embeds(loaded, inputs) -> torch.Tensor:
     """The language model's input (text embeddings with image features merged), from the model itself."""
-    with record_layer_inputs(language_layers(loaded.model)[:1], start=0) as record:
+    with record_layer_inputs(loaded.anatomy.layers[:1], start=0) as record:
         ReferenceEngine(loaded).clean(inputs)
     return record["inputs"][0]
 
@@ -110,7 +110,11 @@ def _run_plain(loaded, embeds, blocked):
 
 @pytest.fixture(scope="module")
 def eager_llava():
-    return load_model(_Attr(model_config("tiny-llava")), knockout_backend="eager")
+    from mmflow.knockout import make_engine
+
+    loaded = load_model(_Attr(model_config("tiny-llava")))
+    make_engine("reference", loaded, "eager")  # the engine routes attention through mmflow_eager
+    return loaded
 
 
 def _sample_and_groups(loaded, tmp_path, seed=7):
@@ -137,7 +141,7 @@ def _record(loaded, inputs, job):
     from mmflow.knockout.attention import blocking
 
     weights, hidden, handles = {}, {}, []
-    for index, layer in enumerate(language_layers(loaded.model)):
+    for index, layer in enumerate(loaded.anatomy.layers):
         handles.append(
             layer.self_attn.register_forward_hook(lambda m, a, o, i=index: weights.__setitem__(i, o[1]))
         )
@@ -188,6 +192,7 @@ def test_positions_before_first_target_and_vision_tower_unchanged(eager_llava, t
 
 
 def test_refuses_attention_that_ignores_the_mask(tiny_llava):
+    ReferenceEngine(tiny_llava)  # making an engine prepares the attention
     model = tiny_llava.model
     original = model.config.get_text_config()._attn_implementation
     try:

@@ -12,7 +12,6 @@ from conftest import cell_config, noise_sample
 from mmflow.groups import build_token_groups
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import encode
-from mmflow.knockout.attention import language_layers
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import window_layers
 from mmflow.patching.corrupt import embedding_std, make_corruption, pair_counterfactuals
@@ -47,7 +46,7 @@ def plain_patch(loaded, embeds: torch.Tensor, attention_mask, states: torch.Tens
     """The independent computation: the language model on `embeds` [T, D] (no vision tower, no mmflow
     hooks), with `states[j]` [T, D] written at the job's positions at the input of each window layer by
     plain forward pre-hooks. Returns (last-position log-probs [V], hidden states of every layer)."""
-    layers = language_layers(loaded.model)
+    layers = loaded.anatomy.layers
     handles = []
     for j in job.layers if job is not None else ():
 
@@ -72,7 +71,7 @@ def plain_states(loaded, inputs) -> torch.Tensor:
     """Every layer's input [L, T, D] of a clean forward, from transformers' own hidden_states."""
     with torch.no_grad():
         out = loaded.model(**inputs.tensors, output_hidden_states=True)
-    return torch.stack([h[0] for h in out.hidden_states[: len(language_layers(loaded.model))]])
+    return torch.stack([h[0] for h in out.hidden_states[: len(loaded.anatomy.layers)]])
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -142,7 +141,7 @@ def test_the_four_exactness_properties(fixture, kind, request, tmp_path):
     corrupted_states = reference.states(corruption.inputs, 0, corruption)
     first = int(groups.question.min())
     job = RestoreJob(groups.question, window_layers(n_layers // 2, 3, n_layers))
-    with record_layer_inputs(language_layers(loaded.model), 0) as record:
+    with record_layer_inputs(loaded.anatomy.layers, 0) as record:
         patched = reference.last_logprobs(corruption, job, states.hidden, 0)
     patched_states = torch.stack(record["inputs"])
     assert torch.equal(patched_states[:, :first], corrupted_states[:, :first])

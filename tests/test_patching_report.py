@@ -10,9 +10,9 @@ import pytest
 from conftest import cell_config, model_config
 from test_wandb_logger import inspect, logger_section, of_type, run_dirs
 
+from mmflow.analyses.patching_figures import head_table, patching_curves, strongest_heads
 from mmflow.report import build_report
 from mmflow.report.cells import load_cell
-from mmflow.report.patching import head_table, patching_curves, strongest_heads
 
 
 @pytest.fixture(scope="module")

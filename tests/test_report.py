@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +162,7 @@ def test_model_overview_has_a_panel_per_task(tmp_path: Path) -> None:
     for ax, task in zip(visible, ("ChooseRel", "QueryAttr"), strict=True):
         assert ax.get_xlim() == (0.0, 5.0)
         for line, knockout in zip(data_lines(ax), ("image_to_question", "question_to_last"), strict=True):
-            (cell,) = [c for c in cells if c.task == task and c.knockout == knockout]
+            (cell,) = [c for c in cells if c.task == task and c.variant == knockout]
             np.testing.assert_allclose(line.get_ydata(), curve_stats(cell.results)["mean"])
 
 
@@ -187,15 +186,14 @@ def assert_figure_files(report: Path, index_html: str) -> list[Path]:
     return images
 
 
-def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "mmflow.analyses.answer_tracking", None)  # as if not written yet
+def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict) -> None:
     root = fabricated[("m8", "image_to_question")].parent
-    tracking = fabricate_cell(root, "m8", curve_values(2, 9, 0.0), analysis="answer_tracking")
+    unknown = fabricate_cell(root, "m8", curve_values(2, 9, 0.0), analysis="no_such_analysis")
     index = build_report(root)
     html = index.read_text()
     rows = table_rows(html)
     assert index == root / "report" / "index.html"
-    assert set(rows) == {p.name for k, p in fabricated.items() if isinstance(k, tuple)} | {tracking.name}
+    assert set(rows) == {p.name for k, p in fabricated.items() if isinstance(k, tuple)}
     for (model, knockout), cell_dir in ((k, v) for k, v in fabricated.items() if isinstance(k, tuple)):
         results = pd.read_parquet(cell_dir / "results.parquet")
         curve = results.groupby("layer")["rel_change_pct"].mean()
@@ -204,7 +202,7 @@ def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict, monkeyp
         assert rows[cell_dir.name][:-1] == expected
     assert f"{fabricated['failed']} (status failed)" in html
     assert f"{fabricated['running']} (status running)" in html
-    assert f"answer tracking cell {tracking.name}" in html and "not available" in html
+    assert f"{unknown} (status done, analysis &#x27;no_such_analysis&#x27; unknown)" in html
     images = assert_figure_files(index.parent, html)
     names = sorted(p.stem for p in images)
     assert names == [
@@ -215,24 +213,43 @@ def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict, monkeyp
     ]
 
 
-def test_report_draws_answer_tracking_with_its_module(fabricated: dict, monkeypatch) -> None:
-    calls = []
+def tracking_cell(root: Path, p_lower: np.ndarray) -> Path:
+    """An answer-tracking cell folder with known lower-case answer probabilities `p_lower[sample, layer]`."""
+    n_samples, n_layers = p_lower.shape
+    config = {
+        "analysis": "answer_tracking",
+        "lens": "norm",
+        "model": {"name": "m8", "n_layers": n_layers - 1},
+    }
+    config.update(task=TASK, n_samples=n_samples, results_dir=str(root))
+    rows = [
+        {"question_id": f"q{s}", "layer": layer, "p_lower": p_lower[s, layer], "p_capital": 0.01}
+        for s in range(n_samples)
+        for layer in range(n_layers)
+    ]
+    cell_dir = root / cell_id(config)
+    atomic_write_parquet(cell_dir / "results.parquet", pd.DataFrame(rows))
+    atomic_write_json(cell_dir / "cell.json", {"cell_id": cell_dir.name, "status": "done", "config": config})
+    return cell_dir
 
-    def plot_answer_tracking(results, ax=None, title=None):
-        calls.append(len(results))
-        ax.plot(results["layer"], results["rel_change_pct"], label="answer")
-        return ax
 
-    module = types.ModuleType("mmflow.analyses.answer_tracking")
-    module.plot_answer_tracking = plot_answer_tracking
-    monkeypatch.setitem(sys.modules, "mmflow.analyses.answer_tracking", module)
+def test_report_draws_answer_tracking_through_its_analysis(fabricated: dict) -> None:
     root = fabricated[("m8", "image_to_question")].parent
-    tracking = fabricate_cell(root, "m8", curve_values(2, 9, 0.0), analysis="answer_tracking")
+    p_lower = np.array([[0.1, 0.5, 0.9], [0.3, 0.7, 0.5]])
+    tracking = tracking_cell(root, p_lower)
     html = build_report(root, out_dir=root / "elsewhere").read_text()
-    assert calls == [18]
+    row = table_rows(html)[tracking.name]
+    assert row[:3] == ["m8", TASK, "answer tracking (lens = norm)"] and row[6:8] == ["—", "—"]
     stems = [p.stem for p in assert_figure_files(root / "elsewhere", html)]
     assert f"answer_tracking__m8__ChooseAttr__{tracking.name}" in stems
-    assert "not available" not in html
+    assert "Answer tracking (logit lens)" in html
+    cell = next(c for c in load_cells([tracking])[0])
+    curve = cell.analysis.curve_table(cell.results)
+    lower = curve[curve["value"] == "p_lower_pct"]
+    np.testing.assert_allclose(lower["mean"], p_lower.mean(axis=0) * 100.0)
+    sem = p_lower.std(axis=0, ddof=1) / np.sqrt(2) * 100.0
+    np.testing.assert_allclose(lower["ci_high"], np.minimum(100.0, p_lower.mean(axis=0) * 100.0 + 1.96 * sem))
+    assert cell.analysis.headline(cell.results)["lower_first_layer_over_50"] == 1
 
 
 def test_sweep_folder_reports_the_cells_its_sweep_json_lists(fabricated: dict, tmp_path: Path) -> None:

@@ -27,23 +27,24 @@ from mmflow.knockout.reference import CleanPass, ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
 from mmflow.models.toy import (
     EVAL_DATA_SEED,
-    NAMING_WORDS,
     TOY_ROOT,
     VAL_DATA_SEED,
-    GroundingHead,
     ToyConfig,
     build_model,
     build_processor_for,
-    collate,
-    decoder_states,
     ensure_toy_model,
-    load_toy,
+)
+from mmflow.models.toy_training.data import (
+    NAMING_WORDS,
+    collate,
     patch_labels,
     training_data,
     training_scene,
     validation_data,
     word_facts,
 )
+from mmflow.models.toy_training.probes import GroundingHead, decoder_states
+from mmflow.models.toy_training.train import load_toy
 from mmflow.runtime import generate_answer, normalise_answer
 
 N_PER_TASK = (
@@ -236,7 +237,6 @@ def test_segments_are_the_analysis_prompt(recipe, tmp_path):
         path="",
         prompt_format="vicuna_v1",
         image_preprocess="pad",
-        n_layers=cfg.text_layers,
         device=torch.device("cpu"),
     )
     samples = {s.task: s for t in TASKS for s in load_shapes(t, 1, seed=VAL_DATA_SEED, cache_dir=tmp_path)}
@@ -387,7 +387,7 @@ def test_patch_labels_mark_each_object_centre(recipe):
 
 
 def _train(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mmflow.models.toy", "train", "--steps", "3", "--out", str(out)]
+    command = [sys.executable, "-m", "mmflow.models.toy_training", "train", "--steps", "3", "--out", str(out)]
     command += ["--seed", str(seed), "--images", "12", "--vision-steps", "2", "--val-n", "1", "--eval-n", "0"]
     return subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
 
@@ -402,7 +402,7 @@ def test_training_command_smoke(tmp_path):
     assert "toy-llava answers" in run.stderr and "loss=" in run.stderr  # the progress bar
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["steps"] == 3 and math.isfinite(record["final_loss"])
-    assert record["command"].startswith("python -m mmflow.models.toy train --steps 3")
+    assert record["command"].startswith("python -m mmflow.models.toy_training train --steps 3")
     assert record["train_data"]["images"] == 12
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -414,7 +414,16 @@ def test_training_command_smoke(tmp_path):
 @pytest.mark.slow
 def test_training_command_stops_cleanly_on_sigterm(tmp_path):
     """SIGTERM mid-training ends the data-parallel workers too and leaves no folder behind."""
-    command = [sys.executable, "-m", "mmflow.models.toy", "train", "--steps", "100000", "--images", "12"]
+    command = [
+        sys.executable,
+        "-m",
+        "mmflow.models.toy_training",
+        "train",
+        "--steps",
+        "100000",
+        "--images",
+        "12",
+    ]
     command += ["--vision-steps", "2", "--val-n", "0", "--eval-n", "0", "--out", str(tmp_path / "m")]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in iter(run.stderr.readline, ""):  # wait until the workers are training

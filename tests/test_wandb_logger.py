@@ -216,7 +216,7 @@ def test_resumed_cell_reuses_its_id_and_counts(tmp_path: Path, monkeypatch) -> N
         "analysis": "knockout",
         "model": {"name": "m", "n_layers": 4},
         "task": "ChooseAttr",
-        "knockout": {"name": "image_to_question"},
+        "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
         "window": 1,
         "n_samples": 3,
         "results_dir": str(tmp_path),
@@ -249,8 +249,11 @@ def test_a_broken_wandb_never_fails_the_cell(monkeypatch, tmp_path: Path) -> Non
     def broken(*args, **kwargs):
         raise RuntimeError("no wandb-core")
 
-    monkeypatch.setattr(wandb_logger, "init_run", broken)
-    logger = WandbCellLogger({"results_dir": str(tmp_path), "model": {"name": "m"}, "task": "t"}, 4, {})
+    monkeypatch.setattr(wandb_logger.cell_run, "init_run", broken)
+    knockout = {"name": "image_to_question", "source": "image", "target": "question"}
+    config = {"results_dir": str(tmp_path), "model": {"name": "m"}, "task": "t"}
+    config.update(knockout=knockout, window=1)
+    logger = WandbCellLogger(config, 4, {})
     logger.sample({"status": "scored"}, [{"layer": 0, "rel_change_pct": 1.0}])
     logger.finish(pd.DataFrame(), pd.DataFrame(), {})
     logger.close()

@@ -88,7 +88,7 @@ class ModelActor:
 
         self.token, self.group_samples = token, 0
         hf_logging.disable_progress_bar()
-        loaded = get_model(self.model, self.backend)
+        loaded = get_model(self.model)  # the engine prepares attention (engine.attention)
         context = {**context, **self.ready(), "model_loads": LOAD_COUNT["n"]}
         outcomes = run_cells(
             loaded, configs, on_sample=self._tick, context=context, logger_factory=cell_logger
@@ -891,14 +891,15 @@ class Sweep:
 
 
 def labels(cell: dict[str, Any]) -> dict[str, Any]:
-    """What a person reads to recognise a cell."""
-    knockout = cell.get("knockout") or {}
+    """What a person reads to recognise a cell (its analysis's `Labels`)."""
+    from mmflow.analyses import analysis_for
+
+    names = analysis_for(cell).labels
     return {
         "model": cell["model"]["name"],
         "task": cell.get("task"),
-        "knockout": knockout.get("name") if isinstance(knockout, dict) else knockout,
-        "window": cell.get("window"),
-        "analysis": cell.get("analysis", "knockout"),
+        "variant": names.variant,
+        "window": names.window,
     }
 
 
@@ -909,7 +910,7 @@ def print_summary(sweep: Sweep) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"mmflow sweep '{sweep.name}'", show_lines=False)
-    for column in ("cell", "model", "task", "knockout", "window", "status", "time s", "headline", "node"):
+    for column in ("cell", "model", "task", "analysis", "window", "status", "time s", "headline", "node"):
         table.add_column(column, no_wrap=column in ("cell", "status"))
     styles = {"done": "green", "cached": "cyan", "failed": "bold red"}
     for cell_id, cell in sweep.cells.items():
@@ -921,8 +922,8 @@ def print_summary(sweep: Sweep) -> None:
             cell_id,
             row["model"],
             str(row["task"]),
-            str(row["knockout"]),
-            str(row["window"]),
+            str(row["variant"]),
+            str(row["window"] if row["window"] is not None else "-"),
             f"[{styles.get(status, 'yellow')}]{status}[/]",
             f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
             headline_text(meta.get("headline") or {}) if status in ("done", "cached") else "-",

@@ -22,6 +22,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mmflow.analyses.base import Analysis, Labels, register
+from mmflow.analyses.curves import curve_stats
 from mmflow.data.sample import CHOOSE_TASKS, Sample
 from mmflow.groups import GroupError, TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -32,7 +34,6 @@ from mmflow.models.registry import LoadedModel
 LENSES = ("norm", "raw")
 TOP_K = 5
 THRESHOLD = 0.5  # the headline's "answer is there" level (mean probability over samples)
-Z_95 = 1.959964  # normal quantile of the 95% band (mean +- Z_95 * standard error)
 FORMS = ("lower", "capital", "false_lower", "false_capital")
 FORM_LABELS = {
     "lower": "answer (lower case)",
@@ -136,11 +137,6 @@ def answer_tokens(
 # ---------------------------------------------------------------- the lens
 
 
-def final_norm(model) -> torch.nn.Module:
-    """The language model's final norm (applied before the unembedding) of a LLaVA-style model."""
-    return model.model.language_model.norm
-
-
 @torch.no_grad()
 def lens_probs(loaded: LoadedModel, hidden: torch.Tensor, lens: str = "norm") -> torch.Tensor:
     """Vocabulary probabilities [L+1, V] (float32) of the last-position residual stream `hidden` [L+1, D].
@@ -151,7 +147,7 @@ def lens_probs(loaded: LoadedModel, hidden: torch.Tensor, lens: str = "norm") ->
     """
     if lens not in LENSES:
         raise ValueError(f"lens must be one of {LENSES}, got {lens!r}")
-    head, norm = loaded.model.get_output_embeddings(), final_norm(loaded.model)
+    head, norm = loaded.anatomy.unembedding, loaded.anatomy.final_norm
     hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)
     normed = norm(hidden) if lens == "norm" else torch.cat([hidden[:-1], norm(hidden[-1:])])
     logits = head(normed).float()
@@ -191,19 +187,25 @@ def top_columns(probs: torch.Tensor, tokenizer) -> dict[str, list]:
 # ---------------------------------------------------------------- the analysis
 
 
-class AnswerTrackingAnalysis:
-    """Logit lens at the last position: the answer's probability per layer in each surface form."""
+@register
+class AnswerTrackingAnalysis(Analysis):
+    """Logit lens at the last position: the answer's probability per layer in each surface form.
 
-    kind = "answer_tracking"
+    Config (`mmflow/conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
+    """
+
+    name = "answer_tracking"
+    config_keys = ("lens",)
     result_columns = RESULT_COLUMNS
-    sort_by = ["question_id", "layer"]
+    value_columns = tuple(f"p_{form}" for form in FORMS)
 
-    def __init__(self, loaded: LoadedModel, lens: str, labels: dict[str, Any]):
-        if lens not in LENSES:
-            raise ValueError(f"lens must be one of {LENSES}, got {lens!r}")
-        self.loaded = loaded
-        self.lens = lens
-        self.labels = labels  # model, task: constant columns of every row
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.lens = self.config["lens"]
+        if self.lens not in LENSES:
+            raise ValueError(f"lens must be one of {LENSES}, got {self.lens!r}")
+
+    # ------------------------------------------------------------ compute side
 
     def _tokens(self, sample: Sample, prompt_text: str, add_bos: bool) -> dict[str, AnswerToken | None]:
         return answer_tokens(self.loaded.tokenizer, prompt_text, add_bos, sample)
@@ -226,20 +228,22 @@ class AnswerTrackingAnalysis:
             **form_columns(probs, tokens),
             **top_columns(probs, self.loaded.tokenizer),
         }
-        constant = {"question_id": sample.question_id, "lens": self.lens, **self.labels}
+        constant = {"question_id": sample.question_id, "lens": self.lens, **self.row_labels}
         return [
             {c: constant[c] if c in constant else per_layer[c][layer] for c in RESULT_COLUMNS}
             for layer in per_layer["layer"]
         ]
+
+    # ------------------------------------------------------------ output side
 
     def headline(self, results: pd.DataFrame) -> dict:
         """Per form: first layer where the mean probability over samples exceeds 50%, and the maximum."""
         out: dict[str, Any] = {"lens": self.lens}
         if not len(results):
             return out
-        curves = results.groupby("layer")[[f"p_{form}" for form in FORMS]].mean()
+        table = self.curve_table(results)
         for form in FORMS:
-            curve = curves[f"p_{form}"].dropna()
+            curve = table[table["value"] == f"p_{form}_pct"].set_index("layer")["mean"] / 100.0
             if not len(curve):
                 continue
             above = curve.index[curve > THRESHOLD]
@@ -248,38 +252,51 @@ class AnswerTrackingAnalysis:
             out[f"{form}_max_layer"] = int(curve.idxmax())
         return out
 
+    def curve_table(self, results: pd.DataFrame) -> pd.DataFrame:
+        """One curve per token form (`form_curves`)."""
+        return form_curves(results)
 
-# ---------------------------------------------------------------- curves and the figure
+    @property
+    def labels(self) -> Labels:
+        model, task = str(self.config["model"]["name"]), str(self.config["task"])
+        return Labels(
+            variant=self.name,
+            legend=f"answer tracking (lens = {self.lens})",
+            tags=(model, task, self.name),
+            order=(self.lens,),
+        )
+
+    def figure(self, cell: Any):
+        from mmflow.analyses.plots import new_figure
+
+        figure, ax = new_figure()
+        title = f"{cell.model} — {cell.task}: answer tracking (lens = {self.lens})"
+        plot_answer_tracking(cell.results, ax=ax, title=title)
+        return figure
+
+    @classmethod
+    def title(cls) -> str:
+        return "Answer tracking (logit lens)"
 
 
-def answer_tracking_curves(results: pd.DataFrame) -> pd.DataFrame:
-    """Long table of the figure's curves: form, label, layer, n, mean_pct, low_pct, high_pct.
+# ---------------------------------------------------------------- the figure
 
-    The band is the normal 95% interval of the mean over samples (mean +- 1.96 standard errors),
-    clipped to 0..100; W&B logs this same table.
+
+def form_curves(results: pd.DataFrame) -> pd.DataFrame:
+    """The curve table of answer tracking: one curve per token form present in `results`.
+
+    Rows (value = `p_<form>_pct`, label, layer, n, mean, sem, ci_low, ci_high): the probability in %,
+    its mean over samples and the 95% band clipped to 0..100 (`mmflow.analyses.curves.curve_stats`).
     """
     frames = []
     for form in FORMS:
         column = f"p_{form}"
         if column not in results or results[column].isna().all():
             continue
-        stats = (results[column] * 100.0).groupby(results["layer"]).agg(["mean", "std", "count"])
-        half = Z_95 * stats["std"].fillna(0.0) / stats["count"].clip(lower=1) ** 0.5
-        frames.append(
-            pd.DataFrame(
-                {
-                    "form": form,
-                    "label": FORM_LABELS[form],
-                    "layer": stats.index.astype(int),
-                    "n": stats["count"].astype(int).to_numpy(),
-                    "mean_pct": stats["mean"].to_numpy(),
-                    "low_pct": (stats["mean"] - half).clip(lower=0.0).to_numpy(),
-                    "high_pct": (stats["mean"] + half).clip(upper=100.0).to_numpy(),
-                }
-            )
-        )
-    columns = ["form", "label", "layer", "n", "mean_pct", "low_pct", "high_pct"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        stats = curve_stats(results, column, scale=100.0, clip=(0.0, 100.0))
+        frames.append(stats.assign(value=f"{column}_pct", label=FORM_LABELS[form]))
+    columns = ["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def plot_answer_tracking(results: pd.DataFrame, ax=None, title: str | None = None):
@@ -292,15 +309,15 @@ def plot_answer_tracking(results: pd.DataFrame, ax=None, title: str | None = Non
         figure = Figure(figsize=(6.0, 3.6), layout="constrained")
         FigureCanvasAgg(figure)
         ax = figure.add_subplot()
-    curves = answer_tracking_curves(results)
+    curves = form_curves(results)
     for form in FORMS:
-        curve = curves[curves["form"] == form]
+        curve = curves[curves["value"] == f"p_{form}_pct"]
         if not len(curve):
             continue
         style = "--" if form.startswith("false") else "-"
         x = curve["layer"]
-        (line,) = ax.plot(x, curve["mean_pct"], style, marker="o", ms=3, label=FORM_LABELS[form])
-        ax.fill_between(x, curve["low_pct"], curve["high_pct"], color=line.get_color(), alpha=0.2)
+        (line,) = ax.plot(x, curve["mean"], style, marker="o", ms=3, label=FORM_LABELS[form])
+        ax.fill_between(x, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2)
     if len(results) and title is None and "lens" in results:
         parts = [str(results[c].iloc[0]) for c in ("model", "task") if c in results]
         title = " / ".join(parts + [f"lens={results['lens'].iloc[0]}"])

@@ -1,12 +1,21 @@
-"""The knockout analysis: windows of one block type -> per-layer change of the answer probability."""
+"""The knockout analysis: windows of one block type -> per-layer change of the answer probability.
+
+Config (`mmflow/conf/analysis/knockout.yaml`): `knockout` (name, source, target: a `conf/knockout/` entry)
+and `window` (the width k of the window of blocked layers around each centre layer).
+"""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
+import pandas as pd
 import torch
 
+from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
+from mmflow.analyses.curves import curve_stats
 from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -40,38 +49,65 @@ def head_sets(heads: str | int | Sequence[int] | None, n_heads: int) -> list[tup
     return [chosen]
 
 
-class KnockoutAnalysis:
-    """Block `spec` in the window of width `width` around every centre layer 0..L-1.
+def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
+    """The cell config as its id sees it: `knockout.heads: null` (every head) is the knockout as it was
+    before heads existed, so it is left out and keeps the cell ids computed then."""
+    knockout = config.get("knockout")
+    if isinstance(knockout, dict) and "heads" in knockout and knockout["heads"] is None:
+        return {**config, "knockout": {k: v for k, v in knockout.items() if k != "heads"}}
+    return config
 
-    With `heads` (see `head_sets`) the edges are blocked in those attention heads only; rows then
-    record the head (`each`: column `head`, the head index) or the head set (a list: column `heads`,
-    e.g. "0,2").
+
+# Per-layer means logged next to the curve (result column -> curve-table column).
+EXTRAS = {"logp_change": "logp_change", "top1_changed": "top1_changed_frac"}
+
+
+@register
+class KnockoutAnalysis(Analysis):
+    """Block `spec` in the window of width `window` around every centre layer 0..L-1.
+
+    With `knockout.heads` (see `head_sets`) the edges are blocked in those attention heads only; rows
+    then record the head (`each`: column `head`, the head index) or the head set (a list: column
+    `heads`, e.g. "0,2").
     """
 
-    kind = "knockout"
+    name = "knockout"
+    config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
-    sort_by = ["question_id", "layer"]
+    value_columns = ("rel_change_pct",)
+    minimum_of = "rel_change_pct"
 
-    def __init__(
-        self,
-        spec: KnockoutSpec,
-        width: int,
-        n_layers: int,
-        labels: dict,
-        heads: str | int | Sequence[int] | None = None,
-        n_heads: int = 0,
-    ):
-        self.spec = spec
-        self.width = width
-        self.n_layers = n_layers
-        self.labels = labels  # model, task, knockout, window: constant columns of every row
-        self.head_sets = head_sets(heads, n_heads)
-        self.head_column = None if heads is None else "head" if heads == "each" else "heads"
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        knockout = self.config["knockout"]
+        self.spec = KnockoutSpec(knockout["name"], knockout["source"], knockout["target"])
+        self.width = int(self.config["window"])
+        self.heads = knockout.get("heads")
+        self.head_column = None if self.heads is None else "head" if self.heads == "each" else "heads"
+        self.head_sets: list[tuple[int, ...] | None] = [None]
         if self.head_column is not None:
             self.result_columns = RESULT_COLUMNS[:2] + [self.head_column] + RESULT_COLUMNS[2:]
             self.sort_by = ["question_id", "layer", self.head_column]
-        for centre in range(n_layers):
-            window_layers(centre, width, n_layers)  # validates width early
+
+    @classmethod
+    def canonical(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return canonical_knockout(config)
+
+    # ------------------------------------------------------------ compute side
+
+    def bind(self, loaded) -> KnockoutAnalysis:
+        for centre in range(loaded.n_layers):
+            window_layers(centre, self.width, loaded.n_layers)  # validates the width early
+        self.head_sets = head_sets(self.heads, int(loaded.model.config.get_text_config().num_attention_heads))
+        return super().bind(loaded)
+
+    @property
+    def n_layers(self) -> int:
+        return self.loaded.n_layers
+
+    @property
+    def row_labels(self) -> dict[str, Any]:
+        return {**super().row_labels, "knockout": self.spec.name, "window": self.width}
 
     def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
         """One job per centre layer and head set (centre-major); raises `GroupError` if a group is empty."""
@@ -87,15 +123,15 @@ class KnockoutAnalysis:
 
     def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
         """Rows for one sample: clean pass vs knocked-out last-position log-probs `new` [L, V]."""
-        question_id = sample.question_id
         logp_base = float(clean.logprobs[token_id])
         p_base = math.exp(logp_base)
         top1 = new.argmax(dim=-1).tolist()
+        labels = self.row_labels
         out = []
         for index, (layer, heads) in enumerate((c, h) for c in range(self.n_layers) for h in self.head_sets):
             logp_new = float(new[index, token_id])
             p_new = math.exp(logp_new)
-            row = {"question_id": question_id, "layer": layer}
+            row = {"question_id": sample.question_id, "layer": layer}
             if heads is not None:
                 row[self.head_column] = self._head_value(heads)
             row.update(
@@ -105,19 +141,102 @@ class KnockoutAnalysis:
                     "rel_change_pct": (p_new - p_base) / p_base * 100.0,
                     "logp_change": logp_new - logp_base,
                     "top1_changed": top1[index] != token_id,
-                    **self.labels,
+                    **labels,
                 }
             )
             out.append(row)
         return out
 
-    def headline(self, results) -> dict:
-        """The curve's minimum (mean relative change over samples) and where it is (and in which head)."""
+    def headline(self, results: pd.DataFrame) -> dict[str, Any]:
+        """The curve's minimum and its layer; per head (`heads: each`) the (layer, head) minimum."""
+        if self.head_column != "head" or not len(results):
+            return super().headline(results)
+        curve = results.groupby(["layer", "head"])["rel_change_pct"].mean()
+        layer, head = curve.idxmin()
+        return {"min_rel_change_pct": float(curve.min()), "min_layer": int(layer), "min_head": int(head)}
+
+    # ------------------------------------------------------------ output side
+
+    def curve_table(self, results: pd.DataFrame) -> pd.DataFrame:
+        """The relative-change curve (%) per centre layer, with the mean logp change and flip rate."""
         if not len(results):
-            return {}
-        if self.head_column == "head":
-            curve = results.groupby(["layer", "head"])["rel_change_pct"].mean()
-            layer, head = curve.idxmin()
-            return {"min_rel_change_pct": float(curve.min()), "min_layer": int(layer), "min_head": int(head)}
-        curve = results.groupby("layer")["rel_change_pct"].mean()
-        return {"min_rel_change_pct": float(curve.min()), "min_layer": int(curve.idxmin())}
+            return pd.DataFrame(columns=["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"])
+        table = curve_stats(results, "rel_change_pct")
+        for column, name in EXTRAS.items():
+            if column in results:
+                means = results.groupby("layer")[column].mean().astype(float)
+                table = table.join(means.rename(name), on="layer")
+        table.insert(0, "label", self.spec.label)
+        table.insert(0, "value", "rel_change_pct")
+        return table
+
+    @property
+    def labels(self) -> Labels:
+        from mmflow.analyses.knockout_figures import knockout_order
+
+        legend = self.spec.label
+        if self.heads is not None:
+            legend += f" ({'per head' if self.heads == 'each' else f'heads {self.heads}'})"
+        return Labels(
+            variant=self.spec.name,
+            legend=legend,
+            tags=(str(self.config["model"]["name"]), str(self.config["task"]), f"window={self.width}"),
+            order=(knockout_order(self.spec.name), self.width),
+            window=self.width,
+        )
+
+    def figure(self, cell: Any):
+        from mmflow.analyses.knockout_figures import plot_model_task
+        from mmflow.analyses.patching_figures import plot_head_heatmap
+
+        if not len(cell.results):
+            return None
+        return plot_head_heatmap(cell) if self.heads == "each" else plot_model_task([cell])
+
+    def comparison_key(self) -> str | None:
+        return self.spec.name if self.heads is None else None
+
+    @classmethod
+    def plot_comparison(cls, cells: Sequence[Any]):
+        from mmflow.analyses.knockout_figures import plot_cross_model
+
+        return plot_cross_model(cells)
+
+    @classmethod
+    def report_sections(cls, cells: Sequence[Any]) -> list[tuple[str, list[FigureSpec]]]:
+        """Per model and task (one line per knockout), across models, and a per-model overview."""
+        from mmflow.analyses.knockout_figures import plot_model_overview, plot_model_task
+        from mmflow.analyses.patching_figures import head_sections
+
+        mine = [c for c in cells if c.kind == cls.name and len(c.results)]
+        per_head = head_sections([c for c in mine if c.analysis.heads == "each"])
+        cells = [c for c in mine if c.analysis.heads is None]
+        per_model = [
+            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(group))
+            for (model, task, k), group in _by(cells, "model", "task", "window").items()
+        ]
+        cross = [
+            FigureSpec(
+                f"cross__{task}__{knockout}",
+                f"{group[0].label} — {task} (relative depth)",
+                cls.plot_comparison(group),
+            )
+            for (task, knockout), group in _by(cells, "task", "variant").items()
+        ]
+        overview = [
+            FigureSpec(
+                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(group)
+            )
+            for (model, k), group in _by(cells, "model", "window").items()
+            if len({c.task for c in group}) > 1
+        ]
+        sections = [("Per model and task", per_model), ("Across models (relative depth)", cross)]
+        sections = ([("Per model: every task", overview)] if overview else []) + sections
+        return (sections if cells else []) + per_head
+
+
+def _by(cells: Sequence[Any], *keys: str) -> dict[tuple, list]:
+    groups: dict[tuple, list] = defaultdict(list)
+    for cell in cells:
+        groups[tuple(getattr(cell, k) for k in keys)].append(cell)
+    return groups

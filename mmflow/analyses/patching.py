@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mmflow.analyses.base import Analysis, Labels, register
+from mmflow.analyses.curves import curve_stats
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -70,45 +72,85 @@ def group_label(name: str) -> str:
     return " + ".join(GROUP_LABELS.get(part, part) for part in name.split("+"))
 
 
-class PatchingAnalysis:
-    """Restore each group in the window around every centre layer of a corrupted run."""
+@register
+class PatchingAnalysis(Analysis):
+    """Restore each group in the window around every centre layer of a corrupted run.
 
-    kind = "patching"
+    Config (`mmflow/conf/analysis/patching.yaml`): `window`, `corruption` (noise | counterfactual |
+    blank), `patching` (groups, noise_scale, margin); `engine.name` picks the patcher.
+    """
+
+    name = "patching"
+    config_keys = ("window",)
     result_columns = RESULT_COLUMNS
     sort_by = ["question_id", "group", "layer"]
+    value_columns = ()  # per restored group: logged at the end, no running mean over groups
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        engine: str,
-        corruption: str,
-        groups: Sequence[str],
-        width: int,
-        labels: dict[str, Any],
-        *,
-        noise_scale: float = 3.0,
-        margin: float = 0.05,
-        seed: int = 0,
-    ):
-        if corruption not in CORRUPTIONS:
-            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
-        if not groups:
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        patching = self.config.get("patching") or {}
+        self.corruption = self.config.get("corruption", "noise")
+        self.groups = list(patching.get("groups", ["image", "question", "last"]))
+        self.width = int(self.config["window"])
+        self.noise_scale = float(patching.get("noise_scale", 3.0))
+        self.margin = float(patching.get("margin", 0.05))
+        self.seed = int(self.config.get("seed", 0))
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
+        if not self.groups:
             raise ValueError("patching.groups is empty: name at least one token group to restore")
-        if margin < 0 or noise_scale <= 0:
-            raise ValueError(f"patching.margin must be >= 0 and noise_scale > 0, got {margin}, {noise_scale}")
-        self.loaded = loaded
-        self.patcher = make_patcher(engine, loaded)
-        self.corruption = corruption
-        self.groups = list(groups)
-        self.width = width
-        self.n_layers = loaded.n_layers
-        self.labels = labels  # model, task: constant columns of every row
-        self.noise_scale, self.margin, self.seed = noise_scale, margin, seed
+        if self.margin < 0 or self.noise_scale <= 0:
+            raise ValueError(
+                f"patching.margin must be >= 0 and noise_scale > 0, got {self.margin}, {self.noise_scale}"
+            )
         self.noise_sd: float | None = None
         self.counterfactuals: dict[str, Sample] = {}
         self._positions: dict[str, dict[str, torch.Tensor]] = {}  # question id -> group -> positions
+
+    def bind(self, loaded: LoadedModel) -> PatchingAnalysis:
+        engine = self.config["engine"]
+        self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
+        self.n_layers = loaded.n_layers
         for centre in range(self.n_layers):
-            window_layers(centre, width, self.n_layers)  # validates width early
+            window_layers(centre, self.width, self.n_layers)  # validates width early
+        return super().bind(loaded)
+
+    @property
+    def labels(self) -> Labels:
+        model, task = str(self.config["model"]["name"]), str(self.config["task"])
+        return Labels(
+            variant=f"patching_{self.corruption}",
+            legend=f"patching (corruption = {self.corruption})",
+            tags=(model, task, f"window={self.width}", self.name),
+            order=(self.corruption,),
+            window=self.width,
+        )
+
+    def curve_table(self, results: pd.DataFrame) -> pd.DataFrame:
+        """One curve per restored group: value `recovered_pct/<group>`, the recovered fraction in %."""
+        frames = (
+            [
+                curve_stats(part, "recovered_frac", scale=100.0).assign(
+                    value=f"recovered_pct/{g}", label=group_label(g)
+                )
+                for g, part in results.groupby("group", sort=False)
+            ]
+            if len(results)
+            else []
+        )
+        columns = ["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+    def figure(self, cell: Any):
+        from mmflow.analyses.patching_figures import plot_necessity_sufficiency
+
+        return plot_necessity_sufficiency([], [cell]) if len(cell.results) else None
+
+    @classmethod
+    def report_sections(cls, cells: Sequence[Any]) -> list:
+        from mmflow.analyses.patching_figures import patching_sections
+
+        return patching_sections(cells)
 
     def prepare(self, samples: Sequence[Sample | Skip]) -> None:
         """Before the first sample: the counterfactual pairs, or the noise's sd over these samples."""
@@ -170,7 +212,7 @@ class PatchingAnalysis:
             "logp_corrupt_change": logp_corrupt - logp_clean,
             "corruption": self.corruption,
             "corrupt_source": corruption.source,
-            **self.labels,
+            **self.row_labels,
         }
         out = []
         for index, (name, layer) in enumerate((n, c) for n in self.groups for c in range(self.n_layers)):
@@ -187,8 +229,7 @@ class PatchingAnalysis:
             out.append({column: row[column] for column in RESULT_COLUMNS})
         return out
 
-    @staticmethod
-    def headline(results: pd.DataFrame) -> dict:
+    def headline(self, results: pd.DataFrame) -> dict:
         """Per group: the highest mean recovered fraction (%) over samples and its centre layer."""
         if not len(results):
             return {}

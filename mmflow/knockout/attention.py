@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.anatomy import anatomy_of
 
 LAYER_ATTR = "_mmflow_layer"
 BACKENDS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
@@ -76,9 +77,10 @@ def prepare_model(model, backend: str = "sdpa") -> None:
     reason = knockout_undefined_reason(model.config)
     if reason is not None:
         raise NotImplementedError(reason)
+    anatomy = anatomy_of(model)
     vision_impl = model.config.vision_config._attn_implementation or "sdpa"
     model.set_attn_implementation({"text_config": f"mmflow_{backend}", "vision_config": vision_impl})
-    for index, layer in enumerate(language_layers(model)):
+    for index, layer in enumerate(anatomy.layers):
         setattr(layer.self_attn, LAYER_ATTR, index)
     check_prepared(model)
 
@@ -110,11 +112,6 @@ def knockout_undefined_reason(config) -> str | None:
             "(add it once its image attention is checked to be causal self-attention)"
         )
     return None
-
-
-def language_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of the language model of a LLaVA-style model."""
-    return model.model.language_model.layers
 
 
 def check_prepared(model) -> None:

@@ -40,7 +40,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
-from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, language_layers
+from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, prepare_model
 from mmflow.knockout.kernels import attend_prefix, attend_suffix, cat, merge
 from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
 from mmflow.knockout.rows import Group, first_affected_target, plan_sweeps
@@ -80,21 +80,21 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
     """Why the suffix recompute would not be exact for this model, or None if it is."""
     model = loaded.model
     text = model.config.get_text_config()
-    if text.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"decoder {text.model_type!r} is not Llama-style"
+    if loaded.anatomy.decoder_kind not in SUPPORTED_MODEL_TYPES:
+        return f"decoder {loaded.anatomy.decoder_kind!r} is not Llama-style"
     if any(kind not in LAYER_KINDS for kind in getattr(text, "layer_types", None) or ()):
         return "layers without causal (full or sliding-window) attention"
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(text, name, None) is not None:
             return f"{name} is set"
-    kinds = {type(layer).__name__ for layer in language_layers(model)}
+    kinds = {type(layer).__name__ for layer in loaded.anatomy.layers}
     if not kinds <= SUPPORTED_LAYERS:
         return f"decoder layers {sorted(kinds)} are not Llama-style"
     if text._attn_implementation not in IMPLEMENTATIONS:
         return f"language attention {text._attn_implementation!r} is not mmflow's"
     if model.training:
         return "model is in training mode (dropout)"
-    if len({parameter.device for parameter in language_layers(model).parameters()}) > 1:
+    if len({parameter.device for parameter in loaded.anatomy.layers.parameters()}) > 1:
         return "decoder split over several devices (device_map)"
     return None
 
@@ -118,13 +118,14 @@ def sliding_window_in_use(loaded: LoadedModel, length: int) -> int | None:
     return int(window) if applies and length > window else None
 
 
-def make_fast_engine(loaded: LoadedModel) -> ReferenceEngine:
+def make_fast_engine(loaded: LoadedModel, attention: str = "sdpa") -> ReferenceEngine:
     """The fast engine, or the reference engine named as a fallback when the shortcut is not exact."""
+    prepare_model(loaded.model, attention)  # the shortcut is judged on the attention it will run
     reason = unsupported_reason(loaded)
     if reason is None:
-        return FastEngine(loaded)
+        return FastEngine(loaded, attention)
     log.warning("engine=fast falls back to the reference engine: %s", reason)
-    engine = ReferenceEngine(loaded)
+    engine = ReferenceEngine(loaded, attention)
     engine.name = f"reference (fallback: {reason})"
     return engine
 
@@ -137,11 +138,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class FastEngine(ReferenceEngine):
     """Suffix-only, window-onward recompute of every knockout of a sample, batched over its rows."""
 
-    def __init__(self, loaded: LoadedModel):
-        super().__init__(loaded)
-        self.layers = language_layers(loaded.model)
-        self.norm = loaded.model.model.language_model.norm
-        self.lm_head = loaded.model.lm_head
+    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
+        super().__init__(loaded, attention)
+        self.layers = loaded.anatomy.layers
+        self.norm = loaded.anatomy.final_norm
+        self.lm_head = loaded.anatomy.unembedding
         self.fallbacks: Counter[str] = Counter()  # samples (or job sets) that needed the reference engine
 
     @property

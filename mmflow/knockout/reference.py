@@ -14,7 +14,7 @@ import torch
 
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
-from mmflow.knockout.attention import blocking, language_layers
+from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.registry import LoadedModel
 
@@ -52,12 +52,17 @@ def check_no_empty_rows(job: KnockoutJob, length: int) -> None:
 
 
 class ReferenceEngine:
-    """Full recompute per job, batch size one."""
+    """Full recompute per job, batch size one.
+
+    Making an engine routes the model's language attention through mmflow's `attention` backend
+    (`prepare_model`); a model has one backend at a time, the last engine made on it sets it.
+    """
 
     name = "reference"
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
         self.loaded = loaded
+        prepare_model(loaded.model, attention)
 
     @torch.no_grad()
     def last_logprobs(self, inputs: ModelInputs, job: KnockoutJob | None) -> torch.Tensor:
@@ -71,7 +76,7 @@ class ReferenceEngine:
         """The clean forward through the same code as every knockout (`capture_from` is unused here),
         keeping its key/value cache for the answer (a cache changes no number of the forward).
         """
-        layers = language_layers(self.loaded.model)
+        layers = self.loaded.anatomy.layers
         with record_layer_inputs(layers, None, last=True) as record, blocking(None):
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1]

@@ -1,12 +1,18 @@
-"""Model configs -> a loaded model and processor, through `from_pretrained` for real and tiny alike."""
+"""Model configs -> a loaded model and processor, through `from_pretrained` for real and tiny alike.
+
+Loading does not touch attention: the engine that runs knockouts prepares it (`mmflow.knockout`).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
+
+from mmflow.models.anatomy import Anatomy, anatomy_of
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,6 @@ class LoadedModel:
     path: str  # the local folder or hub id actually loaded
     prompt_format: str
     image_preprocess: str
-    n_layers: int
     device: torch.device
     parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
 
@@ -39,10 +44,22 @@ class LoadedModel:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @cached_property
+    def anatomy(self) -> Anatomy:
+        """The model's decoder layers, final norm, unembedding and decoder kind (`mmflow.models.anatomy`)."""
+        return anatomy_of(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        """L, the depth of the language model."""
+        return self.anatomy.depth
+
 
 def resolve_checkpoint(checkpoint: str) -> str:
-    """`tiny:<name>` / `replica:<name>` build (once) and return the project's tiny model or the CPU
-    replica of a real checkpoint (`mmflow.models.replica`); anything else (hub id, folder) is passed on."""
+    """The local folder or hub id to load: `tiny:<name>` builds (once) the project's tiny model,
+    `replica:<name>` the CPU replica of a real checkpoint (`mmflow.models.replica`), `toy:<name>` is a
+    committed toy model (`mmflow/toy_weights/<name>`); a local folder or a hub id is passed on.
+    Imports no trainer."""
     if checkpoint.startswith("tiny:"):
         from mmflow.models.tiny import ensure_tiny_model
 
@@ -104,11 +121,13 @@ def apply_parity(model, processor, parity: str | None) -> None:
         processor.image_processor.image_grid_pinpoints = paper_pinpoints(pinpoints)
 
 
-def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
-    """Load model + processor named by a `conf/model/*.yaml` config and prepare it for knockouts."""
+def load_model(cfg: Any) -> LoadedModel:
+    """Load model + processor named by a `conf/model/*.yaml` config (attention as the checkpoint has it).
+
+    Raises ValueError when the config's `n_layers` differs from the loaded model's depth.
+    """
     import transformers
 
-    from mmflow.knockout.attention import language_layers, prepare_model
     from mmflow.models.processors import load_processor
 
     if cfg.model_class not in MODEL_CLASSES:
@@ -135,34 +154,44 @@ def load_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
     processor = pin_pil_backend(processor, path, trust_remote_code=trust, revision=revision)
     processor = _apply_preprocess(processor, cfg.image_preprocess)
     apply_parity(model, processor, cfg.get("parity"))
-    prepare_model(model, knockout_backend)
     log.info("loaded %s from %s on %s", cfg.name, path, device)
-    return LoadedModel(
+    loaded = LoadedModel(
         name=cfg.name,
         model=model,
         processor=processor,
         path=path,
         prompt_format=cfg.prompt_format,
         image_preprocess=cfg.image_preprocess,
-        n_layers=len(language_layers(model)),
         device=device,
         parity=cfg.get("parity"),
     )
+    check_depth(cfg, loaded)
+    return loaded
+
+
+def check_depth(cfg: Any, loaded: LoadedModel) -> None:
+    """ValueError when the config's `n_layers` (what the report's axes use) is not the loaded depth."""
+    configured = cfg.get("n_layers")
+    if configured is not None and int(configured) != loaded.n_layers:
+        raise ValueError(
+            f"model {cfg.name!r}: the config says n_layers={configured}, but the checkpoint "
+            f"{loaded.path!r} has {loaded.n_layers} decoder layers"
+        )
 
 
 _LOADED: dict[str, LoadedModel] = {}
 LOAD_COUNT = {"n": 0}  # weight loads done by this process (the launcher reports it per cell)
 
 
-def get_model(cfg: Any, knockout_backend: str = "sdpa") -> LoadedModel:
+def get_model(cfg: Any) -> LoadedModel:
     """`load_model`, once per process and model config: later cells reuse the loaded weights."""
     import json
 
     plain = cfg if isinstance(cfg, dict) else dict(cfg)
-    key = json.dumps([plain, knockout_backend], sort_keys=True, default=str)
+    key = json.dumps(plain, sort_keys=True, default=str)
     if key not in _LOADED:
         _LOADED.clear()  # one model per process: free the previous one first
-        _LOADED[key] = load_model(cfg if not isinstance(cfg, dict) else _Attr(cfg), knockout_backend)
+        _LOADED[key] = load_model(cfg if not isinstance(cfg, dict) else _Attr(cfg))
         LOAD_COUNT["n"] += 1
     return _LOADED[key]
 

@@ -47,7 +47,7 @@ class Corruption:
 
 
 def _language_model(loaded: LoadedModel) -> torch.nn.Module:
-    return loaded.model.model.language_model
+    return loaded.anatomy.language_model
 
 
 @contextlib.contextmanager

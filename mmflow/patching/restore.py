@@ -26,7 +26,7 @@ import torch
 
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
-from mmflow.knockout.attention import blocking, language_layers
+from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
 from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.rows import plan_sweeps
@@ -107,9 +107,10 @@ class ReferencePatcher:
 
     name = "reference"
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
         self.loaded = loaded
-        self.layers = language_layers(loaded.model)
+        self.layers = loaded.anatomy.layers
+        prepare_model(loaded.model, attention)  # the same attention code as the engines
 
     @torch.no_grad()
     def states(self, inputs: ModelInputs, start: int, corruption: Corruption | None = None) -> torch.Tensor:
@@ -287,8 +288,12 @@ class FastPatcher(FastEngine):
         group.hidden = torch.where(chosen[..., None], states, group.hidden)
 
 
-def make_patcher(name: str, loaded: LoadedModel) -> ReferencePatcher | FastPatcher:
-    """The patcher for `engine.name`: fast (falls back to the reference where the shortcut is not exact)."""
+def make_patcher(name: str, loaded: LoadedModel, attention: str = "sdpa") -> ReferencePatcher | FastPatcher:
+    """The patcher for `engine.name`: fast (falls back to the reference where the shortcut is not exact).
+
+    Like the engines, it routes the model's language attention through mmflow's `attention` backend.
+    """
+    prepare_model(loaded.model, attention)
     if name == "reference":
         return ReferencePatcher(loaded)
     if name != "fast":

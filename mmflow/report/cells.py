@@ -11,7 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from mmflow.knockout.spec import NAMED_KNOCKOUTS, KnockoutSpec
+from mmflow.analyses import Analysis, analysis_for
+from mmflow.analyses.base import DEFAULT_ANALYSIS
 
 
 @dataclass
@@ -31,8 +32,14 @@ class CellData:
         return str(self.meta.get("cell_id", self.dir.name))
 
     @property
-    def analysis(self) -> str:
-        return str(self.config.get("analysis", "knockout"))
+    def kind(self) -> str:
+        """The name of the cell's analysis (its config's `analysis` key)."""
+        return str(self.config.get("analysis", DEFAULT_ANALYSIS))
+
+    @cached_property
+    def analysis(self) -> Analysis:
+        """The cell's analysis plug-in (names, curves, figures); ValueError if it is not installed."""
+        return analysis_for(self.config)
 
     @property
     def model(self) -> str:
@@ -43,37 +50,14 @@ class CellData:
         return str(self.config.get("task", "?"))
 
     @property
-    def knockout(self) -> str:
-        """The knockout's config name (the analysis kind for cells without a knockout)."""
-        knockout = self.config.get("knockout")
-        return str(knockout["name"]) if self.analysis == "knockout" and knockout else self.analysis
-
-    @property
-    def spec(self) -> KnockoutSpec | None:
-        knockout = self.config.get("knockout")
-        if self.analysis != "knockout" or not knockout:
-            return None
-        return KnockoutSpec(knockout["name"], knockout["source"], knockout["target"])
-
-    @property
-    def heads(self):
-        """`knockout.heads` of a knockout cell (None: every head), else None."""
-        knockout = self.config.get("knockout") or {}
-        return knockout.get("heads") if self.analysis == "knockout" else None
+    def variant(self) -> str:
+        """What tells this cell apart from others of its analysis, model and task (`Labels.variant`)."""
+        return self.analysis.labels.variant
 
     @property
     def label(self) -> str:
-        """The paper's legend text ("Image ↛ Question"), or the analysis name."""
-        spec = self.spec
-        if spec is not None:
-            heads = self.heads
-            if heads is None:
-                return spec.label
-            return f"{spec.label} ({'per head' if heads == 'each' else f'heads {heads}'})"
-        if self.analysis == "patching":
-            return f"patching (corruption = {self.config.get('corruption')})"
-        lens = self.config.get("lens") if self.analysis == "answer_tracking" else None
-        return self.analysis.replace("_", " ") + (f" (lens = {lens})" if lens else "")
+        """The paper's legend text ("Image ↛ Question"), or the analysis's own (`Labels.legend`)."""
+        return self.analysis.labels.legend
 
     @property
     def model_legend(self) -> str:
@@ -84,8 +68,7 @@ class CellData:
 
     @property
     def window(self) -> int | None:
-        window = self.config.get("window")
-        return int(window) if window is not None and self.analysis in ("knockout", "patching") else None
+        return self.analysis.labels.window
 
     @property
     def n_layers(self) -> int:
@@ -114,12 +97,6 @@ class CellData:
         return {k: int(counts.get(k, 0)) for k in ("samples", "correct", "scored")}
 
 
-def knockout_order(name: str) -> tuple[int, str]:
-    """Sort key: the paper's block types in their usual order, then custom ones by name."""
-    names = list(NAMED_KNOCKOUTS)
-    return (names.index(name), name) if name in names else (len(names), name)
-
-
 def find_cell_dirs(root: str | Path) -> list[Path]:
     """Every folder at or below `root` that holds a `cell.json`, plus the cells a `sweep.json` in
     `root` lists (a sweep folder records its cells, which live in the results folder), sorted."""
@@ -143,24 +120,35 @@ def read_meta(cell_dir: Path) -> dict[str, Any]:
 
 
 def load_cell(cell_dir: str | Path) -> CellData | None:
-    """The cell in `cell_dir` if its status is done and `results.parquet` is there, else None."""
+    """The cell in `cell_dir` if its status is done, `results.parquet` is there and its analysis is
+    installed, else None."""
     cell_dir = Path(cell_dir)
     meta = read_meta(cell_dir)
     results_path = cell_dir / "results.parquet"
     if meta.get("status") != "done" or not results_path.exists():
         return None
-    return CellData(cell_dir, meta, pd.read_parquet(results_path))
+    cell = CellData(cell_dir, meta, pd.read_parquet(results_path))
+    try:
+        cell.analysis  # noqa: B018 - resolves the plug-in once
+    except ValueError:
+        return None
+    return cell
 
 
 def load_cells(dirs: Iterable[str | Path]) -> tuple[list[CellData], list[dict[str, str]]]:
-    """Done cells among `dirs`, and a note (dir, status) for each folder that was left out."""
+    """Done cells among `dirs`, and a note (dir, status) for each folder that was left out (a cell of
+    an analysis that is not installed: status `done, analysis <name> unknown`)."""
     cells, left_out = [], []
     for cell_dir in dirs:
         cell = load_cell(cell_dir)
         if cell is None:
-            status = read_meta(Path(cell_dir)).get("status", "unreadable")
-            left_out.append({"dir": str(cell_dir), "status": str(status)})
+            meta = read_meta(Path(cell_dir))
+            status = str(meta.get("status", "unreadable"))
+            if status == "done" and (Path(cell_dir) / "results.parquet").exists():
+                kind = meta.get("config", {}).get("analysis", DEFAULT_ANALYSIS)
+                status = f"done, analysis {kind!r} unknown"
+            left_out.append({"dir": str(cell_dir), "status": status})
         else:
             cells.append(cell)
-    cells.sort(key=lambda c: (c.model, c.task, knockout_order(c.knockout), c.window or 0))
+    cells.sort(key=lambda c: (c.model, c.task, c.kind, c.analysis.labels.order))
     return cells, left_out

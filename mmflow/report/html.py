@@ -16,7 +16,7 @@ figure img { max-width: 560px; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; }
 .note { color: #8a5a00; }
 """
-COLUMNS = ("model", "task", "knockout", "window", "correct/total", "scored", "min (%)", "at layer", "cell")
+COLUMNS = ("model", "task", "analysis", "window", "correct/total", "scored", "min (%)", "at layer", "cell")
 
 
 @dataclass

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,17 +19,12 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmflow.report.cells import CellData, knockout_order
-from mmflow.report.figures import (
-    BAND_NOTE,
-    PALETTE,
-    Y_LABEL,
-    Z95,
-    _band,
-    curve_stats,
-    knockout_color,
-    new_figure,
-)
+from mmflow.analyses.curves import Z95, curve_stats
+from mmflow.analyses.knockout_figures import Y_LABEL, cell_curve, knockout_color, knockout_order
+from mmflow.analyses.plots import BAND_NOTE, PALETTE, new_figure
+from mmflow.analyses.plots import band as _band
+
+CellData = Any  # a finished cell (`mmflow.report.CellData`)
 
 RECOVERED_LABEL = "Recovered fraction of p(answer) (%)"
 GROUP_ORDER = ("image", "object", "nonobject", "question", "true_option", "false_option", "last", "all")
@@ -51,12 +47,15 @@ def _group_key(name: str) -> tuple[int, str]:
 
 def draw_patching(ax, cell: CellData) -> None:
     """Recovered fraction (%) against centre layer on `ax`, one line per restored group."""
-    from mmflow.analyses.patching import group_label
-
+    table = cell.analysis.curve_table(cell.results)  # labels of the restored groups, from the analysis
+    labels = {
+        value.removeprefix("recovered_pct/"): label
+        for value, label in zip(table["value"], table["label"], strict=True)
+    }
     curves = patching_curves(cell.results)
     for index, group in enumerate(sorted(curves["group"].unique(), key=_group_key)):
         stats = curves[curves["group"] == group]
-        _band(ax, stats["layer"].to_numpy(), stats, PALETTE[index % len(PALETTE)], group_label(group))
+        _band(ax, stats["layer"].to_numpy(), stats, PALETTE[index % len(PALETTE)], labels.get(group, group))
     n = int(curves.groupby("layer")["n"].max().max()) if len(curves) else 0
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
     ax.axhline(100.0, color="0.4", lw=0.8, ls=":", zorder=0)
@@ -70,9 +69,9 @@ def draw_patching(ax, cell: CellData) -> None:
 
 def draw_knockouts(ax, cells: Sequence[CellData]) -> None:
     """The knockout curves of `cells` (relative change, %) on `ax`."""
-    for cell in sorted(cells, key=lambda c: knockout_order(c.knockout)):
-        stats = curve_stats(cell.results)
-        _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.knockout), cell.label)
+    for cell in sorted(cells, key=lambda c: knockout_order(c.variant)):
+        stats = cell_curve(cell)
+        _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label)
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
     ax.set_title("Attention knockout (necessity)", fontsize=10)
     ax.set_ylabel(Y_LABEL)
@@ -121,7 +120,8 @@ def plot_head_heatmap(cell: CellData) -> Figure:
     ax.set_ylabel("Centre layer of the window")
     n = int(cell.results.groupby(["layer", "head"]).size().max())
     ax.set_title(
-        f"{cell.model} — {cell.task}: {cell.spec.label} per head (k = {cell.window}, n = {n})", fontsize=10
+        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} per head (k = {cell.window}, n = {n})",
+        fontsize=10,
     )
     figure.colorbar(image, ax=ax, label="Mean relative change (%)")
     for (row, col), value in np.ndenumerate(values):
@@ -142,42 +142,35 @@ def strongest_heads(results: pd.DataFrame, top: int = 3) -> pd.DataFrame:
     return means.sort_values("rel_change_pct").head(top).reset_index()
 
 
-def patching_sections(cells: Sequence[CellData], out_dir, notes: list[str], save) -> list[tuple[str, list]]:
-    """Report sections: knockout beside patching per (model, task, window); per-head heat maps.
+def patching_sections(cells: Sequence[CellData]) -> list[tuple[str, list]]:
+    """Report sections: knockout (all heads) beside patching per (model, task, window)."""
+    from mmflow.analyses.base import FigureSpec
 
-    `save(figure, fig_dir, stem, caption, out_dir)` writes a figure and returns its report entry.
-    """
-    from mmflow.report.figures import slug
-
-    fig_dir = out_dir / "figures"
-    sections = []
-    patchings = [c for c in cells if c.analysis == "patching" and len(c.results)]
+    patchings = [c for c in cells if c.kind == "patching" and len(c.results)]
     entries = []
     for key in sorted({(c.model, c.task, c.window) for c in patchings}):
         chosen = [c for c in patchings if (c.model, c.task, c.window) == key]
         knockouts = [
             c
             for c in cells
-            if c.analysis == "knockout"
-            and c.heads is None
+            if c.kind == "knockout"
+            and c.analysis.heads is None
             and len(c.results)
             and (c.model, c.task, c.window) == key
         ]
-        try:
-            figure = plot_necessity_sufficiency(knockouts, chosen)
-        except Exception as exc:  # one bad figure must not break the report
-            notes.append(f"patching figure {key}: {type(exc).__name__}: {exc}")
-            continue
         caption = f"{key[0]} — {key[1]} (k = {key[2]}): knockout and patching"
-        entries.append(save(figure, fig_dir, slug("patching", *key), caption, out_dir))
-    if entries:
-        sections.append(("Necessity (knockout) and sufficiency (patching)", entries))
-    heads = [c for c in cells if c.analysis == "knockout" and c.heads == "each" and len(c.results)]
+        stem = "__".join(("patching", *map(str, key)))
+        entries.append(FigureSpec(stem, caption, plot_necessity_sufficiency(knockouts, chosen)))
+    return [("Necessity (knockout) and sufficiency (patching)", entries)] if entries else []
+
+
+def head_sections(cells: Sequence[CellData]) -> list[tuple[str, list]]:
+    """Report sections: a layer x head heat map per knockout cell with `knockout.heads: each`."""
+    from mmflow.analyses.base import FigureSpec
+
     entries = []
-    for cell in heads:
-        caption = f"{cell.model} — {cell.task}: {cell.spec.label} per head (k = {cell.window})"
-        stem = slug("heads", cell.model, cell.task, cell.knockout, f"k{cell.window}")
-        entries.append(save(plot_head_heatmap(cell), fig_dir, stem, caption, out_dir))
-    if entries:
-        sections.append(("Head-resolved knockouts (layer x head)", entries))
-    return sections
+    for cell in cells:
+        caption = f"{cell.model} — {cell.task}: {cell.label} (k = {cell.window})"
+        stem = "__".join(("heads", cell.model, cell.task, cell.variant, f"k{cell.window}"))
+        entries.append(FigureSpec(stem, caption, plot_head_heatmap(cell)))
+    return [("Head-resolved knockouts (layer x head)", entries)] if entries else []

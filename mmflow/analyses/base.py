@@ -1,0 +1,216 @@
+"""The analysis protocol and the registry of analyses.
+
+An analysis is one kind of cell (`mmflow/conf/analysis/<name>.yaml` sets `analysis: <name>` and only the
+keys that analysis reads). Everything that depends on the kind goes through this protocol: the
+runtime asks it for the jobs of a sample's clean pass and turns the engine's log-probs into rows;
+the store asks it for the result schema; the W&B logger and the report ask it for the headline, the
+per-layer curve table, the figures and the labels. Nothing outside `mmflow/analyses/` tests a kind
+string.
+
+Adding an analysis: one module `mmflow/analyses/<name>.py` with a subclass of `Analysis` decorated
+by `@register`, and one config `mmflow/conf/analysis/<name>.yaml` (`# @package _global_`, `analysis: <name>`
+plus the analysis's own keys). `analysis_for(config)` imports the module by its name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pandas as pd
+
+if TYPE_CHECKING:  # annotations only: the analyses never import the runtime, report or logger
+    import torch
+    from matplotlib.figure import Figure
+
+    from mmflow.data.sample import Sample
+    from mmflow.groups import TokenGroups
+    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.spec import KnockoutJob
+    from mmflow.models.registry import LoadedModel
+
+DEFAULT_ANALYSIS = "knockout"  # cells written before `analysis` was a config key are knockout cells
+
+
+@dataclass(frozen=True)
+class Labels:
+    """How a cell is named in tables, legends and W&B.
+
+    `variant`: what tells cells of one analysis apart for the same model and task (the knockout's
+    config name; the analysis name when there is nothing else); `legend`: the paper's legend text
+    ("Image ↛ Question"); `tags`: W&B tags, joined by "/" for the run name; `order`: sort key among
+    cells of the same model and task; `window`: the knockout window width, None when there is none.
+    """
+
+    variant: str
+    legend: str
+    tags: tuple[str, ...]
+    order: tuple = ()
+    window: int | None = None
+
+
+@dataclass
+class FigureSpec:
+    """A figure an analysis contributes to the report: a drawn figure, its file stem and its caption."""
+
+    stem: str
+    caption: str
+    figure: Figure
+
+
+class Analysis(ABC):
+    """One kind of analysis, built from a resolved cell config (`config`).
+
+    Compute side (needs `bind(loaded)` first): `jobs`, `rows` (may raise `GroupError`: a per-sample
+    skip), and two optional hooks the runtime calls when an analysis has them: `prepare(samples)`
+    once before the first sample, `capture_from(groups)` the first position whose layer inputs the
+    clean pass must keep. Output side (config and results only, so the report can use it on cell
+    folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`, `comparison_key`,
+    `plot_comparison`; `canonical` for the cell id.
+    """
+
+    name: ClassVar[str]
+    config_keys: ClassVar[tuple[str, ...]] = ()  # top-level keys this analysis reads (its YAML sets them)
+    result_columns: ClassVar[list[str]]
+    sort_by: ClassVar[list[str]] = ["question_id", "layer"]
+    value_columns: ClassVar[tuple[str, ...]] = ()  # result columns the per-layer curve is made of
+    minimum_of: ClassVar[str | None] = None  # the curve value whose minimum is the headline, if any
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        missing = [k for k in self.config_keys if k not in config]
+        if missing:
+            raise ValueError(
+                f"analysis {self.name!r} needs config keys {missing} (mmflow/conf/analysis/{self.name}.yaml)"
+            )
+        self.config = dict(config)
+        self.loaded: LoadedModel | None = None
+
+    # ------------------------------------------------------------ compute side
+
+    def bind(self, loaded: LoadedModel) -> Analysis:
+        """Attach the loaded model the cell runs on; returns self."""
+        self.loaded = loaded
+        return self
+
+    @abstractmethod
+    def jobs(self, groups: TokenGroups, sample: Sample) -> list[KnockoutJob]:
+        """The engine jobs this cell needs from the sample's clean pass (possibly none).
+
+        Raises `GroupError` to skip the sample for this cell (recorded with its reason).
+        """
+
+    @abstractmethod
+    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
+        """Result rows of one sample from its clean pass and the jobs' last-position log-probs `new`
+        [J, V] (J = len(jobs(...)), V = vocabulary; float32 log-probabilities)."""
+
+    # ------------------------------------------------------------ output side
+
+    @property
+    def row_labels(self) -> dict[str, Any]:
+        """Constant columns of every result row (model, task, ...)."""
+        return {"model": self.config["model"]["name"], "task": self.config["task"]}
+
+    @abstractmethod
+    def curve_table(self, results: pd.DataFrame) -> pd.DataFrame:
+        """The per-layer curves: one row per (value, layer) with `CURVE_COLUMNS` (and extras).
+
+        The one place the curves' mean and 95% band are computed (via `mmflow.analyses.curves`);
+        the report's figures, the headline and W&B all read this table.
+        """
+
+    def headline(self, results: pd.DataFrame) -> dict[str, Any]:
+        """The cell's headline numbers (written to cell.json): the curve's minimum and where it is."""
+        if self.minimum_of is None or not len(results):
+            return {}
+        from mmflow.analyses.curves import curve_minimum
+
+        return curve_minimum(self.curve_table(results), self.minimum_of)
+
+    @property
+    @abstractmethod
+    def labels(self) -> Labels:
+        """Names of this cell in tables, legends and W&B."""
+
+    def figure(self, cell: Any) -> Figure | None:
+        """The figure of one finished cell (a `mmflow.report.CellData`), or None if it has none."""
+        return None
+
+    @classmethod
+    def canonical(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The cell config as its cell id sees it (default: as it is). An analysis whose config gained
+        a key whose default means "as before" drops it here, so cells computed before keep their ids."""
+        return config
+
+    @classmethod
+    def report_sections(cls, cells: Sequence[Any]) -> list[tuple[str, list[FigureSpec]]]:
+        """The report's sections: (title, figures). `cells` are all finished cells of the report (an
+        analysis may draw others beside its own); by default one figure per cell of this analysis."""
+        figures = []
+        for cell in (c for c in cells if c.kind == cls.name):
+            figure = cell.analysis.figure(cell)
+            if figure is not None:
+                stem = "__".join((cls.name, cell.model, cell.task, cell.cell_id))
+                figures.append(FigureSpec(stem, f"{cell.model} — {cell.task}", figure))
+        return [(cls.title(), figures)] if figures else []
+
+    @classmethod
+    def title(cls) -> str:
+        """The analysis's name in headings."""
+        return cls.name.replace("_", " ").capitalize()
+
+    def comparison_key(self) -> str | None:
+        """Cells of the same task and key are compared across models (None: not compared)."""
+        return None
+
+    @classmethod
+    def plot_comparison(cls, cells: Sequence[Any]) -> Figure | None:
+        """The across-models figure of cells sharing task and `comparison_key` (relative depth)."""
+        return None
+
+
+CURVE_COLUMNS = ["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"]
+_REGISTRY: dict[str, type[Analysis]] = {}
+
+
+def register(cls: type[Analysis]) -> type[Analysis]:
+    """Class decorator: make `cls` the analysis named `cls.name`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"analysis {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def known_analyses() -> list[str]:
+    """Names of the analyses shipped in `mmflow/analyses/` (modules with a registered class)."""
+    skip = {"base", "curves", "plots", "knockout_figures", "patching_figures"}
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in skip)
+
+
+def analysis_class(name: str) -> type[Analysis]:
+    """The analysis class named `name` (importing `mmflow.analyses.<name>`); ValueError if none."""
+    if name not in _REGISTRY and name in known_analyses():
+        importlib.import_module(f"mmflow.analyses.{name}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown analysis {name!r}; known: {', '.join(known_analyses())}")
+    return _REGISTRY[name]
+
+
+def analysis_for(config: Mapping[str, Any]) -> Analysis:
+    """The analysis of a resolved cell config (its `analysis` key), not yet bound to a model."""
+    return analysis_class(str(config.get("analysis", DEFAULT_ANALYSIS)))(config)
+
+
+def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved cell config as its analysis ids it (`Analysis.canonical`): what the cell store keeps."""
+    return analysis_class(str(config.get("analysis", DEFAULT_ANALYSIS))).canonical(config)
+
+
+def make_analysis(config: Mapping[str, Any], loaded: LoadedModel) -> Analysis:
+    """The analysis of a cell config, bound to the model it runs on (what the runtime uses)."""
+    return analysis_for(config).bind(loaded)

@@ -1,0 +1,134 @@
+"""The paper's knockout figures: per-layer mean relative change of the answer probability, 95% band.
+
+They take finished cells (`mmflow.report.CellData`: `results`, `model`, `task`, `n_layers` and the
+knockout analysis's labels: `label`, `variant`, `window`) and read every curve from
+`KnockoutAnalysis.curve_table`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from mmflow.analyses.plots import BAND_NOTE, LINESTYLES, PALETTE, band, new_figure, new_grid
+from mmflow.knockout.spec import NAMED_KNOCKOUTS
+
+Y_LABEL = "Relative change in answer probability (%)"
+
+
+def knockout_order(name: str) -> tuple[int, str]:
+    """Sort key: the paper's block types in their usual order, then custom ones by name."""
+    names = list(NAMED_KNOCKOUTS)
+    return (names.index(name), name) if name in names else (len(names), name)
+
+
+def knockout_color(name: str) -> str:
+    """A fixed colour per block type, so every figure shows a knockout in the same colour."""
+    names = list(NAMED_KNOCKOUTS)
+    index = names.index(name) if name in names else len(names) + sum(map(ord, name))
+    return PALETTE[index % len(PALETTE)]
+
+
+def cell_curve(cell: Any):
+    """The cell's relative-change curve (layer, n, mean, sem, ci_low, ci_high) from its analysis."""
+    table = cell.analysis.curve_table(cell.results)
+    return table[table["value"] == "rel_change_pct"].reset_index(drop=True)
+
+
+def _style(window: int | None, windows: set) -> str:
+    return LINESTYLES[sorted(windows, key=lambda w: w or 0).index(window) % len(LINESTYLES)]
+
+
+def _n_text(cells: Sequence[Any]) -> str:
+    counts = sorted({int(cell.results.groupby("layer").size().max()) for cell in cells if len(cell.results)})
+    if not counts:
+        return "n = 0"
+    return f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
+
+
+def _finish_axes(ax, title: str, xlabel: str, legend_title: str) -> None:
+    ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(Y_LABEL)
+    ax.grid(alpha=0.25)
+    legend = ax.legend(loc="best", fontsize="small", framealpha=0.9, title=f"{legend_title} ({BAND_NOTE})")
+    legend.get_title().set_fontsize("small")
+
+
+def plot_model_task(cells: Sequence[Any]) -> Figure:
+    """One model and task: relative change (%) against centre layer, one line per knockout."""
+    first = cells[0]
+    n_layers = max(c.n_layers for c in cells)
+    windows = {c.window for c in cells}
+    figure, ax = new_figure()
+    for cell in cells:
+        stats = cell_curve(cell)
+        label = cell.label if len(windows) == 1 else f"{cell.label} (k={cell.window})"
+        color = knockout_color(cell.variant)
+        band(ax, stats["layer"].to_numpy(), stats, color, label, _style(cell.window, windows))
+    window = f"window k = {first.window}, " if len(windows) == 1 else ""
+    title = f"{first.model} — {first.task}: attention knockout ({window}{_n_text(cells)})"
+    xlabel = f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)"
+    _finish_axes(ax, title, xlabel, "Knockout")
+    ax.set_xlim(0, n_layers - 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
+    """One model at one window: a panel per task (shared y axis), one line per knockout."""
+    cells = [c for c in cells if len(c.results)]
+    first = cells[0]
+    tasks = sorted({c.task for c in cells})
+    n_layers = max(c.n_layers for c in cells)
+    rows = -(-len(tasks) // columns)
+    figure, axes = new_grid(rows, columns, 4.0 * columns, 3.1 * rows + 0.6)
+    for ax, task in zip(axes, tasks, strict=False):
+        group = sorted((c for c in cells if c.task == task), key=lambda c: knockout_order(c.variant))
+        for cell in group:
+            stats = cell_curve(cell)
+            band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label)
+        ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+        ax.set_title(f"{task} ({_n_text(group)})", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.set_xlim(0, n_layers - 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    figure.supxlabel(f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)")
+    figure.supylabel(Y_LABEL)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(
+        handles,
+        labels,
+        loc="outside upper center",
+        ncols=len(labels),
+        fontsize="small",
+        title=f"{first.model}: attention knockout, window k = {first.window} ({BAND_NOTE})",
+    )
+    return figure
+
+
+def plot_cross_model(cells: Sequence[Any]) -> Figure:
+    """One task and knockout: every model's curve on the relative-depth axis (layer / L)."""
+    first = cells[0]
+    windows = {c.window for c in cells}
+    models = sorted({c.model for c in cells})
+    figure, ax = new_figure()
+    for cell in cells:
+        stats = cell_curve(cell)
+        extra = f", k = {cell.window}" if len(windows) > 1 else ""
+        label = f"{cell.model_legend} (L = {cell.n_layers}{extra})"
+        color = PALETTE[models.index(cell.model) % len(PALETTE)]
+        x = stats["layer"].to_numpy() / cell.n_layers
+        band(ax, np.asarray(x), stats, color, label, _style(cell.window, windows))
+    window = f"window k = {first.window}, " if len(windows) == 1 else ""
+    title = f"{first.label} — {first.task}: across models ({window}{_n_text(cells)})"
+    _finish_axes(ax, title, "Relative depth of the window centre (layer / number of layers)", "Model")
+    ax.set_xlim(0.0, 1.0)
+    return figure
