@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmflow.analyses import make_analysis
+from mmflow.context import RunContext
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GroupError, build_token_groups
 from mmflow.inputs import encode, load_image
@@ -135,7 +136,7 @@ def run_cells(
     loaded: LoadedModel,
     configs: Sequence[dict],
     on_sample: Callable[[int], None] | None = None,
-    context: dict[str, Any] | None = None,
+    context: RunContext | None = None,
     progress: bool = False,
     logger_factory: Callable[[dict, int], Any] | None = None,
 ) -> list[CellOutcome]:
@@ -146,7 +147,7 @@ def run_cells(
     """
     if len({group_key(c) for c in configs}) > 1:
         raise ValueError("cells run together must share model, data, task, samples and engine")
-    context = dict(context or {})
+    context = (context or RunContext()).meta()  # the cell.json fields of this run
     outcomes: dict[str, CellOutcome] = {}
     cells: list[_Cell] = []
     for config in configs:

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"), resolve=True)
+    path = ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def cell_config(folder: Path, model: str = "tiny-llava", **changes) -> dict:
