@@ -235,7 +235,8 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     log.info("Ray: %s", f"joining {address}" if address else "starting a local instance")
     if address is not None:
         check_reachable(address, float(settings.connect_timeout_s or 60))
-    ray.init(address=address, **kwargs)
+    # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
+    ray.init(address=address or "local", **kwargs)
     try:
         yield
     finally:
