@@ -239,6 +239,12 @@ def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mmflow.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llava-1.5")
+    parser.add_argument(
+        "--analysis",
+        choices=("knockout", "patching"),
+        default="knockout",
+        help="patching: mmflow.patching.bench",
+    )
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--window", type=int, default=7)
     parser.add_argument("--knockouts", default=",".join(MAIN_KNOCKOUTS), help="comma-separated names")
@@ -261,6 +267,10 @@ def main(argv=None) -> dict:
     knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
     torch.manual_seed(0)
     loaded = build_loaded(args.geometry, args.layers, args.hidden, args.heads)
+    if args.analysis == "patching":
+        from mmflow.patching import bench as patching_bench
+
+        return patching_bench.main(args, loaded)
     ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}

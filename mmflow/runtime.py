@@ -183,6 +183,13 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress) -> None:
         for cell in cells:
             cell.error = f"{type(exc).__name__}: {exc}"
         samples = []
+    for cell in cells:  # analyses that need the whole sample list first (patching's pairs, noise scale)
+        prepare = getattr(cell.analysis, "prepare", None)
+        if prepare is not None and cell.error is None:
+            try:
+                prepare(samples)
+            except Exception as exc:
+                cell.error = f"{type(exc).__name__}: {exc}"
     bar = tqdm(
         total=len(samples),
         desc=f"{first['model']['name']}/{first['task']}",
@@ -220,6 +227,7 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
         except GroupError as exc:
             skipped.append((cell, exc))
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
+    firsts += [c.analysis.capture_from(groups) for c, _ in planned if hasattr(c.analysis, "capture_from")]
     try:
         clean = engine.clean(inputs, capture_from=min(firsts, default=None))
         clean_passes[sample.question_id] += 1
@@ -251,7 +259,15 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
     for cell, jobs in planned:
         new = logprobs[start : start + len(jobs)]
         start += len(jobs)
-        rows = cell.analysis.rows(sample, clean, token_id, new)
+        try:
+            rows = cell.analysis.rows(sample, clean, token_id, new)
+        except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
+            reason, detail = (
+                (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
+            )
+            row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
+            cell.write(sample.question_id, row, [])
+            continue
         cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
 
 

@@ -163,6 +163,8 @@ def value_columns(analysis: str, keys: Iterable[str]) -> list[str]:
     keys = list(keys)
     if analysis == "knockout":
         return ["rel_change_pct"]
+    if analysis == "patching":
+        return []  # per restored group: logged at the end (`per_layer_table`), no running mean over groups
     return [k for k in keys if k.startswith("p_") and k not in {"p_base", "p_new"}]
 
 
@@ -320,6 +322,9 @@ class WandbCellLogger:
             self.run.log(rows[layer])
         wandb = _wandb()
         self.run.log({"per_layer": wandb.Table(dataframe=table)})
+        if "head" in results:  # knockout.heads: each: the heat map's numbers, layer x head
+            means = results.groupby(["layer", "head"])["rel_change_pct"].mean().reset_index()
+            self.run.log({"per_layer_head": wandb.Table(dataframe=means)})
         self.run.summary.update(self._summary(table, summary))
         figure = self._figure(results)
         if figure is not None:
@@ -334,7 +339,10 @@ class WandbCellLogger:
         out.update({f"counts/skipped/{k}": v for k, v in skipped.items()})
         out.update({k: v for k, v in summary.get("headline", {}).items() if isinstance(v, int | float | str)})
         out.update(n_layers=self.n_layers, status="done")
-        if self.analysis == "knockout" and len(table):
+        per_head = ((self.config.get("knockout") or {}).get("heads")) == "each"
+        if (
+            self.analysis == "knockout" and len(table) and not per_head
+        ):  # per head: the headline's (layer, head)
             best = table.loc[table["mean"].idxmin()]
             out.update(
                 min_rel_change_pct=float(best["mean"]),
@@ -371,7 +379,15 @@ def per_layer_table(analysis: str, results: pd.DataFrame, n_layers: int) -> pd.D
 
 
 def _probability_table(analysis: str, results: pd.DataFrame) -> pd.DataFrame:
-    """Answer tracking: the analysis's own curves table if it has one, else mean ± 95% of each p_* (%)."""
+    """Answer tracking: the analysis's own curves table if it has one, else mean ± 95% of each p_* (%).
+    Patching: the recovered fraction (%) per restored group (`recovered_pct/<group>`)."""
+    if analysis == "patching":
+        from mmflow.report.patching import patching_curves
+
+        curves = patching_curves(results)
+        return curves.assign(value="recovered_pct/" + curves["group"])[
+            ["layer", "n", "mean", "ci_low", "ci_high", "value", "group"]
+        ]
     if analysis == "answer_tracking":
         try:
             from mmflow.analyses.answer_tracking import answer_tracking_curves
@@ -429,7 +445,7 @@ def log_sweep(
     if cfg is None:
         return None
     cells, _ = load_cells(cell_dirs)
-    cells = [c for c in cells if c.analysis == "knockout" and len(c.results)]
+    cells = [c for c in cells if c.analysis == "knockout" and len(c.results) and c.heads != "each"]
     if not cells:
         return None
     sweep_dir = Path(sweep_dir).resolve()

@@ -88,7 +88,8 @@ def combos(cells: list[dict]) -> set[tuple[str, int]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "n_jobs"), [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6), ("toy", 6 * 4)]
+    ("name", "n_jobs"),
+    [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6), ("toy", 6 * 4), ("toy_patching", 3)],
 )
 def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # the configs are found in the package, from any folder

@@ -2,8 +2,8 @@
 
 transformers dispatches every attention module through `AttentionInterface`; mmflow registers
 `mmflow_eager` and `mmflow_sdpa`, which wrap the stock functions and, for the decoder layers tagged
-by `prepare_model`, set blocked scores to minus infinity before the softmax (all heads, on top of
-the causal mask). The vision tower keeps a stock implementation and is never touched.
+by `prepare_model`, set blocked scores to minus infinity before the softmax (all heads, or the job's
+`heads` only, on top of the causal mask). The vision tower keeps a stock implementation and is never touched.
 """
 
 from __future__ import annotations
@@ -28,14 +28,19 @@ _active: contextvars.ContextVar[KnockoutJob | None] = contextvars.ContextVar("mm
 
 
 def _blocked(module: torch.nn.Module, query: torch.Tensor, kv_length: int) -> torch.Tensor | None:
-    """The [q, kv] block mask for this module under the active job, or None when nothing is blocked."""
+    """The [q, kv] block mask ([H, q, kv] for a per-head job) under the active job, or None."""
     job = _active.get()
     layer = getattr(module, LAYER_ATTR, None)
     if job is None or layer is None or layer not in job.layers:
         return None
     q_len = query.shape[-2]
     q_positions = torch.arange(kv_length - q_len, kv_length, device=query.device)
-    return job.edges.mask(q_positions, kv_length)
+    blocked = job.edges.mask(q_positions, kv_length)
+    if job.heads is None:
+        return blocked
+    per_head = torch.zeros(query.shape[1], *blocked.shape, dtype=torch.bool, device=query.device)
+    per_head[list(job.heads)] = blocked  # [H, q, kv]: only the chosen heads are blocked
+    return per_head
 
 
 def _make_forward(backend: str):

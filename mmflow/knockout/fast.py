@@ -108,6 +108,8 @@ def _effective_first_target(job: KnockoutJob, n_layers: int) -> int | None:
     sources, targets = job.edges.sources, job.edges.targets
     if sources.numel() == 0 or targets.numel() == 0 or not any(0 <= j < n_layers for j in job.layers):
         return None
+    if job.heads is not None and not job.heads:  # blocks in no head
+        return None
     reachable = targets[targets >= sources.min()]
     return int(reachable.min()) if reachable.numel() else None
 
@@ -274,7 +276,7 @@ class FastEngine(ReferenceEngine):
             _rotate(q, group.cos[-n_q:], group.sin[-n_q:]),
             _rotate(k, group.cos, group.sin),
         )  # [R, H, Sq, d]
-        blocked = group.rows.at_layer(index, n_rows)
+        blocked = group.rows.at_layer(index, n_rows, q.shape[1])
         out, lse = attend_suffix(q, k, v, group.rows.causal, blocked, attn.scaling)
         if group.b0:  # the clean prefix [Hkv, b0, d], shared by every row
             prefix = (clean.keys[index][:, : group.b0], clean.values[index][:, : group.b0])
@@ -335,23 +337,29 @@ class _LayerBlocks:
     window: torch.Tensor | None = None  # [R] bool: the layer is inside the row's window
     pattern: torch.Tensor | None = None  # [R] long: the row's edge set
     rows: _Rows | None = None
+    heads: torch.Tensor | None = None  # [R, H] bool: the row blocks in this head (None: every head)
 
     @property
     def blocks_suffix(self) -> bool:
         return self.window is not None and bool((self.window & self.rows.suffix_any[self.pattern]).any())
 
     def suffix(self, chunk: slice, n_q: int) -> torch.Tensor:
-        """Blocked (query, suffix key) pairs [r, Sq, S] of the rows in `chunk`, for the last Sq queries."""
-        return self.rows.suffix[:, -n_q:][self.pattern[chunk]] & self.window[chunk, None, None]
+        """Blocked (query, suffix key) pairs [r, Hm, Sq, S] of the rows in `chunk`, for the last Sq
+        queries; Hm = 1 (every head) or H (per-head jobs)."""
+        cut = (self.rows.suffix[:, -n_q:][self.pattern[chunk]] & self.window[chunk, None, None])[:, None]
+        return cut if self.heads is None else cut & self.heads[chunk, :, None, None]
 
     def prefix_sets(self, n_q: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(queries [R, Sq] bool, additive prefix mask [P], None if all blocked) per restricting edge set."""
+        """(queries [R, Sq] bool, or [R, H, Sq] for per-head jobs; additive prefix mask [P], None if all
+        blocked) per restricting edge set."""
         if self.window is None:
             return []
         targets = self.rows.targets[:, -n_q:][self.pattern] & self.window[:, None]  # [R, Sq]
         sets = []
         for u, prefix_mask in enumerate(self.rows.prefix_masks):
             chosen = targets & (self.pattern == u)[:, None]
+            if self.heads is not None:
+                chosen = chosen[:, None] & self.heads[:, :, None]
             if prefix_mask is not None and chosen.any():
                 sets.append((chosen, None if self.rows.prefix_all[u] else prefix_mask))
         return sets
@@ -391,6 +399,7 @@ class _Rows:
     prefix_all: tuple[bool, ...]  # U: every prefix key is a source
     causal: torch.Tensor  # [S, S] float: 0 on and below the diagonal, -inf above
     blocking_layers: list[bool]  # [L]: some row blocks something in this layer
+    heads: tuple[tuple[int, ...] | None, ...] = ()  # [R] the row's blocked heads (None: every head)
 
     @classmethod
     def build(cls, indices: list[int], jobs: Sequence[KnockoutJob], b0: int, clean: FastCleanPass) -> _Rows:
@@ -425,13 +434,22 @@ class _Rows:
             prefix_all=tuple(prefix is not None and bool(prefix.isinf().all()) for _, _, prefix in edge_sets),
             causal=_additive(upper, clean.keys[0].dtype),
             blocking_layers=window.any(0).tolist(),
+            heads=tuple(None if job is None else job.heads for job in row_jobs),
         )
 
-    def at_layer(self, layer: int, n_rows: int) -> _LayerBlocks:
-        """What the first `n_rows` rows (the active ones) block in `layer`."""
+    def at_layer(self, layer: int, n_rows: int, n_heads: int) -> _LayerBlocks:
+        """What the first `n_rows` rows (the active ones) of `n_heads` query heads block in `layer`."""
         if not self.blocking_layers[layer]:
             return _LayerBlocks()
-        return _LayerBlocks(self.window[:n_rows, layer], self.pattern[:n_rows], self)
+        heads = None
+        if any(h is not None for h in self.heads[:n_rows]):
+            heads = torch.ones(n_rows, n_heads, dtype=torch.bool)
+            for row, chosen in enumerate(self.heads[:n_rows]):
+                if chosen is not None:
+                    heads[row] = False
+                    heads[row, list(chosen)] = True
+            heads = heads.to(self.window.device)
+        return _LayerBlocks(self.window[:n_rows, layer], self.pattern[:n_rows], self, heads)
 
 
 def attend_suffix(
@@ -458,9 +476,9 @@ def attend_suffix(
     pieces = []
     for i in range(0, n_rows, step):
         rows = slice(i, i + step)
-        cut = blocked.suffix(rows, n_q)  # [r, Sq, S]
-        mask = causal.masked_fill(cut[:, None], float("-inf"))  # [r, 1, Sq, S]
-        empty = (cut | (causal != 0)).all(-1)  # [r, Sq]: a target blocked from every key it could see
+        cut = blocked.suffix(rows, n_q)  # [r, Hm, Sq, S]
+        mask = causal.masked_fill(cut, float("-inf"))  # [r, Hm, Sq, S]
+        empty = (cut | (causal != 0)).all(-1)  # [r, Hm, Sq]: a target blocked from every key it could see
         pieces.append(attention_lse(q[rows], k[rows], v[rows], mask, scale, empty))
     return _cat([out for out, _ in pieces]), _cat([lse for _, lse in pieces])
 
@@ -485,6 +503,11 @@ def attend_prefix(
     out, lse = attention_lse(folded.reshape(1, kv_heads, -1, d), k_prefix[None], v_prefix[None], None, scale)
     out, lse = out.view(folded.shape), lse.view(folded.shape[:-1])
     for chosen, prefix_mask in restricted:
+        if chosen.dim() == 3:  # per-head jobs: each KV head's queries over its own keys
+            per_kv = chosen.view(n_rows, kv_heads, groups, n_q).transpose(0, 1)  # [Hkv, R, G, Sq]
+            for h in (h for h in range(kv_heads) if per_kv[h].any()):
+                _restrict(out[h], lse[h], folded[h], per_kv[h], k_prefix[h], v_prefix[h], prefix_mask, scale)
+            continue
         chosen = chosen[:, None].expand(n_rows, groups, n_q)
         if prefix_mask is None:  # every prefix key is a source
             out[:, chosen], lse[:, chosen] = 0.0, float("-inf")
@@ -494,6 +517,18 @@ def attend_prefix(
         o, s = attention_lse(queries, k_prefix[None], v_prefix[None], mask, scale)
         out[:, chosen], lse[:, chosen] = o[0], s[0]
     return out.transpose(0, 1).reshape(n_rows, heads, n_q, d), lse.transpose(0, 1).reshape(n_rows, heads, n_q)
+
+
+def _restrict(out, lse, queries, chosen, k_prefix, v_prefix, prefix_mask, scale) -> None:
+    """Redo the `chosen` [R, G, Sq] queries [R, G, Sq, d] of one KV head over its prefix keys [P, d]
+    under `prefix_mask` [P] (None: every prefix key blocked), in place in out / lse of that head."""
+    if prefix_mask is None:
+        out[chosen], lse[chosen] = 0.0, float("-inf")
+        return
+    picked = queries[chosen][None, None]  # [1, 1, N, d]
+    mask = prefix_mask.expand(1, 1, picked.shape[2], -1)
+    o, s = attention_lse(picked, k_prefix[None, None], v_prefix[None, None], mask, scale)
+    out[chosen], lse[chosen] = o[0, 0], s[0, 0]
 
 
 # Elements of one materialised [rows, 1, Sq, S] suffix mask: bounds memory when the suffix is long.
@@ -514,7 +549,7 @@ def attention_lse(
     """softmax(q k^T * scale + mask) v and its log-sum-exp (float32).
 
     q [B, H, N, d], k, v [B, H, M, d] with M > 0, mask [B, 1, N, M] additive or None. Queries flagged
-    in `empty` [B, N] (every key masked) get out 0 and lse -inf. Uses torch's fused CPU flash kernel
+    in `empty` [B, 1 or H, N] (every key masked) get out 0 and lse -inf. Uses torch's fused CPU flash kernel
     where it applies.
     """
     if q.device.type == "cpu" and q.dtype in FLASH_DTYPES:
@@ -524,8 +559,8 @@ def attention_lse(
     else:
         out, lse = _attention_explicit(q, k, v, mask, scale)
     if empty is not None and empty.any():
-        lse = lse.masked_fill(empty[:, None], float("-inf"))
-        out = out.masked_fill(empty[:, None, :, None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
     return out, lse.float()
 
 

@@ -70,7 +70,11 @@ class BlockEdges:
 
 @dataclass(frozen=True)
 class KnockoutJob:
-    """One forward's worth of knockout: which edges, in which layers."""
+    """One forward's worth of knockout: which edges, in which layers, in which attention heads.
+
+    `heads`: the (query) heads whose edges are blocked; None blocks them in every head (the paper's).
+    """
 
     edges: BlockEdges
     layers: range
+    heads: tuple[int, ...] | None = None

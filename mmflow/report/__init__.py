@@ -24,6 +24,7 @@ from mmflow.report.figures import (
     slug,
 )
 from mmflow.report.html import FigureEntry, render_index
+from mmflow.report.patching import patching_sections
 
 __all__ = ["build_report", "cell_row", "CellData", "find_cell_dirs", "load_cells"]
 
@@ -43,7 +44,11 @@ def cell_row(cell: CellData, out_dir: Path) -> dict[str, object]:
         "cell": cell.cell_id,
         "cell_href": os.path.relpath(cell.dir, out_dir) + "/",
     }
-    if cell.analysis == "knockout" and len(cell.results):
+    if cell.analysis == "knockout" and cell.heads == "each" and len(cell.results):
+        headline = cell.meta.get("headline", {})
+        row["min (%)"] = f"{headline.get('min_rel_change_pct', float('nan')):.4g}"
+        row["at layer"] = f"{headline.get('min_layer')} (head {headline.get('min_head')})"
+    elif cell.analysis == "knockout" and len(cell.results):
         stats = curve_stats(cell.results).set_index("layer")["mean"]
         row["min (%)"] = f"{stats.min():.4g}"
         row["at layer"] = int(stats.idxmin())
@@ -64,7 +69,7 @@ def _save(figure, fig_dir: Path, stem: str, caption: str, out_dir: Path) -> Figu
 
 def _knockout_sections(cells: list[CellData], out_dir: Path) -> list[tuple[str, list[FigureEntry]]]:
     fig_dir = out_dir / "figures"
-    knockouts = [c for c in cells if c.analysis == "knockout" and len(c.results)]
+    knockouts = [c for c in cells if c.analysis == "knockout" and len(c.results) and c.heads != "each"]
     per_model = [
         _save(
             plot_model_task(group),
@@ -133,12 +138,13 @@ def build_report(
     dirs = find_cell_dirs(root) if cell_dirs is None else sorted({Path(d).resolve() for d in cell_dirs})
     cells, left_out = load_cells(dirs)
     notes = [f"not included: {item['dir']} (status {item['status']})" for item in left_out]
-    others = sorted({c.analysis for c in cells} - {"knockout", "answer_tracking"})
+    others = sorted({c.analysis for c in cells} - {"knockout", "answer_tracking", "patching"})
     notes += [f"analysis {kind!r} has no figure in the report" for kind in others]
     sections = _knockout_sections(cells, out)
     tracking = _answer_tracking_section(cells, out, notes)
     if tracking or any(c.analysis == "answer_tracking" for c in cells):
         sections.append(("Answer tracking (logit lens)", tracking))
+    sections += patching_sections(cells, out, notes, _save)
     rows = [cell_row(c, out) for c in cells]
     index = out / "index.html"
     index.write_text(render_index(str(root), rows, sections, notes), encoding="utf-8")

@@ -56,18 +56,29 @@ class CellData:
         return KnockoutSpec(knockout["name"], knockout["source"], knockout["target"])
 
     @property
+    def heads(self):
+        """`knockout.heads` of a knockout cell (None: every head), else None."""
+        knockout = self.config.get("knockout") or {}
+        return knockout.get("heads") if self.analysis == "knockout" else None
+
+    @property
     def label(self) -> str:
         """The paper's legend text ("Image ↛ Question"), or the analysis name."""
         spec = self.spec
         if spec is not None:
-            return spec.label
+            heads = self.heads
+            if heads is None:
+                return spec.label
+            return f"{spec.label} ({'per head' if heads == 'each' else f'heads {heads}'})"
+        if self.analysis == "patching":
+            return f"patching (corruption = {self.config.get('corruption')})"
         lens = self.config.get("lens") if self.analysis == "answer_tracking" else None
         return self.analysis.replace("_", " ") + (f" (lens = {lens})" if lens else "")
 
     @property
     def window(self) -> int | None:
         window = self.config.get("window")
-        return int(window) if window is not None and self.analysis == "knockout" else None
+        return int(window) if window is not None and self.analysis in ("knockout", "patching") else None
 
     @property
     def n_layers(self) -> int:

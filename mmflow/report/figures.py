@@ -172,10 +172,18 @@ def plot_answer_tracking_cell(cell: CellData) -> Figure | None:
 
 def plot_cell(cell: CellData) -> Figure | None:
     """The figure of one cell (what W&B shows for it)."""
+    if cell.analysis == "knockout" and cell.heads == "each":
+        from mmflow.report.patching import plot_head_heatmap
+
+        return plot_head_heatmap(cell) if len(cell.results) else None
     if cell.analysis == "knockout":
         return plot_model_task([cell]) if len(cell.results) else None
     if cell.analysis == "answer_tracking":
         return plot_answer_tracking_cell(cell)
+    if cell.analysis == "patching" and len(cell.results):
+        from mmflow.report.patching import plot_necessity_sufficiency
+
+        return plot_necessity_sufficiency([], [cell])
     return None
 
 

@@ -1,0 +1,206 @@
+"""Activation patching: how much of the clean answer restoring one token group's clean states recovers.
+
+For each sample a corrupted run is made (`corruption`: noise on the image embeddings, a
+counterfactual image, or a blank image; `mmflow.patching.corrupt`). Then, for each restored group
+G (`patching.groups`) and each centre layer l, the clean run's layer inputs of G are restored in the
+corrupted run at every layer of the window around l (the knockouts' window rule), and the
+probability of the clean answer token (the clean run's top-1, as for knockouts) is read at the last
+position: recovered_frac = (p_patched - p_corrupt) / (p_clean - p_corrupt). Samples whose corruption
+lowers p by less than `patching.margin` (absolute probability) are skipped with reason
+`corruption_too_weak`. Knockouts say whether a route is necessary; restoring says whether the
+states it carries are sufficient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mmflow.data.sample import Sample, Skip
+from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
+from mmflow.knockout.reference import CleanPass
+from mmflow.knockout.spec import GROUP_LABELS, window_layers
+from mmflow.models.registry import LoadedModel
+from mmflow.patching.corrupt import CORRUPTIONS, embedding_std, make_corruption, pair_counterfactuals
+from mmflow.patching.restore import RestoreJob, make_patcher
+
+RESULT_COLUMNS = [
+    "question_id",
+    "group",
+    "layer",
+    "window",
+    "p_clean",
+    "p_corrupt",
+    "p_patched",
+    "recovered_frac",
+    "logp_corrupt_change",
+    "logp_patched_change",
+    "top1_patched",
+    "corruption",
+    "corrupt_source",
+    "model",
+    "task",
+]
+ALL = "all"  # every position of the sequence (restoring it at layer 0 gives the clean run)
+
+
+def group_positions(groups: TokenGroups, name: str) -> torch.Tensor:
+    """Sorted positions of a restored group: a token group, `all`, or a union such as `question+last`.
+
+    Raises `GroupError('empty_group')` if it is empty, KeyError for an unknown name.
+    """
+    if name == ALL:
+        return torch.arange(int(groups.last.max()) + 1)
+    parts = [part.strip() for part in name.split("+")]
+    for part in parts:
+        if part not in GROUP_NAMES:
+            raise KeyError(f"unknown token group {part!r} in {name!r}; known: {GROUP_NAMES + (ALL,)}")
+    positions = torch.cat([groups.require(part) for part in parts]).unique(sorted=True)
+    return positions
+
+
+def group_label(name: str) -> str:
+    """Legend text of a restored group ("Image", "Question + Last")."""
+    if name == ALL:
+        return "All positions"
+    return " + ".join(GROUP_LABELS.get(part, part) for part in name.split("+"))
+
+
+class PatchingAnalysis:
+    """Restore each group in the window around every centre layer of a corrupted run."""
+
+    kind = "patching"
+    result_columns = RESULT_COLUMNS
+    sort_by = ["question_id", "group", "layer"]
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        engine: str,
+        corruption: str,
+        groups: Sequence[str],
+        width: int,
+        labels: dict[str, Any],
+        *,
+        noise_scale: float = 3.0,
+        margin: float = 0.05,
+        seed: int = 0,
+    ):
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+        if not groups:
+            raise ValueError("patching.groups is empty: name at least one token group to restore")
+        if margin < 0 or noise_scale <= 0:
+            raise ValueError(f"patching.margin must be >= 0 and noise_scale > 0, got {margin}, {noise_scale}")
+        self.loaded = loaded
+        self.patcher = make_patcher(engine, loaded)
+        self.corruption = corruption
+        self.groups = list(groups)
+        self.width = width
+        self.n_layers = loaded.n_layers
+        self.labels = labels  # model, task: constant columns of every row
+        self.noise_scale, self.margin, self.seed = noise_scale, margin, seed
+        self.noise_sd: float | None = None
+        self.counterfactuals: dict[str, Sample] = {}
+        self._positions: dict[str, dict[str, torch.Tensor]] = {}  # question id -> group -> positions
+        for centre in range(self.n_layers):
+            window_layers(centre, width, self.n_layers)  # validates width early
+
+    def prepare(self, samples: Sequence[Sample | Skip]) -> None:
+        """Before the first sample: the counterfactual pairs, or the noise's sd over these samples."""
+        if self.corruption == "counterfactual":
+            self.counterfactuals = pair_counterfactuals(samples)
+        if self.corruption == "noise" and self.noise_sd is None:
+            self.noise_sd = embedding_std(self.loaded, samples)
+
+    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list:
+        """No knockouts; resolves the restored groups (`GroupError` skips the sample if one is empty)."""
+        if sample is None:
+            raise TypeError("patching needs the sample in jobs(groups, sample)")
+        self._positions[sample.question_id] = {name: group_positions(groups, name) for name in self.groups}
+        return []
+
+    def capture_from(self, groups: TokenGroups) -> int:
+        """The first restored position: the clean pass caches layer inputs from there on."""
+        return min(int(group_positions(groups, name).min()) for name in self.groups)
+
+    def restore_jobs(self, positions: dict[str, torch.Tensor]) -> list[RestoreJob]:
+        """One job per group and centre layer, group-major."""
+        return [
+            RestoreJob(positions[name], window_layers(centre, self.width, self.n_layers))
+            for name in self.groups
+            for centre in range(self.n_layers)
+        ]
+
+    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
+        """Rows for one sample, group-major then centre layer; `GroupError` if the corruption is too weak."""
+        positions = self._positions.pop(sample.question_id)
+        inputs = clean.inputs
+        image = image_positions(self.loaded, inputs)
+        corruption = make_corruption(
+            self.loaded,
+            self.corruption,
+            sample,
+            inputs,
+            image,
+            sd=self.noise_sd,
+            scale=self.noise_scale,
+            seed=self.seed,
+            counterfactual=self.counterfactuals.get(sample.question_id),
+        )
+        start = min(int(p.min()) for p in positions.values())
+        corrupted = self.patcher.corrupted(corruption, start)
+        logp_clean, logp_corrupt = float(clean.logprobs[token_id]), float(corrupted.logprobs[token_id])
+        p_clean, p_corrupt = math.exp(logp_clean), math.exp(logp_corrupt)
+        if p_clean - p_corrupt < self.margin or p_clean <= p_corrupt:
+            detail = f"p_clean={p_clean:.4g} p_corrupt={p_corrupt:.4g} margin={self.margin:g}"
+            raise GroupError("corruption_too_weak", detail)
+        states = self.patcher.clean_states(clean, start)
+        patched = self.patcher.restore(corrupted, states, self.restore_jobs(positions))
+        top1 = patched.argmax(dim=-1).tolist()
+        constant = {
+            "question_id": sample.question_id,
+            "window": self.width,
+            "p_clean": p_clean,
+            "p_corrupt": p_corrupt,
+            "logp_corrupt_change": logp_corrupt - logp_clean,
+            "corruption": self.corruption,
+            "corrupt_source": corruption.source,
+            **self.labels,
+        }
+        out = []
+        for index, (name, layer) in enumerate((n, c) for n in self.groups for c in range(self.n_layers)):
+            logp = float(patched[index, token_id])
+            row = {
+                **constant,
+                "group": name,
+                "layer": layer,
+                "p_patched": math.exp(logp),
+                "recovered_frac": (math.exp(logp) - p_corrupt) / (p_clean - p_corrupt),
+                "logp_patched_change": logp - logp_corrupt,
+                "top1_patched": top1[index] == token_id,
+            }
+            out.append({column: row[column] for column in RESULT_COLUMNS})
+        return out
+
+    @staticmethod
+    def headline(results: pd.DataFrame) -> dict:
+        """Per group: the highest mean recovered fraction (%) over samples and its centre layer."""
+        if not len(results):
+            return {}
+        out: dict[str, Any] = {}
+        curves = results.groupby(["group", "layer"])["recovered_frac"].mean() * 100.0
+        for group, curve in curves.groupby(level="group"):
+            curve = curve.droplevel("group")
+            out[f"max_recovered_pct/{group}"] = float(curve.max())
+            out[f"max_layer/{group}"] = int(curve.idxmax())
+        return out
+
+
+def image_positions(loaded: LoadedModel, inputs) -> torch.Tensor:
+    """The image positions of `inputs` (where the noise goes)."""
+    return torch.nonzero(inputs.input_ids.cpu() == loaded.model.config.image_token_id).flatten()

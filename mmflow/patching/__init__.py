@@ -1,0 +1,1 @@
+"""Activation patching: corrupted runs and restoring clean states (`analysis=patching`)."""

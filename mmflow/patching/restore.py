@@ -1,0 +1,297 @@
+"""Restore the clean residual stream of some positions in a corrupted run: the patching engines.
+
+A `RestoreJob` sets, at the input of every layer j in its window, the hidden state of its positions
+to the clean run's input of layer j (the residual stream before the layer), in the corrupted run.
+
+- `ReferencePatcher`: the plain way, one full forward of the corrupted run per job (vision tower
+  included) with the states substituted by forward pre-hooks on the decoder layers.
+- `FastPatcher`: a restore at positions G from layer l changes nothing before min(G) nor below l
+  (causal attention), so one corrupted forward keeps its keys/values and layer inputs (the fast
+  knockout engine's clean pass, run under the corruption), and every job of a sample restarts only
+  its rows min(G)..T-1 from its window's first layer, all jobs in one batched pass over the layers
+  (the fast knockout engine's sweep, with the restore applied before each layer instead of a mask).
+  A probe row per corrupted pass (nothing restored, from layer 0) must reproduce the corrupted
+  log-probs, else the sample falls back to the reference patcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmflow.hooks import record_layer_inputs
+from mmflow.inputs import ModelInputs
+from mmflow.knockout.attention import blocking, language_layers
+from mmflow.knockout.fast import FastCleanPass, FastEngine, _batches, unsupported_reason
+from mmflow.knockout.reference import CleanPass
+from mmflow.knockout.spec import BlockEdges, KnockoutJob
+from mmflow.models.registry import LoadedModel
+from mmflow.patching.corrupt import Corruption, corrupting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """Restore the clean states of `positions` [n] (sorted, long) at the input of each layer in `layers`."""
+
+    positions: torch.Tensor
+    layers: range
+
+
+@dataclass
+class CleanStates:
+    """The clean run's layer inputs `hidden` [L, T - start, D] from position `start` on, and (fast
+    patcher) its cache: keys/values of every position, for restores that cover the corruption."""
+
+    hidden: torch.Tensor
+    start: int
+    cache: FastCleanPass | None = None
+
+
+@dataclass
+class CorruptedPass:
+    """The corrupted run of one sample: last-position log-probs [V] (float32) and, for the fast
+    patcher, its caches from position `start` on."""
+
+    corruption: Corruption
+    logprobs: torch.Tensor
+    start: int
+    cache: FastCleanPass | None = None
+
+
+@contextlib.contextmanager
+def restoring(
+    layers: Sequence[torch.nn.Module], job: RestoreJob | None, states: torch.Tensor, start: int
+) -> Iterator[None]:
+    """Inside the block, layer j in `job.layers` gets `states[j, p - start]` at positions p of the job.
+
+    `states` [L, T - start, D]: clean layer inputs from position `start` on.
+    """
+    if job is None or job.positions.numel() == 0:
+        yield
+        return
+
+    def make_hook(index: int):
+        def pre_hook(module, args, kwargs):
+            from_args = bool(args)
+            hidden = (args[0] if from_args else kwargs["hidden_states"]).clone()
+            positions = job.positions.to(hidden.device)
+            hidden[0, positions] = states[index, positions - start].to(hidden.device, hidden.dtype)
+            if from_args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return pre_hook
+
+    handles = [
+        layers[j].register_forward_pre_hook(make_hook(j), with_kwargs=True)
+        for j in job.layers
+        if 0 <= j < len(layers)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ReferencePatcher:
+    """One full forward of the corrupted run per restore job, states substituted by hooks."""
+
+    name = "reference"
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.layers = language_layers(loaded.model)
+
+    @torch.no_grad()
+    def states(self, inputs: ModelInputs, start: int, corruption: Corruption | None = None) -> torch.Tensor:
+        """Layer inputs [L, T - start, D] of the clean (or corrupted) run from position `start` on."""
+        with (
+            corrupting(self.loaded, corruption),
+            record_layer_inputs(self.layers, start) as record,
+            blocking(None),
+        ):
+            self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
+        return torch.stack(record["inputs"])
+
+    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
+        """Clean layer inputs from `start` on: the clean pass's cache if it has them, else a forward."""
+        if _cached_from(clean, start):
+            return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
+        return CleanStates(self.states(clean.inputs, start), start)
+
+    @torch.no_grad()
+    def last_logprobs(
+        self,
+        corruption: Corruption,
+        job: RestoreJob | None = None,
+        states: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Last-position log-softmax [V] (float32) of the corrupted run with `job` restored."""
+        with corrupting(self.loaded, corruption), restoring(self.layers, job, states, start), blocking(None):
+            out = self.loaded.model(**corruption.inputs.tensors, use_cache=False, logits_to_keep=1)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+    def corrupted(self, corruption: Corruption, start: int) -> CorruptedPass:
+        return CorruptedPass(corruption, self.last_logprobs(corruption), start)
+
+    def restore(
+        self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
+    ) -> torch.Tensor:
+        """Last-position log-probs [J, V] of the corrupted run with each job's positions restored
+        from the clean layer inputs `states`."""
+        _check_jobs(jobs, states.start)
+        out = corrupted.logprobs.expand(len(jobs), -1).clone()
+        for index, job in enumerate(jobs):
+            if _changes_something(job, len(self.layers)):
+                out[index] = self.last_logprobs(corrupted.corruption, job, states.hidden, states.start)
+        return out
+
+
+def _cached_from(clean: CleanPass, start: int) -> bool:
+    return isinstance(clean, FastCleanPass) and clean.start is not None and clean.start <= start
+
+
+def covers_corruption(positions: torch.Tensor, changed: torch.Tensor | None) -> bool:
+    """Whether restoring `positions` makes every state at or before max(positions) clean: they are
+    one contiguous run holding every corrupted position (`changed`), e.g. the image group."""
+    if changed is None or changed.numel() == 0 or positions.numel() == 0:
+        return False
+    contiguous = int(positions.max()) - int(positions.min()) + 1 == positions.numel()
+    return contiguous and bool(torch.isin(changed.to(positions.device), positions).all())
+
+
+def _changes_something(job: RestoreJob, n_layers: int) -> bool:
+    return job.positions.numel() > 0 and any(0 <= j < n_layers for j in job.layers)
+
+
+def _check_jobs(jobs: Sequence[RestoreJob], start: int) -> None:
+    for job in jobs:
+        if job.positions.numel() and int(job.positions.min()) < start:
+            raise ValueError(
+                f"restore at position {int(job.positions.min())} before the cached start {start}"
+            )
+
+
+class FastPatcher(FastEngine):
+    """Every restore job of a sample from the cached corrupted run, rows batched over one layer pass."""
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__(loaded)
+        self.reference = ReferencePatcher(loaded)
+        self._states: torch.Tensor | None = None  # clean layer inputs during a sweep
+        self._states_start = 0
+
+    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
+        """Clean layer inputs from `start` on with the clean keys/values (the clean pass's cache if it
+        has them, else the knockout engine's clean pass)."""
+        if not _cached_from(clean, start):
+            clean = self.clean(clean.inputs, capture_from=start)
+        return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
+
+    def corrupted(self, corruption: Corruption, start: int) -> CorruptedPass:
+        """The corrupted forward (the knockout engine's clean pass, corrupted), cached from `start`."""
+        with corrupting(self.loaded, corruption):
+            cache = self.clean(corruption.inputs, capture_from=start)
+        return CorruptedPass(corruption, cache.logprobs, start, cache)
+
+    def restore(
+        self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
+    ) -> torch.Tensor:
+        """Last-position log-probs [J, V], as `ReferencePatcher.restore`.
+
+        A job whose positions cover the corruption (`covers_corruption`, e.g. the image group) leaves
+        every state up to its last position clean from its window's first layer on (those positions
+        see only the unchanged prefix and themselves), so only the positions after it are recomputed,
+        over the clean run's keys/values; the others restart at their first position over the
+        corrupted run's.
+        """
+        _check_jobs(jobs, max(corrupted.start, states.start))
+        n_layers, length = len(self.layers), corrupted.cache.inputs.length
+        out = corrupted.logprobs.expand(len(jobs), -1).clone()  # jobs that restore nothing: p_corrupt exactly
+        empty = torch.empty(0, dtype=torch.long)
+        as_knockouts = [KnockoutJob(BlockEdges(empty, job.positions), job.layers) for job in jobs]
+        by_b0: dict[int, list[int]] = {}
+        covering: dict[int, list[int]] = {}
+        changed = corrupted.corruption.positions
+        for index, job in enumerate(jobs):
+            if not _changes_something(job, n_layers):
+                continue
+            if states.cache is not None and covers_corruption(job.positions, changed):
+                after = int(job.positions.max()) + 1
+                if after >= length:  # every position up to the last one restored: the clean run
+                    out[index] = states.cache.logprobs
+                else:
+                    covering.setdefault(after, []).append(index)
+            else:
+                by_b0.setdefault(int(job.positions.min()), []).append(index)
+        self._states, self._states_start = states.hidden, states.start
+        try:
+            self._run(corrupted.cache, by_b0, jobs, as_knockouts, out, (corrupted, states))
+            if covering:  # clean keys/values for the prefix, corrupted layer inputs for the rows; the
+                # probe row (from layer 0) then restores everything before the rows: the clean run
+                hybrid = dataclasses.replace(
+                    states.cache,
+                    start=corrupted.cache.start,
+                    hidden=corrupted.cache.hidden,
+                    cos=corrupted.cache.cos,
+                    sin=corrupted.cache.sin,
+                    probed=False,
+                )
+                self._run(hybrid, covering, jobs, as_knockouts, out, (corrupted, states))
+        finally:
+            self._states = None
+        return out
+
+    def _run(self, cache: FastCleanPass, by_b0: dict, jobs, as_knockouts, out, fallback: tuple) -> None:
+        """Sweep the jobs in `by_b0` ({first row: job indices}) over `cache` into `out`; if the probe
+        fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
+        for batch in _batches(by_b0, cache.inputs.length):
+            rows = self._sweep(cache, batch, as_knockouts)
+            if rows is None:  # the probe failed: the shortcut is not exact for this sample
+                todo = [i for indices in by_b0.values() for i in indices]
+                out[todo] = self.reference.restore(*fallback, [jobs[i] for i in todo])
+                return
+            out[list(rows)] = torch.stack(list(rows.values()))
+
+    def _forward(self, clean: FastCleanPass, groups) -> None:
+        """The knockout engine's layer pass, with each row's restore applied before each layer."""
+        for index in range(min(group.rows.starts[0] for group in groups), len(self.layers)):
+            for group in groups:
+                group.join(index, clean)
+                self._restore(index, group)
+            self._layer(index, [group for group in groups if group.hidden.shape[0]], clean)
+
+    def _restore(self, index: int, group) -> None:
+        """Set the restored positions of active rows whose window holds layer `index` to the clean states."""
+        rows, n_rows = group.rows, group.hidden.shape[0]
+        if not n_rows or not rows.blocking_layers[index]:
+            return
+        chosen = rows.targets[rows.pattern[:n_rows]] & rows.window[:n_rows, index, None]  # [R, S]
+        if not chosen.any():
+            return
+        states = self._states[index, group.b0 - self._states_start :].to(group.hidden.dtype)  # [S, D]
+        group.hidden = torch.where(chosen[..., None], states, group.hidden)
+
+
+def make_patcher(name: str, loaded: LoadedModel) -> ReferencePatcher | FastPatcher:
+    """The patcher for `engine.name`: fast (falls back to the reference where the shortcut is not exact)."""
+    if name == "reference":
+        return ReferencePatcher(loaded)
+    if name != "fast":
+        raise ValueError(f"unknown engine {name!r}; known: reference, fast")
+    reason = unsupported_reason(loaded)
+    if reason is None:
+        return FastPatcher(loaded)
+    log.warning("patching with engine=fast falls back to the reference patcher: %s", reason)
+    patcher = ReferencePatcher(loaded)
+    patcher.name = f"reference (fallback: {reason})"
+    return patcher
