@@ -65,7 +65,10 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     path = Path(job.cell["results_dir"]) / job.cell_id
     print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
     if status in ("done", "cached"):
-        print_cell_curve(path, sweep.sweep_dir / "figures")
+        try:
+            print_cell_curve(path, sweep.sweep_dir / "figures")
+        except Exception as exc:  # a view of results already on disk: never fails the run
+            print(f"[mmflow] no curve table for {path}: {type(exc).__name__}: {exc}")
     if status == "done" and (hint := sync_hint(job.cell)):
         print(hint)
     if status == "failed":

@@ -20,7 +20,10 @@ def curve_table(cell) -> pd.DataFrame:
 
 
 def _cells(row: pd.Series, analysis: str) -> list[str]:
-    band = f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    from rich.markup import escape
+
+    low, high = row.get("ci_low"), row.get("ci_high")
+    band = escape(f"[{low:.3g}, {high:.3g}]") if pd.notna(low) and pd.notna(high) else "-"  # n = 1: none
     if analysis == "knockout":
         flips = row.get("top1_changed_frac")
         flips_text = f"{100 * flips:.0f}%" if flips is not None and pd.notna(flips) else "-"
