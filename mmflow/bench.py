@@ -4,7 +4,7 @@
 geometry (32 Llama layers, 576 image tokens per view, LLaVA-NeXT anyres for a 500x375 image, the
 paper's prompt and real GQA questions) but small widths so it runs on a CPU, then times, per sample:
 
-- `clean_forward_s`: one clean forward of the sample (ReferenceEngine.clean: vision tower + prefill),
+- `clean_forward_s`: one plain clean forward of the sample (vision tower + prefill, no cache kept),
   the floor nothing can beat;
 - `fast_s`: the fast engine's own clean pass (vision tower, prefill keeping K/V and layer inputs)
   plus every knockout of the sample (all knockout types x all centre layers);
@@ -141,12 +141,20 @@ class Best:
         self.cpu: dict = {}
 
     def time(self, key, fn):
+        _sync()
         start, cpu = time.perf_counter(), time.process_time()
         out = fn()
+        _sync()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         self.wall[key] = min(self.wall.get(key, wall), wall)
         self.cpu[key] = min(self.cpu.get(key, cpu), cpu)
         return out
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so that wall-clock timings on a GPU include it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_bytes(fn) -> int:
@@ -177,7 +185,7 @@ def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) ->
         offset += len(type_jobs)
     best, diff = Best(), 0.0
     for _ in range(repeats):
-        best.time("clean_forward", lambda: ref.clean(inputs))
+        best.time("clean_forward", lambda: ref.last_logprobs(inputs, None))
         fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, capture_from, jobs))
         for key, index in timed_windows.items():
             out = best.time(key, lambda i=index: ref.run(ref_clean, [jobs[i]]))
@@ -203,7 +211,7 @@ def _fast(fast, inputs, capture_from, jobs):
 def measure_memory(ref, fast, inputs, jobs) -> dict:
     """Peak torch CPU memory (MiB) of the reference clean pass and of the fast engine, above weights."""
     capture_from = min(job.edges.first_target for job in jobs)
-    clean = peak_bytes(lambda: ref.clean(inputs))
+    clean = peak_bytes(lambda: ref.last_logprobs(inputs, None))
     fast_peak = peak_bytes(lambda: _fast(fast, inputs, capture_from, jobs))
     weights = sum(p.numel() * p.element_size() for p in ref.loaded.model.parameters())
     mib = 1 << 20
@@ -239,29 +247,53 @@ def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mmflow.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llava-1.5")
+    parser.add_argument("--pipeline", action="store_true", help="time run_cells end to end (bench_pipeline)")
+    parser.add_argument("--samples", type=int, default=None, help="default 2 (engine), 3 (pipeline)")
     parser.add_argument(
         "--analysis",
         choices=("knockout", "patching"),
         default="knockout",
         help="patching: mmflow.patching.bench",
     )
-    parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--window", type=int, default=7)
-    parser.add_argument("--knockouts", default=",".join(MAIN_KNOCKOUTS), help="comma-separated names")
+    parser.add_argument(
+        "--knockouts",
+        default=None,
+        help="comma-separated names; default the four main (engine), all six (pipeline)",
+    )
     parser.add_argument("--task", default="QueryAttr", help="GQA task file the questions come from")
-    parser.add_argument("--reference-windows", type=int, default=2, help="windows timed per knockout type")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
+    parser.add_argument(
+        "--reference-windows",
+        type=int,
+        default=None,
+        help="reference forwards timed: per knockout type (engine, default 2), per sample (pipeline, 3)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved rounds, best kept; default 3 / 2"
+    )
+    parser.add_argument("--prefetch", type=int, default=2, help="pipeline: samples prepared ahead (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--profile", action="store_true", help="print the fast engine's top ops")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    pipeline = args.pipeline
+    args.samples = args.samples if args.samples is not None else (3 if pipeline else 2)
+    args.repeats = args.repeats if args.repeats is not None else (2 if pipeline else 3)
+    args.reference_windows = args.reference_windows or (3 if pipeline else 2)
+    if args.knockouts is None and not pipeline:
+        args.knockouts = ",".join(MAIN_KNOCKOUTS)
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.pipeline:
+        from mmflow.bench_pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
@@ -310,7 +342,7 @@ def main(argv=None) -> dict:
         "reference_forwards_timed": int(totals["reference_forwards_timed"]),
         "timing": f"best of {args.repeats} interleaved rounds per sample, summed over samples",
         "fast_s_includes": "the fast engine's own clean pass (vision tower, prefill keeping K/V) + all jobs",
-        "clean_forward_s_is": "ReferenceEngine.clean: one forward of the sample, vision tower included",
+        "clean_forward_s_is": "one plain forward of the sample (no cache), vision tower included",
         "max_abs_diff_p": totals["max_abs_diff_p"],
         "max_abs_diff_p_over": "every vocabulary entry of every timed reference window",
         "process_cpu_time": ratios(totals, "_cpu"),

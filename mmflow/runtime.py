@@ -19,12 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mmflow.analyses import make_analysis
+from mmflow.answer import answer_from_clean, generate_answer
 from mmflow.context import RunContext
 from mmflow.data.sample import Sample, Skip
-from mmflow.groups import GroupError, build_token_groups
-from mmflow.inputs import encode, load_image
+from mmflow.groups import GroupError, TokenGroups, build_token_groups
+from mmflow.inputs import ModelInputs, encode, load_image
 from mmflow.knockout import make_engine
 from mmflow.models.registry import LoadedModel
+from mmflow.pipeline import Stages, prefetch
 from mmflow.store import CellStore
 
 log = logging.getLogger(__name__)
@@ -81,18 +83,8 @@ def load_samples(config: dict) -> list[Sample | Skip]:
     raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa")
 
 
-@torch.no_grad()
-def generate_answer(loaded: LoadedModel, inputs, max_new_tokens: int) -> str:
-    """The clean model's greedy short answer (for the correctness filter)."""
-    tokenizer = loaded.tokenizer
-    out = loaded.model.generate(
-        **inputs.tensors,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=loaded.model.generation_config.eos_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, inputs.length :], skip_special_tokens=True)
+__all__ = ["generate_answer", "normalise_answer", "run_cells"]  # generate_answer: the reference answer
+PREFETCH_DEPTH = 2  # samples prepared ahead of the model (mmflow.pipeline)
 
 
 def normalise_answer(text: str) -> str:
@@ -139,11 +131,15 @@ def run_cells(
     context: RunContext | None = None,
     progress: bool = False,
     logger_factory: Callable[[dict, int], Any] | None = None,
+    prefetch_depth: int = PREFETCH_DEPTH,
+    stages: Stages | None = None,
 ) -> list[CellOutcome]:
     """Compute `configs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell.
 
     `logger_factory(config, n_layers)` (e.g. `mmflow.wandb_logger.cell_logger`) opens a logger for each
     cell computed here (never for cached ones); it gets every sample, the final results, and is closed.
+    `prefetch_depth`: samples read, encoded and grouped ahead in a background thread (0: none).
+    `stages`: if given, gets the seconds spent per stage (`mmflow.pipeline.Stages`).
     """
     if len({group_key(c) for c in configs}) > 1:
         raise ValueError("cells run together must share model, data, task, samples and engine")
@@ -163,22 +159,27 @@ def run_cells(
     try:
         for cell in cells:
             cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
-        _compute(loaded, cells, outcomes, on_sample, context, progress)
+        pipeline = (prefetch_depth, stages if stages is not None else Stages())
+        _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline)
     finally:
         for cell in (c for c in cells if c.logger is not None):
             cell.logger.close()  # a no-op after a successful finish
     return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
 
 
-def _compute(loaded, cells, outcomes, on_sample, context, progress) -> None:
-    """Run every sample of `cells` and finish each cell into `outcomes`."""
+def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) -> None:
+    """Run every sample of `cells` and finish each cell into `outcomes`.
 
+    Samples every cell already has (a resumed cell) are neither prepared nor run.
+    """
+    depth, stages = pipeline
     started = time.time()
     first = cells[0].config
     engine = make_engine(first["engine"]["name"], loaded)
     clean_passes: Counter[str] = Counter()
     try:
-        samples = load_samples(first)
+        with stages.timed("load_samples"):
+            samples = load_samples(first)
     except Exception as exc:  # a data source that cannot be read fails these cells, not the sweep
         for cell in cells:
             cell.error = f"{type(exc).__name__}: {exc}"
@@ -196,10 +197,15 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress) -> None:
         unit="sample",
         disable=not progress,
     )
-    for order, sample in enumerate(samples):
-        todo = [c for c in cells if c.error is None and sample.question_id not in c.done_ids]
-        if todo:
-            _run_sample(loaded, engine, first, order, sample, todo, clean_passes)
+    wanted = [(order, sample) for order, sample in enumerate(samples) if _todo(cells, sample)]
+    if len(wanted) < len(samples):
+        bar.update(len(samples) - len(wanted))
+        if on_sample is not None:
+            on_sample(len(samples) - len(wanted))
+    ahead = prefetch(wanted, lambda pair: prepare_sample(loaded, pair[1], stages), depth)
+    for (order, sample), prepared in ahead:
+        todo = _todo(cells, sample)
+        _run_sample(loaded, engine, first, order, sample, prepared, todo, clean_passes, stages)
         bar.update(1)
         if on_sample is not None:
             on_sample(1)
@@ -209,13 +215,37 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress) -> None:
         outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name)
 
 
-def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> None:
-    """Plan every cell's knockouts, run the clean pass once, then all knockouts of this sample together."""
+def _todo(cells: list[_Cell], sample: Sample | Skip) -> list[_Cell]:
+    """The cells that still need `sample`."""
+    return [c for c in cells if c.error is None and sample.question_id not in c.done_ids]
+
+
+def prepare_sample(
+    loaded: LoadedModel, sample: Sample | Skip, stages: Stages
+) -> tuple[ModelInputs, TokenGroups] | None:
+    """Read, preprocess, encode and group one sample (None for a sample the data already skipped).
+
+    Runs in the prefetch thread; whatever it raises is raised again where the sample is run.
+    """
+    if isinstance(sample, Skip):
+        return None
+    with stages.timed("prepare"):
+        inputs = encode(loaded, sample, load_image(sample))
+        return inputs, build_token_groups(loaded, inputs, sample)
+
+
+def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_passes, stages) -> None:
+    """Plan every cell's knockouts, run the clean pass once, then all knockouts of this sample together.
+
+    `prepared`: the future of `prepare_sample(sample)`.
+    """
+    if not cells:
+        return None
     if isinstance(sample, Skip):
         return _skip_all(cells, order, sample, sample.reason, sample.detail)
     try:
-        inputs = encode(loaded, sample, load_image(sample))
-        groups = build_token_groups(loaded, inputs, sample)
+        with stages.timed("wait_for_prepare"):
+            inputs, groups = prepared.result()
     except GroupError as exc:
         return _skip_all(cells, order, sample, exc.reason, exc.detail)
     except OSError as exc:
@@ -229,9 +259,11 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
     firsts += [c.analysis.capture_from(groups) for c, _ in planned if hasattr(c.analysis, "capture_from")]
     try:
-        clean = engine.clean(inputs, capture_from=min(firsts, default=None))
+        with stages.timed("clean_pass"):
+            clean = engine.clean(inputs, capture_from=min(firsts, default=None))
         clean_passes[sample.question_id] += 1
-        predicted = generate_answer(loaded, inputs, int(config["max_new_tokens"]))
+        with stages.timed("answer"):
+            predicted = answer_from_clean(loaded, clean, int(config["max_new_tokens"]))
     except torch.cuda.OutOfMemoryError as exc:
         return _skip_all(cells, order, sample, "out_of_memory", str(exc).splitlines()[0])
     correct = normalise_answer(predicted) == normalise_answer(sample.answer)
@@ -252,23 +284,25 @@ def _run_sample(loaded, engine, config, order, sample, cells, clean_passes) -> N
             cell.write(sample.question_id, _sample_row(order, sample, status="incorrect", **base), [])
         return
     try:
-        logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
+        with stages.timed("knockouts"):
+            logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
     except torch.cuda.OutOfMemoryError as exc:
         return _skip_all([c for c, _ in planned], order, sample, "out_of_memory", str(exc).splitlines()[0])
     start = 0
     for cell, jobs in planned:
         new = logprobs[start : start + len(jobs)]
         start += len(jobs)
-        try:
-            rows = cell.analysis.rows(sample, clean, token_id, new)
-        except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
-            reason, detail = (
-                (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
-            )
-            row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
-            cell.write(sample.question_id, row, [])
-            continue
-        cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
+        with stages.timed("rows_and_writes"):
+            try:
+                rows = cell.analysis.rows(sample, clean, token_id, new)
+            except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
+                reason, detail = (
+                    (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
+                )
+                row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
+                cell.write(sample.question_id, row, [])
+                continue
+            cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
 
 
 def _skip_all(cells, order, sample, reason: str, detail: str) -> None:

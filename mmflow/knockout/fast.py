@@ -143,7 +143,7 @@ class FastEngine(ReferenceEngine):
         """The reference's clean forward (same code, no job), keeping K/V and inputs from `capture_from`."""
         if capture_from is None:
             base = super().clean(inputs)
-            return FastCleanPass(base.inputs, base.logprobs, base.last_hidden)
+            return FastCleanPass(base.inputs, base.logprobs, base.last_hidden, base.cache, base.logits)
         with record_layer_inputs(self.layers, capture_from, last=True) as record, blocking(None):
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -151,6 +151,8 @@ class FastEngine(ReferenceEngine):
             inputs,
             torch.log_softmax(out.logits[0, -1].float(), dim=-1),
             torch.stack(record["last"]),
+            cache=cache,
+            logits=out.logits[0, -1],
             start=capture_from,
             keys=[layer.keys[0] for layer in cache.layers],
             values=[layer.values[0] for layer in cache.layers],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,11 +25,15 @@ class CleanPass:
 
     `logprobs` [V]: last-position log-softmax (float32). `last_hidden` [L+1, D]: the residual stream
     at the last position from the embeddings through the final layer, before the final norm.
+    `cache`: the forward's key/value cache (a transformers Cache) and `logits` [V] its raw last-position
+    logits, kept for the greedy answer (`mmflow.answer`), which releases the cache; None if not kept.
     """
 
     inputs: ModelInputs
     logprobs: torch.Tensor
     last_hidden: torch.Tensor
+    cache: Any = None
+    logits: torch.Tensor | None = None
 
     @property
     def top1(self) -> int:
@@ -61,11 +66,17 @@ class ReferenceEngine:
             out = self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
+    @torch.no_grad()
     def clean(self, inputs: ModelInputs, capture_from: int | None = None) -> CleanPass:
-        """The clean forward through the same code as every knockout (`capture_from` is unused here)."""
-        with record_layer_inputs(language_layers(self.loaded.model), None, last=True) as record:
-            logprobs = self.last_logprobs(inputs, None)
-        return CleanPass(inputs, logprobs, torch.stack(record["last"]))
+        """The clean forward through the same code as every knockout (`capture_from` is unused here),
+        keeping its key/value cache for the answer (a cache changes no number of the forward).
+        """
+        layers = language_layers(self.loaded.model)
+        with record_layer_inputs(layers, None, last=True) as record, blocking(None):
+            out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return CleanPass(inputs, logprobs, torch.stack(record["last"]), out.past_key_values, logits)
 
     def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
         """Last-position log-probs [J, V] for each job."""
