@@ -1,26 +1,45 @@
-"""Turn a composed Hydra config into a computed cell (single runs and the basic launcher)."""
+"""The `mmflow` command and the Hydra entry point (`python launch.py` is the same program).
+
+mmflow run [overrides]           one cell (a sweep of one cell, computed in this process)
+mmflow run -m [overrides]        a sweep: every combination of comma-separated values
+mmflow run experiment=smoke      a named sweep (mmflow/conf/experiment/*.yaml)
+mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
+mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
+mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy)
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import to_absolute_path
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mmflow.locks import register_resolvers
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
+CONFIG_PATH = "pkg://mmflow.conf"
+
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder.
 
     Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
-    nothing it ignores can change its cell id.
+    nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block.
     """
+    from hydra.utils import to_absolute_path
+
     from mmflow.analyses import canonical_config
 
+    if "ray" in cfg:
+        raise ValueError(
+            "the `ray:` settings moved to `hydra.launcher.ray` (e.g. hydra.launcher.ray.init.address=auto, "
+            "hydra.launcher.ray.init.num_cpus=2); see README 'Sweeps'"
+        )
     config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
@@ -28,24 +47,38 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
-    from mmflow.locks import sigterm_as_interrupt
-    from mmflow.models.registry import get_model
-    from mmflow.runtime import run_cells
-    from mmflow.validate import validate_cell
-    from mmflow.wandb_logger import cell_logger, sync_hint
+    """A single run: one cell through the sweep core, in this process (`sweep.json`, summary, curve)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mmflow.sweep.core import CellJob, Sweep
+    from mmflow.sweep.curve import print_cell_curve
+    from mmflow.sweep.settings import SweepSettings
+    from mmflow.wandb_logger import sync_hint
 
     redact_hydra_output()
-    config = cell_config(cfg)
-    validate_cell(config)  # before the model loads (minutes for a 7B model)
-    loaded = get_model(config["model"])
-    with sigterm_as_interrupt():
-        outcome = run_cells(loaded, [config], progress=True, logger_factory=cell_logger)[0]
-    print(f"[mmflow] cell {outcome.cell_id}: {outcome.status} -> {outcome.path}")
-    if outcome.status != "cached" and (hint := sync_hint(config)):
+    hydra_cfg = HydraConfig.get()
+    launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
+    settings = SweepSettings.from_dict({**launcher, "executor": "local"})
+    overrides = list(hydra_cfg.overrides.task)
+    job = CellJob.resolve(0, overrides, lambda: cell_config(cfg))
+    if job.cell is None:
+        raise SystemExit(f"invalid cell config: {job.error}")
+    name = str(cfg.get("sweep_name") or "single")
+    sweep = Sweep(name, hydra_cfg.runtime.output_dir, [job], settings, single=True)
+    sweep.run()
+    status = sweep.status[job.cell_id]
+    path = Path(job.cell["results_dir"]) / job.cell_id
+    print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
+    if status in ("done", "cached"):
+        try:
+            print_cell_curve(path, sweep.sweep_dir / "figures")
+        except Exception as exc:  # a view of results already on disk: never fails the run
+            print(f"[mmflow] no curve table for {path}: {type(exc).__name__}: {exc}")
+    if status == "done" and (hint := sync_hint(job.cell)):
         print(hint)
-    if outcome.status == "failed":
-        raise SystemExit(f"cell failed: {outcome.error}")
-    return {"cell_id": outcome.cell_id, "status": outcome.status, "path": outcome.path}
+    if status == "failed":
+        raise SystemExit(f"cell failed: {sweep.errors.get(job.cell_id)}")
+    return {"cell_id": job.cell_id, "status": status, "path": str(path)}
 
 
 def redact_hydra_output() -> None:
@@ -56,3 +89,38 @@ def redact_hydra_output() -> None:
 
     if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir:
         redact_hydra_files(Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    return run_from_hydra(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `mmflow` console script (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (args[0], args[1:]) if args else ("", [])
+    if command == "run":
+        sys.argv = ["mmflow run", *rest]
+        hydra_main()
+        return 0
+    if command == "report":
+        from mmflow.report.__main__ import main as report_main
+
+        return report_main(rest)
+    if command == "bench":
+        from mmflow.bench import main as bench_main
+
+        bench_main(rest)
+        return 0
+    if command == "toy":
+        from mmflow.models.toy_training.train import main as toy_main
+
+        toy_main(rest)
+        return 0
+    print(__doc__.strip())
+    return 0 if command in ("-h", "--help", "help") else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mmflow.analyses import make_analysis
 from mmflow.answer import answer_from_clean, generate_answer
+from mmflow.context import RunContext
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GroupError, TokenGroups
 from mmflow.inputs import ModelInputs
@@ -136,7 +137,7 @@ def run_cells(
     loaded: LoadedModel,
     configs: Sequence[dict],
     on_sample: Callable[[int], None] | None = None,
-    context: dict[str, Any] | None = None,
+    context: RunContext | None = None,
     progress: bool = False,
     logger_factory: Callable[[dict, int], Any] | None = None,
     prefetch_depth: int = PREFETCH_DEPTH,
@@ -151,7 +152,7 @@ def run_cells(
     """
     if len({group_key(c) for c in configs}) > 1:
         raise ValueError("cells run together must share model, data, task, samples and engine")
-    context = dict(context or {})
+    context = (context or RunContext()).meta()  # the cell.json fields of this run
     outcomes: dict[str, CellOutcome] = {}
     pipeline = (prefetch_depth, stages if stages is not None else Stages())
     args = (loaded, outcomes, on_sample, context, progress, logger_factory, pipeline)

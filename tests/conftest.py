@@ -15,9 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config(name: str) -> dict:
-    return OmegaConf.to_container(
-        OmegaConf.load(ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"), resolve=True
-    )
+    path = ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def cell_config(folder: Path, model: str = "tiny-llava", **changes) -> dict:
@@ -91,7 +90,7 @@ def ray_cluster():
     """One Ray cluster for the whole session (starting one costs seconds); tests may add nodes to it.
 
     A `ray.cluster_utils.Cluster` whose head offers 2 logical CPUs; drivers (e.g. `launch.py -m` in a
-    subprocess) join it with `ray.address=<cluster.address>`. Shut down at the end of the session.
+    subprocess) join it with `hydra.launcher.ray.init.address=<cluster.address>`. Shut down at the end.
     """
     from ray.cluster_utils import Cluster
 

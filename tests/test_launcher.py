@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_dir, initialize_config_module
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 8  # both tiny models
@@ -37,7 +37,7 @@ def sweep_cmd(results: Path, sweep_dir: Path, address: str, *overrides: str) -> 
         "-m",
         f"results_dir={results}",
         f"hydra.sweep.dir={sweep_dir}",
-        f"ray.address={address}",
+        f"hydra.launcher.ray.init.address={address}",
         "hydra.launcher.progress=log",
         "hydra.launcher.log_every_s=2",
         "logger=none",
@@ -88,12 +88,13 @@ def combos(cells: list[dict]) -> set[tuple[str, int]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "n_jobs"), [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6), ("toy", 6 * 4)]
+    ("name", "n_jobs"),
+    [("smoke", 2 * 2 * 2), ("paper", 4 * 6 * 6), ("windows", 6 * 6), ("toy", 6 * 4), ("toy_patching", 3)],
 )
-def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, monkeypatch) -> None:
-    monkeypatch.chdir(ROOT)  # the sweeps find conf/ relative to the repo root, as on the command line
-    with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
-        cfg = compose(config_name=name, return_hydra_config=True)
+def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # the configs are found in the package, from any folder
+    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.sweep_name == name
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
@@ -106,14 +107,16 @@ def test_default_config_uses_the_launcher_and_a_local_ray() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
-    assert cfg.hydra.launcher.reuse_models is True and cfg.ray.address == ""
+    assert cfg.hydra.launcher.reuse_models is True and not cfg.hydra.launcher.ray.init.address
+    assert "ray" not in cfg  # where Ray runs is no cell key
     assert cfg.model.name == "toy-llava" and cfg.data.name == "shapes"  # the trained toy is the default
     assert cfg.window == 2 and cfg.require_correct is True
 
 
 def test_actor_resources_map_gpus_to_cpu_and_reject_impossible_requests() -> None:
-    from hydra_plugins.mmflow_launcher import MmflowLauncherConf
-    from hydra_plugins.mmflow_launcher._core import GIB, ModelPlan, actor_options
+    from mmflow.sweep.plan import ModelPlan
+    from mmflow.sweep.ray_executor import GIB, actor_options
+    from mmflow.sweep.settings import SweepSettings as MmflowLauncherConf
 
     model = {"name": "llava-1.5-13b", "resources": {"gpus": 1, "cpus": 4, "memory_gb": 40}}
     plan = ModelPlan("key", "llava-1.5-13b", model, "sdpa", replicas=1)

@@ -1,31 +1,44 @@
-"""Hydra launcher plugin that runs an mmflow sweep on Ray actors, one loaded model per actor.
+"""Hydra launcher plugin: a multirun's jobs become cells for mmflow's sweep core (`mmflow.sweep`).
 
-Select it with `hydra/launcher=mmflow` (the default of `conf/config.yaml`). This module stays light:
-Hydra imports it whenever it scans plugins; Ray and the scheduler live in `_core` and are imported
-only when a sweep is launched.
+Select it with `hydra/launcher=mmflow` (the default of `mmflow/conf/config.yaml`). The launcher only
+composes each job's config, resolves it into a cell, hands the cells to `mmflow.sweep.core.Sweep`
+(Ray actors by default) and turns the outcome into one `JobReturn` per job with Hydra's job folder.
+This module stays light: Hydra imports it whenever it scans plugins.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.mmflow_launcher._config import MmflowLauncherConf  # registers hydra/launcher=mmflow
+
+if TYPE_CHECKING:
+    from mmflow.sweep.core import CellJob, Sweep
 
 __all__ = ["MmflowLauncher", "MmflowLauncherConf"]
 
 
+class CellFailed(RuntimeError):
+    """A job's cell ended failed (its `JobReturn` carries this, so the multirun exits non-zero)."""
+
+
 class MmflowLauncher(Launcher):
-    """Groups the grid's cells by model and runs each group on a Ray actor holding that model."""
+    """Turns Hydra's job overrides into cells and runs them as one mmflow sweep."""
 
     def __init__(self, **params: Any) -> None:
+        from mmflow.sweep.settings import SweepSettings
+
         plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in params.items()}
-        self.conf = MmflowLauncherConf(**plain)
+        self.settings = SweepSettings.from_dict(plain)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -36,7 +49,76 @@ class MmflowLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.mmflow_launcher._core import launch
+        from hydra.core.utils import configure_log, setup_globals
+
+        from mmflow.sweep.core import Sweep
 
         assert self.config is not None and self.hydra_context is not None, "setup() was not called"
-        return launch(self, job_overrides, initial_job_idx)
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        composed = [self.compose(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        jobs = [job for job, _ in composed]
+        logger = self.config.get("logger")
+        sweep = Sweep(
+            str(self.config.get("sweep_name") or self.config.hydra.job.config_name),
+            str(self.config.hydra.sweep.dir),
+            jobs,
+            self.settings,
+            logger_cfg=OmegaConf.to_container(logger, resolve=True) if logger is not None else None,
+        )
+        sweep.run()
+        returns = [self.job_return(sweep, job, config) for job, config in composed]
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return returns
+
+    def compose(self, idx: int, overrides: list[str]) -> tuple[CellJob, DictConfig]:
+        """Hydra's config of job `idx` and the cell it names (resolved with that job's HydraConfig)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from mmflow.cli import cell_config
+        from mmflow.sweep.core import CellJob
+
+        assert self.hydra_context is not None and self.config is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config):
+            config.hydra.job.id = idx
+            config.hydra.job.num = idx
+        task_cfg = copy.deepcopy(config)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        previous = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config)
+        try:
+            return CellJob.resolve(idx, overrides, lambda: cell_config(task_cfg)), config
+        finally:
+            HydraConfig.instance().cfg = previous
+
+    def job_return(self, sweep: Sweep, job: CellJob, config: DictConfig) -> JobReturn:
+        """A `JobReturn` with Hydra's per-job folder; a failed cell makes a failed return."""
+        from hydra.core.utils import run_job
+
+        assert self.hydra_context is not None
+        return run_job(
+            hydra_context=self.hydra_context,
+            task_function=functools.partial(job_result, sweep, job),
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+
+
+def job_result(sweep: Sweep, job: CellJob, _cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.utils import filter_overrides
+
+    from mmflow.secrets import redact
+
+    error = sweep.job_error(job)
+    if error is not None:
+        raise CellFailed(f"{error} ({' '.join(redact(filter_overrides(job.overrides)))})")
+    assert job.cell is not None
+    status = sweep.status[job.cell_id]
+    return {
+        "cell_id": job.cell_id,
+        "status": status,
+        "path": str(Path(job.cell["results_dir"]) / job.cell_id),
+    }

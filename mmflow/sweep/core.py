@@ -1,0 +1,240 @@
+"""One sweep from start to end: jobs -> cells -> (skip finished) -> plans -> scheduler -> records.
+
+A *job* is one requested point of the grid (a Hydra job, or the single run); its *cell* is the
+resolved cell config. Jobs that name the same cell share it. Cells already done are `cached` and
+never reach a worker. The rest run through the scheduler on the chosen executor (Ray actors or this
+process). Every status change rewrites `sweep.json`; at the end come the summary table, the
+sweep-level W&B run (sweeps of more than one cell) and the HTML report (when asked).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmflow.context import RunContext
+from mmflow.locks import mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.secrets import redact_hydra_files
+from mmflow.store import CellStore
+from mmflow.sweep.display import make_display
+from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
+from mmflow.sweep.plan import plan_models
+from mmflow.sweep.record import print_summary, write_sweep_json
+from mmflow.sweep.settings import SweepSettings
+
+log = logging.getLogger("mmflow.sweep")
+
+FINAL = ("done", "cached", "failed")
+
+
+@dataclass
+class CellJob:
+    """One requested job and the cell it names (or why its config could not be resolved)."""
+
+    idx: int
+    overrides: list[str]
+    cell: dict[str, Any] | None = None
+    cell_id: str = ""
+    error: str | None = None  # the config could not be resolved into a cell
+    invalid: str | None = None  # the cell cannot compute anything meaningful: it fails alone, by name
+
+    @classmethod
+    def resolve(cls, idx: int, overrides: list[str], make_cell: Callable[[], dict[str, Any]]) -> CellJob:
+        """`make_cell()` gives the resolved cell config; an error fails this job, not the sweep.
+
+        Each cell is validated on its own (`mmflow.validate`), before any model loads.
+        """
+        from mmflow.validate import CellConfigError, validate_cell
+
+        job = cls(idx, list(overrides))
+        try:
+            job.cell = make_cell()
+            job.cell_id = CellStore(job.cell["results_dir"], job.cell).id
+            validate_cell(job.cell)
+        except CellConfigError as exc:  # this cell fails alone, with the key named
+            job.invalid = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            job.cell, job.error = None, f"{type(exc).__name__}: {short_error(exc)}"
+        return job
+
+
+class Sweep:
+    """Runs `jobs` and records them under `sweep_dir` (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        sweep_dir: str | Path,
+        jobs: list[CellJob],
+        settings: SweepSettings,
+        *,
+        logger_cfg: dict[str, Any] | None = None,
+        single: bool = False,
+        executor: Executor | None = None,
+    ) -> None:
+        self.name = name
+        self.sweep_dir = Path(sweep_dir).resolve()
+        self.jobs = jobs
+        self.settings = settings
+        self.logger_cfg = logger_cfg
+        self.single = single  # a single run: no sweep-level W&B run, report only when asked
+        self.executor = executor
+        self.started = time.time()
+        self.cells: dict[str, dict[str, Any]] = {}
+        for job in jobs:
+            if job.cell is not None:
+                self.cells.setdefault(job.cell_id, job.cell)
+        self.status: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.driver = this_process()  # lets a later run tell a killed driver's `running` record
+
+    @property
+    def context(self) -> RunContext:
+        """What every cell.json of this sweep records about the sweep."""
+        return RunContext(sweep_name=self.name, sweep_dir=str(self.sweep_dir))
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    # -- running
+
+    def run(self) -> None:
+        """Compute what is not cached, then write the record, the summary and the end-of-sweep outputs.
+
+        Secrets in Hydra's saved configs are redacted before and after; a `sweep.json` left `running`
+        by a killed driver next to this one is marked `interrupted`; SIGTERM ends as Ctrl-C does.
+        """
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        redact_hydra_files(self.sweep_dir)  # multirun.yaml, saved by Hydra's sweeper before us
+        mark_stale_sweeps(self.sweep_dir.parent, self.sweep_dir)
+        try:
+            with sigterm_as_interrupt():
+                self._run()
+        finally:
+            redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
+
+    def _run(self) -> None:
+        for cell_id, cell in self.cells.items():
+            self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
+        for job in (j for j in self.jobs if j.invalid and j.cell is not None):
+            store = CellStore(job.cell["results_dir"], job.cell)
+            store.write_meta(status="failed", error=job.invalid, **self.context.meta())
+            self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
+        todo = {cid: cell for cid, cell in self.cells.items() if self.status[cid] == "pending"}
+        log.info(
+            "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
+            *(self.name, len(self.jobs), len(self.cells), len(self.cells) - len(todo), len(todo)),
+            self.sweep_dir,
+        )
+        write_sweep_json(self, "running")
+        try:
+            if todo:
+                self.compute(todo)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            write_sweep_json(self, "interrupted" if interrupted else "error", error=short_error(exc))
+            log.warning("sweep stopped: re-run the same command to resume (finished samples are kept)")
+            raise
+        write_sweep_json(self, "failed" if self.failed_ids() or self.invalid_jobs() else "done")
+        print_summary(self)
+        self.publish()
+
+    def compute(self, todo: dict[str, dict[str, Any]]) -> None:
+        from mmflow.sweep.scheduler import Scheduler
+
+        with self.executor_session() as executor:
+            scheduler = Scheduler(
+                self.settings, plan_models(todo, self.settings), executor, self.record, self.context
+            )
+            display = make_display(
+                self.display_kind(), self.counts, len(self.cells), self.settings.log_every_s
+            )
+            display.start()
+            try:
+                scheduler.run(lambda s: display.update(s.worker_rows(), s.eta()))
+            finally:
+                display.stop()
+
+    @contextmanager
+    def executor_session(self) -> Iterator[Executor]:
+        """The given executor, or the settings' one (a Ray session lasts as long as the sweep)."""
+        if self.executor is not None:
+            yield self.executor
+        elif self.settings.executor == "local":
+            yield InProcessExecutor(progress_bar=self.settings.progress in ("auto", "rich"))
+        elif self.settings.executor == "ray":
+            from mmflow.sweep.ray_executor import RayExecutor, ray_session
+
+            with ray_session(self.settings.ray) if self.settings.ray else nullcontext():
+                yield RayExecutor(self.settings)
+        else:
+            raise ValueError(f"hydra.launcher.executor must be ray or local, got {self.settings.executor!r}")
+
+    def display_kind(self) -> str:
+        """In-process batches draw their own progress bar; the live display is for Ray workers."""
+        local = self.executor is None and self.settings.executor == "local"
+        return "none" if local and self.settings.progress != "log" else self.settings.progress
+
+    def record(self, cell_id: str, status: str, error: str | None) -> None:
+        previous = self.status.get(cell_id)
+        self.status[cell_id] = status
+        if error:
+            self.errors[cell_id] = error
+        if status in FINAL and previous not in FINAL:
+            level = logging.WARNING if status == "failed" else logging.DEBUG
+            log.log(level, "cell %s %s%s", cell_id, status, f": {error.splitlines()[0]}" if error else "")
+            write_sweep_json(self, "running")
+
+    def counts(self) -> dict[str, int]:
+        values = list(self.status.values())
+        return {s: values.count(s) for s in ("done", "cached", "failed", "running", "pending")}
+
+    def failed_ids(self) -> list[str]:
+        return [cid for cid, status in self.status.items() if status == "failed"]
+
+    def invalid_jobs(self) -> list[CellJob]:
+        return [job for job in self.jobs if job.error]
+
+    def job_error(self, job: CellJob) -> str | None:
+        """Why `job` did not produce a finished cell (None when it did)."""
+        if job.error is not None or job.cell is None:
+            return f"job #{job.idx} has no valid cell config: {job.error}"
+        status = self.status.get(job.cell_id, "pending")
+        if status in ("done", "cached"):
+            return None
+        reason = (self.errors.get(job.cell_id) or "did not finish").splitlines()[0]
+        return f"cell {job.cell_id} {status}: {reason}"
+
+    # -- end-of-sweep outputs
+
+    def cell_dirs(self) -> list[Path]:
+        return [Path(cell["results_dir"]) / cid for cid, cell in self.cells.items()]
+
+    def wants_report(self) -> bool:
+        return self.settings.report is True or (self.settings.report is None and not self.single)
+
+    def publish(self) -> Path | None:
+        """The sweep-level W&B run and the HTML report; their failure never fails the sweep."""
+        if not self.single:
+            from mmflow.wandb_logger import log_sweep
+
+            try:
+                log_sweep(self.sweep_dir, self.cell_dirs(), self.logger_cfg)
+            except Exception as exc:  # outputs only: the cells are already safe on disk
+                log.warning("sweep-level W&B run failed: %s", short_error(exc))
+        if not self.wants_report():
+            return None
+        from mmflow.report import build_report
+
+        try:
+            index = build_report(self.sweep_dir, cell_dirs=self.cell_dirs())
+        except Exception as exc:
+            log.warning("report failed: %s (run `mmflow report %s`)", short_error(exc), self.sweep_dir)
+            return None
+        print(f"[mmflow] report: {index}")
+        return index

@@ -1,0 +1,273 @@
+"""The Ray executor: one actor per worker, each holding one model (load once, run many batches).
+
+Actors ask Ray for the resources of their model config (`model.resources`, overridden per model by
+`SweepSettings.models`) and are spread across nodes. Every Ray call the driver makes has a timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from mmflow.context import RunContext
+from mmflow.sweep.executor import Event, ModelWorker, short_error
+from mmflow.sweep.plan import CellBatch, ModelPlan
+from mmflow.sweep.settings import RaySettings, SweepSettings
+from mmflow.secrets import forwarded_env, warn_runtime_env_secrets
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+class ModelActor:
+    """A Ray actor around a `ModelWorker`; answers `progress` while `run_batch` works."""
+
+    def __init__(self, model: dict[str, Any], backend: str) -> None:
+        self.worker = ModelWorker(model, backend)
+        self.token = ""
+        self.batch_samples = 0
+
+    def ready(self) -> dict[str, Any]:
+        """Where this actor runs (also the sign that it was scheduled)."""
+        context = ray.get_runtime_context()
+        return {
+            "node_id": context.get_node_id(),
+            "actor_id": context.get_actor_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def progress(self) -> dict[str, Any]:
+        return {"token": self.token, "samples": self.batch_samples}
+
+    def run_batch(self, configs: list[dict], context: RunContext, token: str) -> list[dict]:
+        from transformers.utils import logging as hf_logging
+
+        self.token, self.batch_samples = token, 0
+        hf_logging.disable_progress_bar()
+        info = self.ready()
+        context = context.replace(
+            node_id=info["node_id"], actor_id=info["actor_id"], host=info["host"], pid=info["pid"]
+        )
+        return self.worker.run(configs, context, on_sample=self._tick)
+
+    def _tick(self, n: int) -> None:
+        self.batch_samples += n
+
+
+@functools.cache
+def remote_actor_class() -> Any:
+    return ray.remote(ModelActor)
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    ready_ref: Any
+    state: str = "starting"  # starting | idle | busy
+    ref: Any = None
+    token: str = ""
+    progress_ref: Any = None
+    samples: int | None = None
+
+
+class RayExecutor:
+    """Workers as Ray actors; see `mmflow.sweep.executor.Executor`."""
+
+    def __init__(self, settings: SweepSettings) -> None:
+        self.settings = settings
+        self.actors: dict[str, _Actor] = {}
+        self.options: dict[str, dict[str, Any]] = {}
+        self.tokens = 0
+
+    def prepare(self, plans: list[ModelPlan]) -> dict[str, str]:
+        limits, errors = cluster_limits(), {}
+        for plan in plans:
+            try:
+                plan.options = actor_options(plan, self.settings, limits)
+            except ValueError as exc:
+                errors[plan.key] = str(exc)
+        return errors
+
+    def start(self, worker: str, plan: ModelPlan) -> None:
+        handle = remote_actor_class().options(**plan.options).remote(plan.model, plan.backend)
+        self.actors[worker] = _Actor(handle, handle.ready.remote())
+
+    def submit(self, worker: str, batch: CellBatch, context: RunContext) -> None:
+        actor = self.actors[worker]
+        self.tokens += 1
+        actor.state, actor.token, actor.samples, actor.progress_ref = "busy", f"b{self.tokens}", 0, None
+        actor.ref = actor.handle.run_batch.remote(batch.configs, context, actor.token)
+
+    def poll(self, timeout_s: float) -> list[Event]:
+        refs = {a.ref: n for n, a in self.actors.items() if a.state == "busy"}
+        refs.update({a.ready_ref: n for n, a in self.actors.items() if a.state == "starting"})
+        if not refs:
+            time.sleep(timeout_s)
+            return []
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+        if ready:
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        return [self._event(refs[ref], ref) for ref in ready]
+
+    def _event(self, worker: str, ref: Any) -> Event:
+        actor = self.actors[worker]
+        wait_s = self.settings.poll_s
+        if actor.state == "starting":
+            try:
+                info = ray.get(ref, timeout=wait_s)
+            except RayError as exc:
+                return Event(worker, "start_failed", error=short_error(exc, 300))
+            actor.state = "idle"
+            return Event(worker, "ready", info=info)
+        actor.state, actor.ref = "idle", None
+        try:
+            outcomes = ray.get(ref, timeout=wait_s)
+        except RayTaskError as exc:  # the batch raised inside a healthy actor
+            return Event(worker, "batch_failed", error=task_error(exc))
+        except RayError as exc:  # the actor or its node died
+            return Event(worker, "lost", error=short_error(exc, 300))
+        return Event(worker, "finished", outcomes=outcomes)
+
+    def progress(self, worker: str) -> int | None:
+        actor = self.actors.get(worker)
+        if actor is None or actor.state != "busy":
+            return None
+        if actor.progress_ref is None:
+            actor.progress_ref = actor.handle.progress.remote()
+        ready, _ = ray.wait([actor.progress_ref], num_returns=1, timeout=0)
+        if ready:
+            ref, actor.progress_ref = actor.progress_ref, None
+            try:
+                report = ray.get(ref, timeout=self.settings.poll_s)
+            except RayError:
+                return actor.samples  # a dead actor shows up through its batch's result
+            if report["token"] == actor.token:
+                actor.samples = int(report["samples"])
+        return actor.samples
+
+    def cancel(self, worker: str) -> None:
+        actor = self.actors.pop(worker, None)
+        if actor is None:
+            return
+        try:
+            ray.kill(actor.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead or unreachable
+            pass
+
+    def free_resources(self) -> str:
+        return str(ray.available_resources())
+
+
+def cluster_limits() -> dict[str, float]:
+    """The largest CPU, GPU and memory amounts any single alive node offers."""
+    limits = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name in limits:
+                limits[name] = max(limits[name], float(node.get("Resources", {}).get(name, 0.0)))
+    return limits
+
+
+def actor_options(plan: ModelPlan, settings: SweepSettings, limits: dict[str, float]) -> dict[str, Any]:
+    """Ray options of the plan's actors; GPU requests map to CPU on a cluster without GPUs.
+
+    Raises ValueError when no node could ever hold the actor (instead of waiting forever).
+    """
+    wanted = {**plan.model.get("resources", {}), **settings.models.get(plan.name, {})}
+    gpus = float(wanted.get("gpus") or 0)
+    cpus = float(wanted.get("cpus") or 1)
+    memory = float(wanted.get("memory_gb") or 0) * GIB
+    if gpus and not limits["GPU"]:
+        log.warning("%s asks for %g GPU but the cluster has none: running it on CPU", plan.name, gpus)
+        gpus = 0.0
+    if gpus > limits["GPU"]:
+        raise ValueError(f"{plan.name} needs {gpus:g} GPUs on one node; the largest has {limits['GPU']:g}")
+    if cpus > limits["CPU"]:
+        log.warning("%s asks for %g CPUs; the largest node has %g", plan.name, cpus, limits["CPU"])
+        cpus = limits["CPU"]
+    if memory > limits["memory"]:
+        largest = limits["memory"] / GIB
+        log.warning("%s asks for %.0f GiB; the largest node has %.1f", plan.name, memory / GIB, largest)
+        memory = limits["memory"]
+    options: dict[str, Any] = {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "scheduling_strategy": settings.scheduling,
+        "max_concurrency": 2,  # `progress` answers while `run_batch` works
+        "max_restarts": 0,  # the scheduler replaces a dead actor itself and requeues its batch
+    }
+    if memory:
+        options["memory"] = int(memory)
+    return options
+
+
+@contextmanager
+def ray_session(settings: RaySettings) -> Iterator[None]:
+    """Join `init.address` (`auto`, `ray://…`, host:port) or start a local Ray when it is empty."""
+    if ray.is_initialized():
+        yield
+        return
+    init = copy.deepcopy(dict(settings.init or {}))
+    address = str(init.pop("address", None) or "").strip() or None
+    env = forwarded_env(settings.forward_env or [], os.environ)  # never secret-named variables
+    runtime_env = init.pop("runtime_env", None) or {}
+    warn_runtime_env_secrets(runtime_env)
+    if env:
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    kwargs: dict[str, Any] = {"log_to_driver": True, **init, "runtime_env": runtime_env or None}
+    if address is None:  # a local Ray for this sweep only
+        kwargs.setdefault("include_dashboard", False)
+    else:
+        for local_only in ("num_cpus", "num_gpus"):
+            kwargs.pop(local_only, None)
+    log.info("Ray: %s", f"joining {address}" if address else "starting a local instance")
+    if address is not None:
+        check_reachable(address, float(settings.connect_timeout_s or 60))
+    # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
+    ray.init(address=address or "local", **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast when a `host:port` or `ray://host:port` address does not answer (Ray would retry for
+    many minutes); `auto` is left to Ray, which fails at once when no cluster is known."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"no Ray cluster answers at {address} after {timeout_s:g} s ({exc}); start one with "
+                    "`ray start --head` or fix hydra.launcher.ray.init.address"
+                ) from None
+            time.sleep(1)
+
+
+def task_error(exc: RayTaskError) -> str:
+    """The original exception first ("Type: message"), then the remote traceback for the details."""
+    cause = getattr(exc, "cause", None)
+    head = f"{type(cause).__name__}: {short_error(cause)}" if isinstance(cause, BaseException) else ""
+    details = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))[-3000:]
+    return f"{head}\n{details}" if head else details

@@ -1,0 +1,58 @@
+"""How a sweep runs: placement, retries, timeouts, progress, and where Ray is.
+
+`hydra_plugins.mmflow_launcher` registers these fields as `hydra.launcher` (Hydra's own Ray launcher
+keeps its `ray.init` arguments under `hydra.launcher.ray` too). None of them is part of a cell id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+FORWARD_ENV = ["MMFLOW_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+
+
+@dataclass
+class RaySettings:
+    """Where Ray runs. `init` goes to `ray.init` (address, num_cpus, num_gpus, runtime_env, …)."""
+
+    # address: null or "" = start a local Ray for this sweep; "auto", "host:port" or "ray://host:10001"
+    # = join a cluster. Local Ray only: num_cpus / num_gpus to offer (null = all).
+    init: dict[str, Any] = field(default_factory=lambda: {"address": None, "log_to_driver": True})
+    forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV))  # copied to actors when set
+    connect_timeout_s: float = 60.0  # give up joining an address that does not answer after this long
+
+
+@dataclass
+class SweepSettings:
+    """Every knob of a sweep (see README "Sweeps"); defaults suit one machine."""
+
+    executor: str = "ray"  # ray (actors, one model each) | local (this process, one batch at a time)
+    # Workers per model; each loads its model once and runs whole cell batches from the queue.
+    replicas: int = 1
+    # Per-model overrides by model name: {replicas, gpus, cpus, memory_gb} (default: model.resources).
+    models: dict[str, Any] = field(default_factory=dict)
+    # false: one cell per batch and a fresh worker (weight load) per cell; for comparisons only.
+    reuse_models: bool = True
+    # Ray scheduling strategy for the actors: SPREAD (one per node first) or DEFAULT.
+    scheduling: str = "SPREAD"
+    # Times a cell batch is requeued after its worker died, hung or timed out (then its cells fail).
+    group_retries: int = 2
+    timeout_s: float = 72 * 3600  # whole sweep; unfinished cells are then marked failed
+    group_timeout_s: float = 12 * 3600  # one cell batch on one worker, from its start
+    stall_timeout_s: float = 1800  # a busy worker that finishes no sample for this long is replaced
+    start_timeout_s: float = 900  # a worker waiting for resources while no other worker is busy
+    poll_s: float = 0.5  # how often the driver checks workers (every wait uses it as its timeout)
+    progress: str = "auto"  # auto (live display on a terminal, log lines otherwise) | rich | log | none
+    log_every_s: float = 30.0  # interval of the log-line progress
+    report: bool | None = None  # the HTML report at the end (null: for sweeps, not for single runs)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SweepSettings:
+        """Settings from plain data (e.g. the resolved `hydra.launcher` node); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in known}
+        ray = kept.pop("ray", None) or {}
+        ray_known = {f.name for f in fields(RaySettings)}
+        return cls(**kept, ray=RaySettings(**{k: v for k, v in ray.items() if k in ray_known}))

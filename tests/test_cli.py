@@ -1,0 +1,47 @@
+"""The `mmflow` command's dispatch, and the configs found in the package from any folder."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from mmflow.cli import cell_config, main
+
+
+def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in (
+        "mmflow run",
+        "mmflow run -m",
+        "experiment=smoke",
+        "mmflow report",
+        "mmflow bench",
+        "toy train",
+    ):
+        assert command in out
+    assert main(["--help"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "prog"),
+    [
+        ("report", "python -m mmflow.report"),
+        ("bench", "python -m mmflow.bench"),
+        ("toy", "python -m mmflow.models.toy"),
+    ],
+)
+def test_subcommands_reach_their_modules(command: str, prog: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0 and f"usage: {prog}" in capsys.readouterr().out
+
+
+def test_the_retired_ray_block_is_refused_with_its_new_place(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+ray.address=auto", f"results_dir={tmp_path}"])
+        ok = compose("config", overrides=[f"results_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="moved to `hydra.launcher.ray`.*init.address=auto"):
+        cell_config(cfg)
+    assert "ray" not in cell_config(ok) and cell_config(ok)["results_dir"] == str(tmp_path)
