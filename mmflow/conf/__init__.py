@@ -2,4 +2,4 @@
 
 from mmflow.locks import register_resolvers
 
-register_resolvers()  # `${mmflow.unique_dir:...}` in config.yaml and the experiments, before Hydra resolves them
+register_resolvers()  # `${mmflow.unique_dir:...}` in config.yaml and experiments, before Hydra resolves it

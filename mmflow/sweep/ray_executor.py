@@ -22,10 +22,10 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from mmflow.context import RunContext
+from mmflow.secrets import forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import RaySettings, SweepSettings
-from mmflow.secrets import forwarded_env, warn_runtime_env_secrets
 
 log = logging.getLogger(__name__)
 
