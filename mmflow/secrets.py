@@ -84,7 +84,7 @@ def redact_yaml_file(path: Path) -> bool:
     clean = redact(data)
     if clean == data:
         return False
-    from mmflow.store import atomic_write_bytes
+    from mmflow.files import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True).encode())
     return True

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.files import atomic_write_bytes, atomic_write_json, atomic_write_parquet  # noqa: F401 (re-exported)
 from mmflow.parity import effective_parity
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ IMPLIED_KEYS: dict[str, Any] = {"seed": 0}
 FILES = ("samples.parquet", "results.parquet")
 
 
-def cell_id(config: Mapping[str, Any]) -> str:
-    """A stable id of a resolved cell config (plus the schema version), never Hydra's job number.
+def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a cell computes: the config without where/how-shown keys, as its cell id hashes it.
 
     The top-level `parity` key is not hashed itself: it reaches the id through `model.parity`, which
     only the models the paper ran carry (`parity: ${parity}`). For every other model the two modes
@@ -53,35 +53,16 @@ def cell_id(config: Mapping[str, Any]) -> str:
         semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
     if isinstance(semantic.get("data"), Mapping) and semantic["data"].get("cache_dir") is not None:
         semantic["data"] = {**semantic["data"], "cache_dir": None}  # where shapes are cached, not which
-    blob = json.dumps({"schema": SCHEMA_VERSION, "config": semantic}, sort_keys=True, default=str)
+    return semantic
+
+
+def cell_id(config: Mapping[str, Any]) -> str:
+    """A stable id of a resolved cell config (`semantic_config`, plus the schema version), never
+    Hydra's job number."""
+    blob = json.dumps(
+        {"schema": SCHEMA_VERSION, "config": semantic_config(config)}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
-
-
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 class CellStore:

@@ -271,10 +271,16 @@ def test_seed_changes_no_knockout_cell_and_cell_ids_stay_the_same():
     for path in legacy:  # cells computed by main 13f7c92, each with `seed: 0` in its config
         old = json.loads(path.read_text())["config"]
         assert old.pop("seed") == 0 and cell_id(old) == path.parent.name
-    # seed is patching's noise seed; knockout and answer tracking read none, so it is not in their ids
-    from mmflow.analyses import drop_ignored_keys
+    # seed is patching's noise seed (mmflow/conf/analysis/patching.yaml): other cells have no such key,
+    # so `seed=7` on a knockout cell is an error instead of a new id for the same computation
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
 
-    assert cell_id(drop_ignored_keys({**config, "seed": 7})) == "431f7f0360d2cb14"
+    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+        assert "seed" not in compose(config_name="config")
+        assert compose(config_name="config", overrides=["analysis=patching"]).seed == 0
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="config", overrides=["seed=7"])
 
 
 # ------------------------------------------------------------------ 10. secrets
@@ -378,8 +384,10 @@ def test_table_rows_get_the_gqa_loaders_skips(tmp_path):
     frame.loc[1, "image"] = "missing.jpg"
     frame.loc[2, "image_w"] = "65"
     frame.to_csv(table, index=False)
-    reasons = [r.reason for r in read_table(table, "ChooseAttr", tmp_path / "images")]
-    assert reasons == ["box_outside_image", "missing_image", "image_size_mismatch"]
+    rows = read_table(table, "ChooseAttr", tmp_path / "images")
+    # a bad box is no bad sample (issue 13): only object-patch groups skip it, with the same reason
+    assert isinstance(rows[0], Sample) and rows[0].box_issue[0] == "box_outside_image"
+    assert [r.reason for r in rows[1:]] == ["missing_image", "image_size_mismatch"]
     with pytest.raises(DataError, match="missing column.*answer"):
         frame.drop(columns="answer").to_csv(table, index=False)
         read_table(table, "ChooseAttr", tmp_path / "images")

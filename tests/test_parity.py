@@ -231,10 +231,12 @@ def test_bad_box_group_error() -> None:
 # ---------------------------------------------------------------- cell ids and cell.json
 
 # Ids of these configs before the `parity` key existed (computed with main's store.cell_id).
+# Computed by main 13f7c92's `cell_id` on these configs with `data.cache_dir: null` (the default; where
+# shapes are cached is not part of an id since issue 15).
 OLD_IDS = {
-    "tiny-llava": "43d1706100281025",
-    "tiny-llava-next": "75bd05acad24dccc",
-    "toy-llava": "fcee77c270475c35",
+    "tiny-llava": "734244fad2d1617f",
+    "tiny-llava-next": "72e21a5947375f94",
+    "toy-llava": "112e78476aa80ca0",
 }
 
 
@@ -246,7 +248,9 @@ def test_cell_ids_keep_their_old_values_where_the_modes_agree() -> None:
     for model, old in OLD_IDS.items():
         for parity in ("paper", "corrected", None):
             extra = {} if parity is None else {"parity": parity}
-            assert cell_id(cell_config(Path("/tmp/x"), model=model, **extra)) == old
+            config = cell_config(Path("/tmp/x"), model=model, **extra)
+            config["data"]["cache_dir"] = None
+            assert cell_id(config) == old
     real = {p: cell_config(Path("/tmp/x"), parity=p, model="tiny-llava") for p in ("paper", "corrected")}
     for parity, config in real.items():
         config["model"] = real_model_config("llava-1.5-7b", parity, checkpoint="llava-hf/llava-1.5-7b-hf")
@@ -312,7 +316,7 @@ def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from mmflow.analyses import drop_ignored_keys
+    from mmflow.analyses import canonical_config
     from mmflow.store import cell_id
 
     cells = json.loads((Path(__file__).parent / "fixtures" / "legacy_results" / "cells.json").read_text())
@@ -320,7 +324,7 @@ def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
         for old_id, overrides in cells.items():
             for parity in ("paper", "corrected"):
                 cfg = compose(config_name="config", overrides=[*overrides, "logger=none", f"parity={parity}"])
-                assert cell_id(drop_ignored_keys(OmegaConf.to_container(cfg, resolve=True))) == old_id
+                assert cell_id(canonical_config(OmegaConf.to_container(cfg, resolve=True))) == old_id
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def cells(tmp_path: Path, model: str = "m1", tasks=("A",), windows=(1,)) -> dict
                 "task": task,
                 "n_samples": 4,
                 "window": window,
-                "knockout": {"name": "image_to_question"},
+                "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
                 "results_dir": str(tmp_path),
             }
             out[CellStore(tmp_path, config).id] = config

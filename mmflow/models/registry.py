@@ -5,9 +5,11 @@ Loading does not touch attention: the engine that runs knockouts prepares it (`m
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +63,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
     committed toy model (`mmflow/toy_weights/<name>`); a local folder or a hub id is passed on.
     Imports no trainer."""
     if checkpoint.startswith("tiny:"):
-        from mmflow.models.tiny import ensure_tiny_model
+        from mmflow.models.tiny_series import ensure_model as ensure_tiny_model
 
         return str(ensure_tiny_model(checkpoint.removeprefix("tiny:")))
     if checkpoint.startswith("replica:"):
@@ -170,13 +172,22 @@ def load_model(cfg: Any) -> LoadedModel:
 
 
 def check_depth(cfg: Any, loaded: LoadedModel) -> None:
-    """ValueError when the config's `n_layers` (what the report's axes use) is not the loaded depth."""
+    """ValueError when the config's `n_layers` (what the report's axes use) is not the loaded depth.
+
+    A shrunk replica (`mmflow.models.replica`, `replica.json` with `full_size: false`) stands in for the
+    real depth on purpose: its own depth is used, and the log says so.
+    """
     configured = cfg.get("n_layers")
-    if configured is not None and int(configured) != loaded.n_layers:
-        raise ValueError(
-            f"model {cfg.name!r}: the config says n_layers={configured}, but the checkpoint "
-            f"{loaded.path!r} has {loaded.n_layers} decoder layers"
-        )
+    if configured is None or int(configured) == loaded.n_layers:
+        return
+    marker = Path(loaded.path) / "replica.json"
+    if marker.is_file() and not json.loads(marker.read_text()).get("full_size", True):
+        log.info("%s: shrunk replica with %d layers (config: %s)", cfg.name, loaded.n_layers, configured)
+        return
+    raise ValueError(
+        f"model {cfg.name!r}: the config says n_layers={configured}, but the checkpoint "
+        f"{loaded.path!r} has {loaded.n_layers} decoder layers"
+    )
 
 
 _LOADED: dict[str, LoadedModel] = {}

@@ -229,24 +229,29 @@ def build_model(spec: TinySpec, tokenizer):
 
 
 def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
-    """Return the folder of tiny model `name`, building and saving it on first use (atomically)."""
-    from mmflow.models import tiny_series
+    """Return the folder of tiny model `name`, building and saving it on first use (atomically).
 
-    known = sorted([*TINY_SPECS, *tiny_series.SERIES_SPECS])
-    if name not in known:
-        raise KeyError(f"unknown tiny model {name!r}; known: {known}")
-    version = BUILD_VERSION if name in TINY_SPECS else tiny_series.BUILD_VERSION
+    The series replicas (`mmflow.models.tiny_series`) are built through the same `save_built_model`.
+    """
+    if name not in TINY_SPECS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {sorted(TINY_SPECS)}")
+
+    def build():
+        spec = TINY_SPECS[name]
+        tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
+        return build_model(spec, tokenizer), build_processor(spec, tokenizer)
+
+    return save_built_model(name, BUILD_VERSION, build, root)
+
+
+def save_built_model(name: str, version: int, build, root: Path | None = None) -> Path:
+    """`<root>/<name>-v<version>`, made once from `build() -> (model, processor)` with save_pretrained
+    into a staging folder renamed into place (a concurrent builder's finished folder is kept)."""
     target = (root or cache_root() / "models") / f"{name}-v{version}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if name in TINY_SPECS:
-        spec = TINY_SPECS[name]
-        tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
-        processor = build_processor(spec, tokenizer)
-        model = build_model(spec, tokenizer)
-    else:
-        model, processor = tiny_series.build(name)
+    model, processor = build()
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)

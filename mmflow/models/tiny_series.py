@@ -29,7 +29,10 @@ from mmflow.models.tiny import (
     CLIP_STD,
     IMAGE_TOKEN,
     NEXT_PINPOINTS,
+    TINY_SPECS,
     build_tokenizer,
+    ensure_tiny_model,
+    save_built_model,
     tokenizer_corpus,
 )
 
@@ -322,3 +325,12 @@ PROMPT_FORMAT = {
     "tiny-llava-onevision": "qwen",
     "tiny-qwen2.5-vl": "qwen2_vl",
 }
+
+
+def ensure_model(name: str, root: Path | None = None) -> Path:
+    """The folder of any `tiny:<name>` model: the two first-round tiny models or a series replica."""
+    if name in TINY_SPECS:
+        return ensure_tiny_model(name, root)
+    if name not in SERIES_SPECS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {sorted([*TINY_SPECS, *SERIES_SPECS])}")
+    return save_built_model(name, BUILD_VERSION, lambda: build(name), root)
