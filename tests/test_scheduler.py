@@ -13,10 +13,11 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from mmflow.context import RunContext
-from mmflow.store import CellStore
+from mmflow.store import CellStore, atomic_write_parquet
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.executor import Event
 from mmflow.sweep.plan import plan_models
@@ -102,9 +103,13 @@ def cells(tmp_path: Path, model: str = "m1", tasks=("A",), windows=(1,)) -> dict
     out = {}
     for task in tasks:
         for window in windows:
-            config = {
+            config = {  # a valid cell (a sweep validates each cell), never computed here
                 "model": {"name": model},
                 "task": task,
+                "data": {"name": "shapes"},
+                "engine": {"name": "fast"},
+                "analysis": "knockout",
+                "max_new_tokens": 2,
                 "n_samples": 4,
                 "window": window,
                 "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
@@ -245,12 +250,12 @@ def test_replicas_share_a_models_queue_and_idle_workers_are_released(tmp_path) -
 
 
 def test_a_sweep_skips_cached_cells_and_records_every_job(tmp_path) -> None:
-    clock, todo = Clock(), cells(tmp_path, tasks=("A", "B"))
+    clock, todo = Clock(), cells(tmp_path, tasks=("ChooseAttr", "ChooseCat"))  # valid: a sweep validates
     (cached_id, cached), (other_id, _) = list(todo.items())
     store = CellStore(tmp_path, cached)  # a finished cell from an earlier sweep
-    store.write_meta(status="done", headline={"min_layer": 3})
+    store.write_meta(status="done", headline={"min_layer": 3}, counts={"samples": 0})
     for name in ("samples.parquet", "results.parquet"):
-        (store.dir / name).write_bytes(b"")
+        atomic_write_parquet(store.dir / name, pd.DataFrame({"question_id": pd.Series([], dtype=str)}))
     jobs = [CellJob.resolve(i, [f"task={c['task']}"], lambda c=c: c) for i, c in enumerate(todo.values())]
     jobs.append(CellJob.resolve(2, ["task=???"], lambda: {}["results_dir"]))
     executor = FakeExecutor(clock)
