@@ -111,8 +111,13 @@ def test_two_sweeps_at_once_on_one_results_folder(ray_cluster, tmp_path):
 
     def sweep(*grid: str) -> subprocess.Popen:
         cmd = [
-            *("-m", f"ray.address={ray_cluster.address}", "n_samples=2", "hydra.launcher.progress=log"),
-            f"+ray.runtime_env.env_vars.HF_TOKEN={SECRET}",
+            *(
+                "-m",
+                f"hydra.launcher.ray.init.address={ray_cluster.address}",
+                "n_samples=2",
+                "hydra.launcher.progress=log",
+            ),
+            f"+hydra.launcher.ray.init.runtime_env.env_vars.HF_TOKEN={SECRET}",
             *grid,
         ]
         return start(results, *cmd)

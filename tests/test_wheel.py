@@ -104,7 +104,7 @@ def test_wheel_in_a_fresh_venv_runs_the_smoke_sweep_and_the_report(wheel: Path, 
     (sweep_json,) = (work / "results" / "_hydra" / "sweeps" / "smoke").glob("*/sweep.json")
     record = json.loads(sweep_json.read_text())
     assert record["status"] == "done" and record["counts"]["done"] == 4
-    assert {(c["knockout"], c["window"]) for c in record["cells"]} == {
+    assert {(c["variant"], c["window"]) for c in record["cells"]} == {
         (k, w) for k in ("image_to_question", "question_to_last") for w in (1, 3)
     }
     for cell in record["cells"]:

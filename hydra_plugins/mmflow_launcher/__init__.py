@@ -51,6 +51,7 @@ class MmflowLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
 
+        from mmflow.secrets import redact_hydra_files
         from mmflow.sweep.core import Sweep
 
         assert self.config is not None and self.hydra_context is not None, "setup() was not called"
@@ -68,6 +69,7 @@ class MmflowLauncher(Launcher):
         )
         sweep.run()
         returns = [self.job_return(sweep, job, config) for job, config in composed]
+        redact_hydra_files(sweep.sweep_dir)  # the jobs' .hydra folders Hydra just wrote
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 

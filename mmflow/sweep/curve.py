@@ -8,24 +8,24 @@ from pathlib import Path
 
 import pandas as pd
 
+FLIPS = "top1_changed_frac"  # the knockout curve's fraction of top-1 flips per centre layer
+
 
 def curve_table(cell) -> pd.DataFrame:
-    """Per layer of a done cell (`mmflow.report.CellData`): knockouts give the centre layer, the mean
-    relative change of p(answer) in %, its 95% band and the fraction of top-1 flips; other analyses
-    give their own per-layer curves (mean and 95% band per value)."""
-    from mmflow.wandb_logger import per_layer_table
-
-    table = per_layer_table(cell.analysis, cell.results, cell.n_layers)
+    """Per layer of a done cell (`mmflow.report.CellData`): its analysis's `curve_table` (knockouts:
+    the mean relative change of p(answer) in %, its 95% band and the fraction of top-1 flips; other
+    analyses: their own per-layer curves, mean and 95% band per value)."""
+    table = cell.analysis.curve_table(cell.results)
     return table.drop(columns=[c for c in ("rel_depth", "sem") if c in table])
 
 
-def _cells(row: pd.Series, analysis: str) -> list[str]:
+def _cells(row: pd.Series, flips: bool) -> list[str]:
     from rich.markup import escape
 
     low, high = row.get("ci_low"), row.get("ci_high")
     band = escape(f"[{low:.3g}, {high:.3g}]") if pd.notna(low) and pd.notna(high) else "-"  # n = 1: none
-    if analysis == "knockout":
-        flips = row.get("top1_changed_frac")
+    if flips:
+        flips = row.get(FLIPS)
         flips_text = f"{100 * flips:.0f}%" if flips is not None and pd.notna(flips) else "-"
         return [str(int(row["layer"])), f"{row['mean']:.3g}", band, flips_text, str(int(row["n"]))]
     return [str(int(row["layer"])), str(row.get("label", row.get("value", ""))), f"{row['mean']:.3g}", band]
@@ -33,12 +33,12 @@ def _cells(row: pd.Series, analysis: str) -> list[str]:
 
 def cell_figure(cell, out_dir: Path) -> Path | None:
     """The cell's figure (the report's own plot) as PNG in `out_dir`, or None if it has none."""
-    from mmflow.report.figures import plot_cell, save_figure, slug
+    from mmflow.report.figures import save_figure, slug
 
-    figure = plot_cell(cell)
+    figure = cell.analysis.figure(cell)
     if figure is None:
         return None
-    return save_figure(figure, out_dir, slug(cell.model, cell.task, cell.knockout, cell.cell_id))["png"]
+    return save_figure(figure, out_dir, slug(cell.model, cell.task, cell.variant, cell.cell_id))["png"]
 
 
 def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | None:
@@ -54,7 +54,8 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
         console.print(f"[mmflow] no scored samples in {cell_dir}: no curve to show")
         return None
     table = curve_table(cell)
-    if cell.analysis == "knockout":
+    flips = FLIPS in table
+    if flips:
         title = f"{cell.label}, k = {cell.window}: relative change of p(answer) (%) per centre layer"
         columns = ["centre layer", "mean (%)", "95% band", "top-1 flips", "n"]
     else:
@@ -64,7 +65,7 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     for column in columns:
         view.add_column(column, justify="right" if column not in ("value",) else "left")
     for _, row in table.iterrows():
-        view.add_row(*_cells(row, cell.analysis))
+        view.add_row(*_cells(row, flips))
     console.print(view)
     figure = cell_figure(cell, Path(figure_dir))
     print(f"files:  {cell.dir}  (cell.json, samples.parquet, results.parquet)")

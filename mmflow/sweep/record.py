@@ -57,7 +57,7 @@ def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str
         "error": error,
         "started": datetime.fromtimestamp(sweep.started).isoformat(timespec="seconds"),
         "wall_seconds": round(sweep.elapsed(), 3),
-        "launcher": asdict(sweep.settings),
+        "launcher": redact(asdict(sweep.settings)),
         "counts": sweep.counts(),
         "cells": cells,
         "failed": sweep.failed_ids(),

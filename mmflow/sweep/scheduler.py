@@ -169,8 +169,12 @@ class Scheduler:
         if event.kind == "batch_failed":
             self.fail_batch(batch, event.error or "?")
             return
-        for outcome in event.outcomes:  # "cached" here: finished by an earlier attempt of this sweep
-            status = "done" if outcome["status"] == "cached" else outcome["status"]
+        for outcome in event.outcomes:
+            # "cached" on a retry: finished by an earlier attempt of this sweep (done here); on a first
+            # attempt: finished meanwhile by another process that held the cell's lock (cached)
+            status = outcome["status"]
+            if status == "cached" and batch.attempt > 1:
+                status = "done"
             self.record(outcome["cell_id"], status, outcome.get("error"))
         if not self.settings.reuse_models:
             self.drop(slot)
