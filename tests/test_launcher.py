@@ -224,11 +224,16 @@ def test_a_cell_with_bad_data_fails_alone_with_its_reason(ray_cluster, tmp_path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) -> None:
-    """Three actors on a head (2 CPUs) and a worker (1 CPU); the worker goes away mid-group."""
+    """Three actors on a head (2 CPUs) and a worker (1 CPU); the worker goes away mid-batch.
+
+    The node is removed as soon as a cell on it has recorded some but not all of its samples, which
+    happens whatever the timing: six samples a cell keep the head's two actors busy well past the
+    worker's start, so the worker always gets a batch.
+    """
     worker = ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
     head_id, worker_id = ray_cluster.head_node.node_id, worker.node_id
-    results, n_samples = tmp_path / "results", 3
+    results, n_samples = tmp_path / "results", 6
     overrides = (
         "model=tiny-llava",
         f"task={','.join(TASKS)}",
@@ -244,9 +249,8 @@ def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) ->
         deadline = time.monotonic() + 180
         while proc.poll() is None and not interrupted and time.monotonic() < deadline:
             on_worker = {k: c for k, c in read_cells(results).items() if c.get("node_id") == worker_id}
-            done = [k for k, c in on_worker.items() if c["status"] == "done"]
             started = [k for k, c in on_worker.items() if c["status"] == "running" and parts(results / k)]
-            if done and started:  # one group finished there, the next is part-way through its samples
+            if started:  # a batch there is part-way through its samples
                 ray_cluster.remove_node(worker)
                 interrupted = set(started)
             time.sleep(0.05)
@@ -254,13 +258,13 @@ def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert interrupted, "the worker node never had a finished and a running cell at once"
+    assert interrupted, "no cell on the worker node was ever part-way through its samples"
     assert proc.returncode == 0, output[-4000:]
 
     cells = read_cells(results)
     assert len(cells) == len(TASKS) * 2 and all(c["status"] == "done" for c in cells.values())
-    assert {c["node_id"] for c in cells.values()} == {head_id, worker_id}  # cells landed on both nodes
-    for cell_id in interrupted:  # rerun elsewhere, resumed from its parts, no sample twice
+    assert {c["node_id"] for c in cells.values()} <= {head_id, worker_id}
+    for cell_id in interrupted:  # started on the worker, rerun on the head, resumed from its parts
         assert cells[cell_id]["node_id"] == head_id and cells[cell_id]["attempt"] == 2
     for cell_id in cells:
         assert_complete(results / cell_id, n_samples=n_samples)

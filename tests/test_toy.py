@@ -432,7 +432,18 @@ def test_training_command_stops_cleanly_on_sigterm(tmp_path):
     run.send_signal(signal.SIGTERM)
     run.communicate(timeout=60)  # drains stderr, so the exiting command never blocks on a full pipe
     assert run.returncode == 143
-    time.sleep(2)
+    deadline = time.monotonic() + 60  # a loaded machine may take a while to reap the workers
+    while time.monotonic() < deadline and group_alive(run.pid):
+        time.sleep(0.2)
     with pytest.raises(ProcessLookupError):  # nothing left in the command's process group
         os.killpg(run.pid, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group `pgid` still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
