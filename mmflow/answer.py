@@ -13,6 +13,7 @@ import torch
 
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.reference import CleanPass
+from mmflow.models.kv_cache import cache_kwargs, output_cache
 from mmflow.models.registry import LoadedModel
 
 # Generation-config fields that would change a greedy step, with the value that changes nothing.
@@ -90,11 +91,11 @@ def greedy_token_ids(loaded: LoadedModel, clean: CleanPass, max_new_tokens: int)
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
             logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         tokens.append(int(out.logits[0, -1].float().argmax()))
     clean.cache = None
     return tokens

@@ -112,3 +112,22 @@ def test_generation_config_that_changes_greedy_steps_uses_generate(tiny_llava, t
         config.repetition_penalty = 1.0
     with pytest.raises(ValueError, match="no key/value cache"):
         greedy_token_ids(tiny_llava, clean, 3)
+
+
+def test_cache_is_passed_under_the_name_the_model_takes(tiny_llava, tmp_path):
+    """No `past_key_values` deprecation (gone in transformers 5.40): the clean pass and the decode use the
+    model's own cache argument, and the decoded answer still equals `generate`'s."""
+    import inspect
+    import warnings
+
+    from mmflow.models.kv_cache import cache_kwargs
+
+    name = "cache" if "cache" in inspect.signature(tiny_llava.model.forward).parameters else "past_key_values"
+    assert list(cache_kwargs(tiny_llava.model, None)) == [name]
+    inputs = encode(tiny_llava, samples_for(tiny_llava, tmp_path, 1)[0])
+    expected = generated_ids(tiny_llava, inputs, 4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        clean = make_engine("fast", tiny_llava).clean(inputs, capture_from=inputs.length - 2)
+        assert clean.cache is not None
+        assert greedy_token_ids(tiny_llava, clean, 4) == expected

@@ -45,6 +45,7 @@ from mmflow.knockout.kernels import attend_prefix, attend_suffix, cat, merge
 from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
 from mmflow.knockout.rows import Group, first_affected_target, plan_sweeps
 from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class FastEngine(ReferenceEngine):
             return FastCleanPass(base.inputs, base.logprobs, base.last_hidden, base.cache, base.logits)
         with record_layer_inputs(self.layers, capture_from, last=True) as record, blocking(None):
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         return FastCleanPass(
             inputs,
             torch.log_softmax(out.logits[0, -1].float(), dim=-1),

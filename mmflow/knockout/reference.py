@@ -16,6 +16,7 @@ from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
 
 
@@ -81,7 +82,7 @@ class ReferenceEngine:
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return CleanPass(inputs, logprobs, torch.stack(record["last"]), out.past_key_values, logits)
+        return CleanPass(inputs, logprobs, torch.stack(record["last"]), output_cache(out), logits)
 
     def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
         """Last-position log-probs [J, V] for each job."""
