@@ -35,6 +35,7 @@ from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
 from mmflow.data.sample import Sample
 from mmflow.groups import build_token_groups
 from mmflow.inputs import ModelInputs, encode
+from mmflow.knockout.cost import DecoderShape, floor_over_clean
 from mmflow.knockout.fast import make_fast_engine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
@@ -304,7 +305,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}
     shapes: dict[str, list[int]] = {"sequence_lengths": [], "image_tokens": [], "question_to_end_tokens": []}
-    memory = None
+    memory, planned = None, []
+    text_config = loaded.model.config.get_text_config()
     for index, sample in enumerate(gqa_samples(args.task, args.samples)):
         inputs = encode(loaded, sample, noise_image(index))
         plan, groups = plan_jobs(loaded, inputs, sample, knockouts, args.window)
@@ -320,6 +322,7 @@ def main(argv=None) -> dict:
         shapes["image_tokens"].append(int(groups.image.numel()))
         shapes["question_to_end_tokens"].append(inputs.length - int(groups.question.min()))
         jobs = [job for type_jobs in plan.values() for job in type_jobs]
+        planned.append((inputs.length, jobs))
         if index == 0 and not args.no_memory:
             memory = measure_memory(ref, fast, inputs, jobs)
         if index == 0 and args.profile:
@@ -335,6 +338,8 @@ def main(argv=None) -> dict:
         "jobs_per_sample": len(knockouts) * args.layers,
         "engine": fast.name,
         **ratios(totals, ""),
+        "fast_floor_over_clean": round(1 + floor_over_clean(DecoderShape.of(text_config), planned), 3),
+        "fast_floor_is": "decoder MACs any exact knockout engine must spend, its clean pass included",
         "reference_windows_timed_per_knockout": args.reference_windows,
         "reference_forwards_timed": int(totals["reference_forwards_timed"]),
         "timing": f"best of {args.repeats} interleaved rounds per sample, summed over samples",

@@ -36,6 +36,7 @@ from mmflow.answer import generate_answer
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
 from mmflow.data.sample import Sample
 from mmflow.inputs import encode, load_image
+from mmflow.knockout.cost import DecoderShape, floor_over_clean
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
 from mmflow.models.registry import LoadedModel
@@ -173,7 +174,24 @@ def run_pipeline(
                 best[key] = min(best.get(key, total), total)
             scored = sum(o.summary.get("scored", 0) for o in outcomes)
         lengths = [i.length for i, _ in planned]
-    return summarise(best, best_stages, len(samples), scored, lengths, knockouts, window, reference_windows)
+        shape = DecoderShape.of(loaded.model.config.get_text_config())
+        floor = floor_over_clean(
+            shape, [(i.length, [j for js in jobs.values() for j in js]) for i, jobs in planned]
+        )
+    summary = summarise(
+        best, best_stages, len(samples), scored, lengths, knockouts, window, reference_windows
+    )
+    return {**summary, **floor_fields(floor, summary["pipeline_over_clean"])}
+
+
+def floor_fields(floor: float, pipeline_over_clean: float) -> dict:
+    """The least an exact engine could spend (mmflow.knockout.cost), next to what the pipeline spent."""
+    return {
+        "knockout_floor_over_clean": round(floor, 3),
+        "pipeline_floor_over_clean": round(1 + floor, 3),
+        "floor_is": "decoder MACs any exact knockout must recompute, + the clean pass; no answer check",
+        "pipeline_over_floor": round(pipeline_over_clean / (1 + floor), 3),
+    }
 
 
 def summarise(best, stages, n, scored, lengths, knockouts, window, reference_windows) -> dict:
