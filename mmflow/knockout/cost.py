@@ -5,9 +5,11 @@ affected target b0 (METHOD.md, "Knockout"), and anything at b0..T-1 from `lo` up
 method (the fast engine included) can do less than recompute those positions in those layers; at the
 top layer only the last position's query, attention and MLP feed the answer, but every suffix
 position's key and value is still needed. `floor_over_clean` is that work over the clean pass's: the
-least any exact knockout engine can spend, in clean passes. It counts the decoder only (no vision
-tower, no unembedding), so on a real checkpoint, where both are small next to the decoder, the
-measured ratio can approach it but not go below it.
+least any exact knockout engine can spend, in clean passes of the decoder. It counts the decoder only
+(no vision tower, no unembedding, no framework overhead), while a measured clean forward includes them:
+a measured ratio over a clean forward can therefore sit below the floor by the share of the clean
+forward they take (small on real checkpoints, where the decoder dominates; not small at the
+benchmark's CPU widths with thousands of image tokens).
 
 MACs per token and layer (Llama-style decoder, hidden D, heads H, KV heads Hkv, head dim d, MLP width I):
 projections D*H*d (q) + 2*D*Hkv*d (k, v) + H*d*D (o), MLP 3*D*I (gate, up, down), and attention over the
