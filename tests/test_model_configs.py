@@ -118,3 +118,32 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         out[case] = {"config": _normal(config), "weights": weights}
         print(case, flush=True)
     FIXTURE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+def test_builder_scales_qwen_fields_as_the_real_model() -> None:
+    """At Qwen2.5-VL-7B's sizes the derived fields are the real ones (its config.json)."""
+    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, text_config, vision_config
+
+    spec = ModelSpec(
+        "qwen2_5_vl",
+        TextSpec(3584, 18944, 28, 28, 4, 1e6, family=None),
+        VisionSpec(1280, 3420, 32, 16),
+        vocab_size=152064,
+        image_token_id=151655,
+    )
+    assert text_config(spec)["rope_parameters"]["mrope_section"] == [16, 24, 24]
+    vision = vision_config(spec)
+    assert vision["fullatt_block_indexes"] == [7, 15, 23, 31] and vision["out_hidden_size"] == 3584
+
+
+def test_builder_architecture_defaults_and_overrides() -> None:
+    from mmflow.models.builder import NEXT_PINPOINTS, ModelSpec, TextSpec, VisionSpec, model_config
+
+    dims = dict(
+        text=TextSpec(32, 64, 2, 4, 2), vision=VisionSpec(32, 64, 2, 2), vocab_size=100, image_token_id=99
+    )
+    nxt = model_config(ModelSpec("llava_next", **dims))
+    assert (nxt.vision_feature_layer, nxt.vision_feature_select_strategy) == (-2, "default")
+    assert nxt.image_grid_pinpoints == NEXT_PINPOINTS and nxt.text_config.num_key_value_heads == 2
+    one = model_config(ModelSpec("llava_onevision", **dims, feature_layer=-2))
+    assert (one.vision_feature_layer, one.vision_config.model_type) == (-2, "siglip_vision_model")
