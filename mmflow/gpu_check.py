@@ -67,66 +67,28 @@ DRY = {  # --dry-run: real sequence geometry (image tokens, GQA ratio), 4 layers
 
 def build_full_size(name: str, size: Size, dtype: torch.dtype, device: torch.device):
     """A random-weight LLaVA(-NeXT) of `size`, created directly on `device` (a `LoadedModel`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
     from mmflow.bench import GEOMETRIES
     from mmflow.knockout.attention import prepare_model
+    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_model, model_config, token_ids
     from mmflow.models.registry import LoadedModel
-    from mmflow.models.tiny import (
-        IMAGE_TOKEN,
-        NEXT_PINPOINTS,
-        TinySpec,
-        build_processor,
-        build_tokenizer,
-        tokenizer_corpus,
-    )
+    from mmflow.models.tiny import TinySpec, build_processor, build_tokenizer, tokenizer_corpus
 
     geo = GEOMETRIES[MODELS[name][0]]
     spec = TinySpec(name, geo.architecture, geo.tokenizer_style, geo.prompt_format)
     tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_intermediate,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
+    ids = token_ids(tokenizer)
+    config = model_config(
+        ModelSpec(
+            geo.architecture,
+            TextSpec(size.hidden, size.intermediate, size.layers, size.heads, size.kv_heads, geo.rope_theta),
+            VisionSpec(
+                *(size.vision_hidden, size.vision_intermediate, size.vision_layers, size.vision_heads),
+                projection_dim=768,  # CLIP-L/336's, at 336 px and 14 px patches (the defaults)
+            ),
+            **{**ids, "vocab_size": max(size.vocab, ids["vocab_size"])},
+        )
     )
-    text = LlamaConfig(
-        vocab_size=max(size.vocab, len(tokenizer)),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=8192,
-        rope_theta=geo.rope_theta,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    kwargs = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    import transformers
-
-    if geo.architecture == "llava":
-        config, cls = transformers.LlavaConfig(**kwargs), transformers.LlavaForConditionalGeneration
-    else:
-        config = transformers.LlavaNextConfig(image_grid_pinpoints=NEXT_PINPOINTS, **kwargs)
-        cls = transformers.LlavaNextForConditionalGeneration
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = cls._from_config(config, dtype=dtype).eval()
-        if geo.architecture == "llava_next":  # initialised from torch.empty upstream
-            with torch.no_grad():
-                model.model.image_newline.normal_(0.0, 1.0 / size.hidden**0.5)
+    model = build_model(config, seed=0, dtype=dtype, device=device).eval()
     prepare_model(model, "sdpa")
     return LoadedModel(
         name=name,

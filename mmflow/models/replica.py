@@ -25,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, model_config
+from mmflow.models.builder import build_model as build_model_weights
 from mmflow.models.replica_specs import (  # noqa: F401 - re-exported: the builder's public names
     CLIP_MEAN,
     CLIP_STD,
@@ -36,7 +38,6 @@ from mmflow.models.replica_specs import (  # noqa: F401 - re-exported: the build
 )
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
-MODEL_CLASS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 BUILD_VERSION = 1  # bump when the builder changes, so cached replicas are rebuilt
 
 
@@ -69,7 +70,7 @@ def build_tokenizer(spec: ReplicaSpec, legacy: bool | None = None):
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": spec.text["max_position_embeddings"],
+        "model_max_length": spec.text.max_positions,
         "extra_special_tokens": {"image_token": IMAGE_TOKEN},
     }
     legacy = spec.legacy if legacy is None else legacy
@@ -81,54 +82,35 @@ def build_tokenizer(spec: ReplicaSpec, legacy: bool | None = None):
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _shrunk(spec: ReplicaSpec) -> tuple[dict, dict]:
+def _shrunk(spec: ReplicaSpec) -> tuple[TextSpec, VisionSpec]:
     """CPU sizes: the spec's shrunk widths and depths, KV heads in the real ratio."""
-    text = dict(spec.text, **spec.shrink_text)
-    ratio = spec.text["num_attention_heads"] // spec.text["num_key_value_heads"]
-    text.update(num_attention_heads=spec.shrink_heads, num_key_value_heads=max(1, spec.shrink_heads // ratio))
-    return text, dict(spec.vision, **spec.shrink_vision)
+    heads, ratio = spec.shrink_heads, spec.text.heads // spec.text.kv_heads
+    text = replace(spec.text, **spec.shrink_text, heads=heads, kv_heads=max(1, heads // ratio))
+    return text, replace(spec.vision, **spec.shrink_vision)
 
 
 def replica_config(spec: ReplicaSpec, tokenizer, full_size: bool = False):
     """The `LlavaConfig` / `LlavaNextConfig` of the replica (full-size or shrunk dims)."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    text, vision = (dict(spec.text), dict(spec.vision)) if full_size else _shrunk(spec)
-    n_tokens = len(tokenizer)
-    vocab_size = -(-n_tokens // spec.pad_vocab_to) * spec.pad_vocab_to
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text, vision = (spec.text, spec.vision) if full_size else _shrunk(spec)
     pad_id = tokenizer.convert_tokens_to_ids(spec.special_tokens["pad"])
-    eos = spec.generation["eos_token_id"]
-    text_config = LlamaConfig(
-        vocab_size=vocab_size,
+    model = ModelSpec(
+        spec.architecture,
+        text,
+        vision,
+        vocab_size=-(-len(tokenizer) // spec.pad_vocab_to) * spec.pad_vocab_to,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
+        eos_token_id=spec.generation["eos_token_id"],
         pad_token_id=pad_id,
-        tie_word_embeddings=False,
-        **text,
+        pinpoints=spec.pinpoints,
+        fields={"tie_word_embeddings": False, "pad_token_id": pad_id},  # llava-hf config.json, top level
     )
-    kwargs = dict(
-        vision_config=CLIPVisionConfig(**vision),
-        text_config=text_config,
-        image_token_index=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,  # llava-hf config.json; mm_vision_select_layer=-2 in the originals
-        vision_feature_select_strategy="default",  # drop CLS: mm_vision_select_feature="patch"
-        tie_word_embeddings=False,
-        pad_token_id=pad_id,
-    )
-    if spec.architecture == "llava":
-        from transformers import LlavaConfig
-
-        return LlavaConfig(**kwargs)
-    from transformers import LlavaNextConfig
-
-    return LlavaNextConfig(image_grid_pinpoints=spec.pinpoints, **kwargs)
+    return model_config(model)
 
 
 def build_processor(spec: ReplicaSpec, tokenizer):
     """The llava-hf processor: CLIP-L/336 image processing (anyres for NeXT), 576 tokens per view."""
-    side = spec.vision["image_size"]
+    side = spec.vision.image_size
     common = dict(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
@@ -139,7 +121,7 @@ def build_processor(spec: ReplicaSpec, tokenizer):
     )
     processor_kwargs = dict(
         tokenizer=tokenizer,
-        patch_size=spec.vision["patch_size"],
+        patch_size=spec.vision.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
         image_token=IMAGE_TOKEN,
@@ -158,25 +140,10 @@ def build_processor(spec: ReplicaSpec, tokenizer):
 
 
 def build_model(config, seed: int = 0, dtype=None):
-    """Seeded random weights for `config` (on the meta device when `dtype == 'meta'`)."""
+    """Seeded random weights for `config`, float32 unless `dtype` (meta device when `dtype == 'meta'`)."""
     import torch
-    import transformers
 
-    cls_name = (
-        "LlavaForConditionalGeneration"
-        if config.model_type == "llava"
-        else "LlavaNextForConditionalGeneration"
-    )
-    model_cls = getattr(transformers, cls_name)
-    if dtype == "meta":
-        with torch.device("meta"):
-            return model_cls(config)
-    torch.manual_seed(seed)
-    model = model_cls._from_config(config, dtype=dtype or torch.float32)
-    if hasattr(model.model, "image_newline"):  # initialised from torch.empty upstream
-        with torch.no_grad():
-            model.model.image_newline.normal_(0.0, config.text_config.hidden_size**-0.5)
-    return model
+    return build_model_weights(config, seed, dtype or torch.float32)
 
 
 def build_replica(

@@ -6,55 +6,50 @@ family is one more entry in `REPLICA_SPECS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-IMAGE_TOKEN = "<image>"
+from mmflow.models.builder import IMAGE_TOKEN, NEXT_PINPOINTS, TextSpec, VisionSpec  # noqa: F401 - re-exported
+
 PAD_TOKEN = "<pad>"
 
 # openai/clip-vit-large-patch14-336 (the vision tower of all four checkpoints): config.json and
 # preprocessor_config.json on the hub; the same values are in llava-hf's vision_config.
-CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
+CLIP_L_336 = VisionSpec(
+    hidden=1024,
+    intermediate=4096,
+    layers=24,
+    heads=16,
     image_size=336,
     patch_size=14,
     projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
+    fields={"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 )
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# liuhaotian/llava-v1.6-* and lmms-lab/llama3-llava-next-8b config.json `image_grid_pinpoints`, copied
-# verbatim by transformers' convert_llava_next_weights_to_hf.py (which reads them as [height, width]).
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# NEXT_PINPOINTS (llava-v1.6's `image_grid_pinpoints`) is sourced in mmflow.models.builder.
 
 # lmsys/vicuna-7b-v1.5 and -13b-v1.5 config.json (Llama-2 architecture).
-VICUNA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
+VICUNA_7B = TextSpec(
+    hidden=4096,
+    intermediate=11008,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    max_positions=4096,
+    norm_eps=1e-5,
     rope_theta=10000.0,
 )
-VICUNA_13B = dict(
-    VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
-)
-VICUNA_13B["num_key_value_heads"] = 40
+VICUNA_13B = replace(VICUNA_7B, hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40)
 # meta-llama/Meta-Llama-3-8B-Instruct config.json.
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
+LLAMA3_8B = TextSpec(
+    hidden=4096,
+    intermediate=14336,
+    layers=32,
+    heads=32,
+    kv_heads=8,
+    max_positions=8192,
+    norm_eps=1e-5,
     rope_theta=500000.0,
 )
 
@@ -89,25 +84,19 @@ class ReplicaSpec:
     tokenizer_class: str  # tokenizer_class written to tokenizer_config.json
     special_tokens: dict[str, str]  # bos/eos/unk/pad token strings
     add_pad_token: bool  # llava-hf's conversion adds "<pad>" after "<image>"
-    text: dict[str, Any]  # full-size LlamaConfig fields
+    text: TextSpec  # full-size decoder
     generation: dict[str, Any]  # generation_config.json
     chat_template: str
     pinpoints: list[list[int]] | None = None
-    vision: dict[str, Any] = field(default_factory=lambda: dict(CLIP_L_336))
+    vision: VisionSpec = CLIP_L_336
     legacy: bool | None = False  # tokenizer_config `legacy` (Llama SentencePiece tokenizers only)
     pad_vocab_to: int = 64  # llava-hf resizes the embeddings to a multiple of 64
-    shrink_text: dict[str, Any] = field(
-        default_factory=lambda: dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    shrink_text: dict[str, Any] = field(  # TextSpec fields of the CPU replica
+        default_factory=lambda: dict(hidden=32, intermediate=64, layers=2)
     )
     shrink_heads: int = 4  # CPU replica's attention heads; KV heads keep the real ratio
-    shrink_vision: dict[str, Any] = field(
-        default_factory=lambda: dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=32,
-        )
+    shrink_vision: dict[str, Any] = field(  # VisionSpec fields of the CPU replica
+        default_factory=lambda: dict(hidden=32, intermediate=64, layers=2, heads=2, projection_dim=32)
     )
 
 

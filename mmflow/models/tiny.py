@@ -14,12 +14,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmflow.models.builder import (
+    IMAGE_TOKEN,
+    NEXT_PINPOINTS,
+    ModelSpec,
+    TextSpec,
+    VisionSpec,
+    model_config,
+    token_ids,
+)
+from mmflow.models.builder import build_model as build_model_weights
 from mmflow.models.prompts import build_prompt
 
-IMAGE_TOKEN = "<image>"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 BUILD_VERSION = 2  # bump when the builder changes, so stale caches are rebuilt
 
 
@@ -181,51 +189,16 @@ def build_processor(spec: TinySpec, tokenizer):
 
 def build_model(spec: TinySpec, tokenizer):
     """A randomly initialised (seeded) LLaVA or LLaVA-NeXT with the spec's sizes."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
+    h, v = spec.text_hidden, spec.vision_hidden
+    config = model_config(
+        ModelSpec(
+            spec.architecture,
+            TextSpec(h, h * 3, spec.text_layers, spec.text_heads, spec.text_kv_heads, spec.rope_theta),
+            VisionSpec(v, v * 2, spec.vision_layers, 2, spec.image_size, spec.patch_size, projection_dim=v),
+            **token_ids(tokenizer),
+        )
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 3,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=8192,
-        rope_theta=spec.rope_theta,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    kwargs = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(spec.seed)
-    if spec.architecture == "llava":
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration(LlavaConfig(**kwargs))
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=NEXT_PINPOINTS, **kwargs))
-    # The newline embedding is initialised from torch.empty upstream; make it seeded and finite.
-    with torch.no_grad():
-        model.model.image_newline.normal_(0.0, 1.0 / spec.text_hidden**0.5)
-    return model
+    return build_model_weights(config, spec.seed)
 
 
 def ensure_tiny_model(name: str, root: Path | None = None) -> Path:

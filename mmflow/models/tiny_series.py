@@ -23,12 +23,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmflow.models.builder import (
+    IMAGE_TOKEN,
+    NEXT_PINPOINTS,
+    ONEVISION_PINPOINTS,
+    ModelSpec,
+    TextSpec,
+    VisionSpec,
+    model_config,
+    token_ids,
+)
+from mmflow.models.builder import build_model as build_model_weights
 from mmflow.models.processors import build_image_processor
 from mmflow.models.tiny import (
     CLIP_MEAN,
     CLIP_STD,
-    IMAGE_TOKEN,
-    NEXT_PINPOINTS,
     TINY_SPECS,
     build_tokenizer,
     ensure_tiny_model,
@@ -44,8 +53,6 @@ QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# LLaVA-OneVision's pinpoints: every 384 px tile grid from 1 x 1 to 6 x 6.
-ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -68,6 +75,7 @@ class SeriesSpec:
     text_kv_heads: int = 2
     vision_layers: int = 2
     vision_hidden: int = 32
+    image_size: int = 336  # px: CLIP-L/336 views; SigLIP/384 for OneVision (Qwen2.5-VL: any size)
     vocab_size: int = 2000
     rope_theta: float = 10000.0
     sliding_window: int | None = None
@@ -81,7 +89,9 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
             "tiny-llava-1.6-mistral", "llava_next", "mistral", "mistral", rope_theta=1e6, sliding_window=4096
         ),
         SeriesSpec("tiny-llava-1.6-34b", "llava_next", "llama", "yi", rope_theta=5e6),
-        SeriesSpec("tiny-llava-onevision", "llava_onevision", "qwen2", "qwen", rope_theta=1e6),
+        SeriesSpec(
+            "tiny-llava-onevision", "llava_onevision", "qwen2", "qwen", image_size=384, rope_theta=1e6
+        ),
         SeriesSpec("tiny-qwen2.5-vl", "qwen2_5_vl", "qwen2", "qwen", rope_theta=1e6),
     )
 }
@@ -147,35 +157,6 @@ def _qwen_tokenizer(vocab_size: int, corpus: list[str]):
     return fast
 
 
-def _text_config(spec: SeriesSpec, tokenizer) -> dict:
-    """Decoder sizes and ids shared by every family (a dict: each family's config class takes it)."""
-    head_dim = spec.text_hidden // spec.text_heads
-    config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 3,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if spec.decoder == "mistral":
-        config.update(model_type="mistral", sliding_window=spec.sliding_window, head_dim=head_dim)
-    elif spec.decoder == "llama":
-        config.update(model_type="llama")
-    elif spec.architecture == "qwen2_5_vl":  # mrope sections in the real 1 : 1.5 : 1.5 ratio of head_dim / 2
-        half = head_dim // 2
-        section = [half // 4, (half - half // 4) // 2]
-        config["rope_parameters"]["mrope_section"] = [section[0], section[1], half - sum(section)]
-    else:
-        config.update(model_type="qwen2", use_sliding_window=False, sliding_window=spec.sliding_window)
-    return config
-
-
 def build_series_processor(spec: SeriesSpec, tokenizer):
     """The real family's processor at the real image geometry."""
     if spec.architecture == "llava_next":
@@ -234,77 +215,23 @@ def build_series_processor(spec: SeriesSpec, tokenizer):
 
 def build_series_model(spec: SeriesSpec, tokenizer):
     """A seeded random-weight model of the spec's architecture."""
-    import torch
-
-    text = _text_config(spec, tokenizer)
-    torch.manual_seed(spec.seed)
-    if spec.architecture == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        vision = dict(
-            depth=spec.vision_layers,
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_hidden * 2,
-            num_heads=2,
-            out_hidden_size=spec.text_hidden,
-            fullatt_block_indexes=[spec.vision_layers - 1],
-        )
-        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _QWEN_IDS.items()}
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-        return Qwen2_5_VLForConditionalGeneration(config)
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if spec.architecture == "llava_onevision":
-        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-        vision = dict(
-            model_type="siglip_vision_model",
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_hidden * 2,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=2,
-            image_size=384,
-            patch_size=14,
-            vision_use_head=False,
-        )
-        config = LlavaOnevisionConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=image_token,
-            image_grid_pinpoints=ONEVISION_PINPOINTS,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
-        )
-        model = LlavaOnevisionForConditionalGeneration(config)
-    else:
-        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-        vision = dict(
-            model_type="clip_vision_model",
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_hidden * 2,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-            projection_dim=spec.vision_hidden,
-        )
-        config = LlavaNextConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=image_token,
-            image_grid_pinpoints=NEXT_PINPOINTS,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        model = LlavaNextForConditionalGeneration(config)
-    with torch.no_grad():  # the newline embedding is torch.empty upstream: make it seeded and finite
-        model.model.image_newline.normal_(0.0, 1.0 / spec.text_hidden**0.5)
-    return model
+    qwen = spec.architecture == "qwen2_5_vl"
+    h, v = spec.text_hidden, spec.vision_hidden
+    text = TextSpec(
+        *(h, h * 3, spec.text_layers, spec.text_heads, spec.text_kv_heads, spec.rope_theta),
+        max_positions=32768,
+        family=None if qwen else spec.decoder,  # Qwen2.5-VL: its own text config
+        sliding_window=spec.sliding_window,
+    )
+    vision = VisionSpec(v, v * 2, spec.vision_layers, 2, spec.image_size, 14, projection_dim=v)
+    ids = token_ids(tokenizer, "<|image_pad|>" if qwen else IMAGE_TOKEN)
+    fields = {key: tokenizer.convert_tokens_to_ids(token) for key, token in _QWEN_IDS.items()} if qwen else {}
+    return build_model_weights(
+        model_config(ModelSpec(spec.architecture, text, vision, **ids, fields=fields)), spec.seed
+    )
 
 
-_QWEN_IDS = {
-    "image_token_id": "<|image_pad|>",
+_QWEN_IDS = {  # Qwen2.5-VL's other vision token ids (image_token_id is "<|image_pad|>")
     "video_token_id": "<|video_pad|>",
     "vision_start_token_id": "<|vision_start|>",
     "vision_end_token_id": "<|vision_end|>",

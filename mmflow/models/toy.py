@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from mmflow.data.sample import TASKS
 from mmflow.data.shapes import COLORS, SHAPES, SIZES
-from mmflow.models.tiny import IMAGE_TOKEN, TinySpec, build_processor, build_tokenizer, tokenizer_corpus
+from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, model_config, token_ids
+from mmflow.models.builder import build_model as build_model_weights
+from mmflow.models.tiny import TinySpec, build_processor, build_tokenizer, tokenizer_corpus
 
 TOY_ROOT = Path(__file__).resolve().parents[1] / "toy_weights"
 TOY_NAMES = ("toy-llava",)
@@ -88,40 +88,15 @@ def build_processor_for(cfg: ToyConfig):
 
 def build_model(cfg: ToyConfig, tokenizer):
     """A seeded, untrained toy LLaVA (`LlavaForConditionalGeneration`, CLIP + projector + Llama)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=cfg.vision_hidden * 4,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
+    t, v = cfg.text_hidden, cfg.vision_hidden
+    spec = ModelSpec(
+        "llava",
+        TextSpec(t, t * 3, cfg.text_layers, cfg.text_heads, cfg.text_heads, max_positions=1024),
+        VisionSpec(v, v * 4, cfg.vision_layers, cfg.vision_heads, cfg.image_size, cfg.patch_size, v),
+        **token_ids(tokenizer),
+        feature_layer=-1,  # the tower is 2 layers deep; LLaVA's -2 would leave one unused
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_hidden * 3,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_heads,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1,  # the tower is 2 layers deep; LLaVA's -2 would leave one unused
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
+    model = build_model_weights(model_config(spec), cfg.seed)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,149 @@
+"""Every model mmflow builds keeps its config and seeded weights: tiny, series, toy, GPU check, replicas.
+
+The fixture `fixtures/model_configs.json` was written from the builders as they were before the LLaVA-family
+configs were built in one place (`mmflow.models.builder`): `config.to_dict()` of each model (the replicas at
+CPU and at full size, the GPU check's models at dry-run and, on the meta device, at full size), and for
+the models with weights a per-tensor fingerprint (sum and sum of absolute values, float64) of the seeded
+random initialisation. Rewrite it only for an intended change: `python tests/test_model_configs.py --write`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "model_configs.json"
+TINY = ("tiny-llava", "tiny-llava-next")
+SERIES = ("tiny-llava-1.6-mistral", "tiny-llava-1.6-34b", "tiny-llava-onevision", "tiny-qwen2.5-vl")
+REPLICAS = ("llava-1.5-7b", "llava-1.5-13b", "llava-1.6-vicuna-7b", "llama3-llava-next-8b")
+GPU = ("llava-1.5-7b", "llama3-llava-next-8b")
+CASES = (
+    [f"tiny/{n}" for n in TINY]
+    + [f"series/{n}" for n in SERIES]
+    + ["toy/toy-llava"]
+    + [f"replica/{n}" for n in REPLICAS]
+    + [f"replica-full/{n}" for n in REPLICAS]
+    + [f"gpu-dry/{n}" for n in GPU]
+    + [f"gpu-full/{n}" for n in GPU]
+)
+
+
+def fingerprint(model) -> dict[str, list[float]]:
+    """{parameter or buffer name: [sum, sum of |x|]} in float64 (robust to summation order at 1e-9)."""
+    return {
+        name: [float(t.double().sum()), float(t.double().abs().sum())]
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and t.device.type != "meta"
+    }
+
+
+@cache
+def _corpus() -> tuple[str, ...]:
+    from mmflow.models.tiny import tokenizer_corpus
+
+    return tuple(tokenizer_corpus())
+
+
+def build(case: str):
+    """(config dict, weight fingerprint or None) of one case, from the public builders."""
+    kind, name = case.split("/")
+    if kind == "tiny":
+        from mmflow.models import tiny
+
+        spec = tiny.TINY_SPECS[name]
+        tokenizer = tiny.build_tokenizer(spec.tokenizer_style, spec.vocab_size, list(_corpus()))
+        model = tiny.build_model(spec, tokenizer)
+    elif kind == "series":
+        from mmflow.models import tiny_series
+
+        spec = tiny_series.SERIES_SPECS[name]
+        corpus = tiny_series.tokenizer_corpus(("vicuna_v1", "llama3", tiny_series.PROMPT_FORMAT[name]))
+        model = tiny_series.build_series_model(spec, tiny_series.build_series_tokenizer(spec, corpus))
+    elif kind == "toy":
+        from mmflow.models import toy
+
+        cfg = toy.ToyConfig()
+        model = toy.build_model(cfg, toy.build_processor_for(cfg).tokenizer)
+    elif kind.startswith("replica"):
+        from mmflow.models import replica
+
+        spec = replica.REPLICA_SPECS[name]
+        config = replica.replica_config(spec, replica.build_tokenizer(spec), full_size=kind == "replica-full")
+        if kind == "replica-full":
+            return config.to_dict(), None
+        model = replica.build_model(config, seed=0)
+    else:
+        from mmflow import gpu_check
+
+        if kind == "gpu-dry":
+            loaded = gpu_check.build_full_size(name, gpu_check.DRY[name], torch.float32, torch.device("cpu"))
+        else:
+            size = gpu_check.MODELS[name][1]
+            loaded = gpu_check.build_full_size(name, size, torch.float16, torch.device("meta"))
+        model = loaded.model
+    return model.config.to_dict(), (fingerprint(model) or None)
+
+
+def _normal(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_and_weights_unchanged(case: str, expected: dict) -> None:
+    config, weights = build(case)
+    want = expected[case]
+    assert _normal(config) == want["config"]
+    if want["weights"] is None:
+        assert weights is None
+        return
+    assert sorted(weights) == sorted(want["weights"])
+    for name, (total, absolute) in want["weights"].items():
+        assert weights[name] == pytest.approx([total, absolute], rel=1e-9, abs=1e-9), name
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    out = {}
+    for case in CASES:
+        config, weights = build(case)
+        out[case] = {"config": _normal(config), "weights": weights}
+        print(case, flush=True)
+    FIXTURE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+def test_builder_scales_qwen_fields_as_the_real_model() -> None:
+    """At Qwen2.5-VL-7B's sizes the derived fields are the real ones (its config.json)."""
+    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, text_config, vision_config
+
+    spec = ModelSpec(
+        "qwen2_5_vl",
+        TextSpec(3584, 18944, 28, 28, 4, 1e6, family=None),
+        VisionSpec(1280, 3420, 32, 16),
+        vocab_size=152064,
+        image_token_id=151655,
+    )
+    assert text_config(spec)["rope_parameters"]["mrope_section"] == [16, 24, 24]
+    vision = vision_config(spec)
+    assert vision["fullatt_block_indexes"] == [7, 15, 23, 31] and vision["out_hidden_size"] == 3584
+
+
+def test_builder_architecture_defaults_and_overrides() -> None:
+    from mmflow.models.builder import NEXT_PINPOINTS, ModelSpec, TextSpec, VisionSpec, model_config
+
+    dims = dict(
+        text=TextSpec(32, 64, 2, 4, 2), vision=VisionSpec(32, 64, 2, 2), vocab_size=100, image_token_id=99
+    )
+    nxt = model_config(ModelSpec("llava_next", **dims))
+    assert (nxt.vision_feature_layer, nxt.vision_feature_select_strategy) == (-2, "default")
+    assert nxt.image_grid_pinpoints == NEXT_PINPOINTS and nxt.text_config.num_key_value_heads == 2
+    one = model_config(ModelSpec("llava_onevision", **dims, feature_layer=-2))
+    assert (one.vision_feature_layer, one.vision_config.model_type) == (-2, "siglip_vision_model")
