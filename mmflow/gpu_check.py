@@ -69,7 +69,7 @@ def build_full_size(name: str, size: Size, dtype: torch.dtype, device: torch.dev
     """A random-weight LLaVA(-NeXT) of `size`, created directly on `device` (a `LoadedModel`)."""
     from mmflow.bench import GEOMETRIES
     from mmflow.knockout.attention import prepare_model
-    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_model, model_config, token_ids
+    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config, token_ids
     from mmflow.models.registry import LoadedModel
     from mmflow.models.tiny import TinySpec, build_processor, build_tokenizer, tokenizer_corpus
 
@@ -88,7 +88,7 @@ def build_full_size(name: str, size: Size, dtype: torch.dtype, device: torch.dev
             **{**ids, "vocab_size": max(size.vocab, ids["vocab_size"])},
         )
     )
-    model = build_model(config, seed=0, dtype=dtype, device=device).eval()
+    model = build_weights(config, seed=0, dtype=dtype, device=device).eval()
     prepare_model(model, "sdpa")
     return LoadedModel(
         name=name,

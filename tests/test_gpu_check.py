@@ -35,7 +35,9 @@ def test_gpu_check_dry_run_prints_one_json_line_per_check(tmp_path):
         assert pipeline["pipeline_over_clean"] > 1 and pipeline["speedup_vs_paper"] > 1
         assert pipeline["stages"]["answer"] > 0
         assert 0 < pipeline["knockout_floor_over_clean"] < 6  # six knockouts, each under a clean pass
-        assert pipeline["pipeline_floor_over_clean"] == pytest.approx(1 + pipeline["knockout_floor_over_clean"])
+        assert pipeline["pipeline_floor_over_clean"] == pytest.approx(
+            1 + pipeline["knockout_floor_over_clean"]
+        )
     next_lengths = [p["sequence_lengths"][0] for p in by_check["pipeline"] if p["model"].startswith("llama3")]
     assert min(next_lengths) > 1500  # anyres geometry kept at tiny widths
     summary = lines[-1]

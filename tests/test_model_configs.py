@@ -71,12 +71,13 @@ def build(case: str):
         model = toy.build_model(cfg, toy.build_processor_for(cfg).tokenizer)
     elif kind.startswith("replica"):
         from mmflow.models import replica
+        from mmflow.models.builder import build_weights
 
         spec = replica.REPLICA_SPECS[name]
         config = replica.replica_config(spec, replica.build_tokenizer(spec), full_size=kind == "replica-full")
         if kind == "replica-full":
             return config.to_dict(), None
-        model = replica.build_model(config, seed=0)
+        model = build_weights(config, seed=0, dtype=torch.float32)
     else:
         from mmflow import gpu_check
 

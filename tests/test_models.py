@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mmflow.models import tiny
+from mmflow.models.processor_builder import CLIP_MEAN, CLIP_STD
 from mmflow.models.prompts import build_prompt
 from mmflow.models.registry import _apply_preprocess
 
@@ -74,7 +75,7 @@ def test_pad_preprocessing_pads_with_the_mean_colour():
     pixels = processor.image_processor(Image.new("RGB", (500, 250), (0, 0, 0)), return_tensors="pt")[
         "pixel_values"
     ]
-    black = -tiny.CLIP_MEAN[0] / tiny.CLIP_STD[0]
+    black = -CLIP_MEAN[0] / CLIP_STD[0]
     assert pixels.shape == (1, 3, 336, 336)
     assert abs(float(pixels[0, 0, 0, 0])) < 0.02  # padding band: mean colour, normalised to ~0
     assert float(pixels[0, 0, 168, 168]) == pytest.approx(black, abs=1e-3)  # the image itself, not cropped

@@ -18,7 +18,8 @@ from replica_helpers import NEXT_MODELS, REAL_MODELS, loaded_replica, real_model
 from mmflow.data.sample import Box, Sample  # noqa: E402
 from mmflow.groups import GroupError, build_token_groups  # noqa: E402
 from mmflow.inputs import encode  # noqa: E402
-from mmflow.models.replica import CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS  # noqa: E402
+from mmflow.models.builder import NEXT_PINPOINTS  # noqa: E402
+from mmflow.models.processor_builder import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 ORACLE = oracle()
 needs_oracle = pytest.mark.skipif(ORACLE is None, reason="llava-torch not installed (scripts/setup.sh test)")

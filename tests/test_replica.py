@@ -18,14 +18,10 @@ from replica_helpers import REAL_MODELS, loaded_replica  # noqa: E402
 
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv  # noqa: E402
 from mmflow.inputs import encode  # noqa: E402
+from mmflow.models.builder import build_weights  # noqa: E402
+from mmflow.models.processor_builder import vocabulary_json  # noqa: E402
 from mmflow.models.prompts import INSTRUCTION, LLAMA3_SYSTEM, VICUNA_SYSTEM, build_prompt  # noqa: E402
-from mmflow.models.replica import (  # noqa: E402
-    REPLICA_SPECS,
-    build_model,
-    ensure_replica,
-    replica_config,
-    vocabulary_json,
-)
+from mmflow.models.replica import REPLICA_SPECS, ensure_replica, replica_config  # noqa: E402
 
 ORACLE = oracle()
 needs_oracle = pytest.mark.skipif(ORACLE is None, reason="llava-torch not installed (scripts/setup.sh test)")
@@ -109,7 +105,7 @@ def test_full_size_replica_dims(name: str) -> None:
     assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (hidden, layers, kv_heads)
     assert text.intermediate_size == intermediate and text.num_attention_heads == hidden // 128
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (1024, 24, 16)
-    model = build_model(config, dtype="meta")
+    model = build_weights(config, dtype="meta")
     n_params = sum(p.numel() for p in model.parameters())
     assert round(n_params / 1e9, 2) == pytest.approx(billions, abs=0.011)
     assert len(model.model.language_model.layers) == layers

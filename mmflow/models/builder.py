@@ -3,7 +3,7 @@
 A caller states its dimensions in a `ModelSpec` (decoder `TextSpec`, vision tower `VisionSpec`,
 vocabulary and token ids); `model_config` turns it into the `transformers` config of its architecture
 (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL) with that architecture's real fixed fields
-(feature layer and strategy, anyres pinpoints, projector), and `build_model` makes seeded random
+(feature layer and strategy, anyres pinpoints, projector), and `build_weights` makes seeded random
 weights. Nothing here imports the rest of mmflow.
 """
 
@@ -212,7 +212,7 @@ def model_class(config):
     return getattr(transformers, arch.model_class)
 
 
-def build_model(config, seed: int = 0, dtype=None, device=None):
+def build_weights(config, seed: int = 0, dtype=None, device=None):
     """Seeded random weights for `config` (a `model_config` result).
 
     `dtype`: None keeps the config as it is (float32, `config.dtype` unset); a torch dtype goes through

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import shutil
 import tempfile
@@ -25,29 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, model_config
-from mmflow.models.builder import build_model as build_model_weights
-from mmflow.models.replica_specs import (  # noqa: F401 - re-exported: the builder's public names
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGE_TOKEN,
-    NEXT_PINPOINTS,
-    PAD_TOKEN,
-    REPLICA_SPECS,
-    ReplicaSpec,
-)
+from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
+from mmflow.models.processor_builder import ProcessorSpec, make_processor, vocabulary_json
+from mmflow.models.replica_specs import IMAGE_TOKEN, PAD_TOKEN, REPLICA_SPECS, ReplicaSpec
 
-VOCAB_DIR = Path(__file__).parent / "vocab"
 BUILD_VERSION = 1  # bump when the builder changes, so cached replicas are rebuilt
-
-
-def vocabulary_json(vocab: str) -> str:
-    """The decompressed `tokenizer.json` text of a packaged vocabulary (llama2, llama3, mistral)."""
-    path = VOCAB_DIR / f"{vocab}.tokenizer.json.xz"
-    if not path.is_file():
-        known = sorted(p.name.split(".")[0] for p in VOCAB_DIR.glob("*.tokenizer.json.xz"))
-        raise FileNotFoundError(f"no packaged vocabulary {vocab!r} in {VOCAB_DIR}; known: {known}")
-    return lzma.decompress(path.read_bytes()).decode("utf-8")
 
 
 def build_tokenizer(spec: ReplicaSpec, legacy: bool | None = None):
@@ -110,40 +91,20 @@ def replica_config(spec: ReplicaSpec, tokenizer, full_size: bool = False):
 
 def build_processor(spec: ReplicaSpec, tokenizer):
     """The llava-hf processor: CLIP-L/336 image processing (anyres for NeXT), 576 tokens per view."""
-    side = spec.vision.image_size
-    common = dict(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        resample=3,  # bicubic, as clip-vit-large-patch14-336's preprocessor_config.json
-        do_convert_rgb=True,
-    )
-    processor_kwargs = dict(
-        tokenizer=tokenizer,
-        patch_size=spec.vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
-        image_token=IMAGE_TOKEN,
+    processor = ProcessorSpec(
+        spec.architecture,
+        spec.vision.image_size,
+        spec.vision.patch_size,
+        # llava-hf's LLaVA-1.5 checkpoints save a CLIPImageProcessor (no padding to a square)
+        image_processor="clip" if spec.architecture == "llava" else None,
+        pinpoints=spec.pinpoints,
         chat_template=spec.chat_template,
+        image_fields=dict(
+            resample=3,  # bicubic, as clip-vit-large-patch14-336's preprocessor_config.json
+            do_convert_rgb=True,
+        ),
     )
-    if spec.architecture == "llava":
-        from transformers import LlavaProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**common), **processor_kwargs)
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=spec.pinpoints, **common)
-    return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
-
-
-def build_model(config, seed: int = 0, dtype=None):
-    """Seeded random weights for `config`, float32 unless `dtype` (meta device when `dtype == 'meta'`)."""
-    import torch
-
-    return build_model_weights(config, seed, dtype or torch.float32)
+    return make_processor(processor, tokenizer)
 
 
 def build_replica(
@@ -170,7 +131,7 @@ def build_replica(
     processor = build_processor(spec, tokenizer)
     config = replica_config(spec, tokenizer, full_size)
     torch_dtype = getattr(torch, dtype or ("float16" if full_size else "float32"))
-    model = build_model(config, seed, torch_dtype)
+    model = build_weights(config, seed, torch_dtype)
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(**spec.generation)

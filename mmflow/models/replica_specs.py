@@ -25,9 +25,9 @@ CLIP_L_336 = VisionSpec(
     projection_dim=768,
     fields={"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 )
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# NEXT_PINPOINTS (llava-v1.6's `image_grid_pinpoints`) is sourced in mmflow.models.builder.
+# Its image normalisation (CLIP_MEAN, CLIP_STD) and the other image-processor fields are sourced in
+# mmflow.models.processor_builder; NEXT_PINPOINTS (llava-v1.6's `image_grid_pinpoints`) is sourced
+# in mmflow.models.builder.
 
 # lmsys/vicuna-7b-v1.5 and -13b-v1.5 config.json (Llama-2 architecture).
 VICUNA_7B = TextSpec(

@@ -16,18 +16,16 @@ from pathlib import Path
 
 from mmflow.models.builder import (
     IMAGE_TOKEN,
-    NEXT_PINPOINTS,
     ModelSpec,
     TextSpec,
     VisionSpec,
+    build_weights,
     model_config,
     token_ids,
 )
-from mmflow.models.builder import build_model as build_model_weights
+from mmflow.models.processor_builder import ProcessorSpec, make_processor
 from mmflow.models.prompts import build_prompt
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BUILD_VERSION = 2  # bump when the builder changes, so stale caches are rebuilt
 
 
@@ -156,35 +154,8 @@ def build_tokenizer(style: str, vocab_size: int, corpus: list[str]):
 
 
 def build_processor(spec: TinySpec, tokenizer):
-    """The processor of the real checkpoint's family, at the real image geometry."""
-    size = {"shortest_edge": spec.image_size}
-    crop = {"height": spec.image_size, "width": spec.image_size}
-    common = dict(size=size, crop_size=crop, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    if spec.architecture == "llava":
-        from transformers import LlavaProcessor
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-        image_processor = LlavaImageProcessorPil(do_pad=True, **common)
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=spec.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            image_token=IMAGE_TOKEN,
-        )
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=NEXT_PINPOINTS, **common)
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=IMAGE_TOKEN,
-    )
+    """The processor of the real checkpoint's family, at the real image geometry (LLaVA-1.5: "pad")."""
+    return make_processor(ProcessorSpec(spec.architecture, spec.image_size, spec.patch_size), tokenizer)
 
 
 def build_model(spec: TinySpec, tokenizer):
@@ -198,7 +169,7 @@ def build_model(spec: TinySpec, tokenizer):
             **token_ids(tokenizer),
         )
     )
-    return build_model_weights(config, spec.seed)
+    return build_weights(config, spec.seed)
 
 
 def ensure_tiny_model(name: str, root: Path | None = None) -> Path:

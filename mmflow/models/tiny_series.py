@@ -25,19 +25,15 @@ from pathlib import Path
 
 from mmflow.models.builder import (
     IMAGE_TOKEN,
-    NEXT_PINPOINTS,
-    ONEVISION_PINPOINTS,
     ModelSpec,
     TextSpec,
     VisionSpec,
+    build_weights,
     model_config,
     token_ids,
 )
-from mmflow.models.builder import build_model as build_model_weights
-from mmflow.models.processors import build_image_processor
+from mmflow.models.processor_builder import ProcessorSpec, make_processor, vocabulary_json
 from mmflow.models.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
     TINY_SPECS,
     build_tokenizer,
     ensure_tiny_model,
@@ -53,12 +49,6 @@ QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SIGLIP_MEAN = [0.5, 0.5, 0.5]
-SIGLIP_STD = [0.5, 0.5, 0.5]
-QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
-QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
-QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 12845056  # Qwen2.5-VL-7B-Instruct's preprocessor_config.json (min 3136)
 
 
 @dataclass(frozen=True)
@@ -97,23 +87,14 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
 }
 
 
-def load_vocabulary(name: str):
-    """A real vocabulary shipped with mmflow (`vocab/<name>.tokenizer.json.xz`) as a Tokenizer."""
-    import lzma
-
-    from tokenizers import Tokenizer
-
-    path = Path(__file__).resolve().parent / "vocab" / f"{name}.tokenizer.json.xz"
-    return Tokenizer.from_str(lzma.decompress(path.read_bytes()).decode("utf-8"))
-
-
 def build_series_tokenizer(spec: SeriesSpec, corpus: list[str]):
     """The replica's tokenizer: Mistral's real vocabulary, or one trained here in Yi's / Qwen's style."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     if spec.tokenizer == "mistral":
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=load_vocabulary("mistral"),
+            tokenizer_object=Tokenizer.from_str(vocabulary_json("mistral")),
             bos_token="<s>",
             eos_token="</s>",
             unk_token="<unk>",
@@ -158,59 +139,8 @@ def _qwen_tokenizer(vocab_size: int, corpus: list[str]):
 
 
 def build_series_processor(spec: SeriesSpec, tokenizer):
-    """The real family's processor at the real image geometry."""
-    if spec.architecture == "llava_next":
-        from transformers import LlavaNextProcessor
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-        image_processor = LlavaNextImageProcessorPil(
-            image_grid_pinpoints=NEXT_PINPOINTS,
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        )
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            image_token=IMAGE_TOKEN,
-        )
-    if spec.architecture == "llava_onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
-
-        image_processor = LlavaOnevisionImageProcessorPil(
-            image_grid_pinpoints=ONEVISION_PINPOINTS,
-            size={"height": 384, "width": 384},
-            image_mean=SIGLIP_MEAN,
-            image_std=SIGLIP_STD,
-            do_pad=True,
-        )
-        return build_image_processor(
-            "LlavaOnevisionProcessor",
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            num_image_tokens=729,
-            vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
-            image_token=IMAGE_TOKEN,
-        )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=QWEN_MIN_PIXELS,
-        max_pixels=QWEN_MAX_PIXELS,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=QWEN_MEAN,
-        image_std=QWEN_STD,
-    )
-    return build_image_processor("Qwen2_5_VLProcessor", image_processor=image_processor, tokenizer=tokenizer)
+    """The real family's processor at the real image geometry (CLIP 336 px, SigLIP 384 px, Qwen's pixels)."""
+    return make_processor(ProcessorSpec(spec.architecture, spec.image_size), tokenizer)
 
 
 def build_series_model(spec: SeriesSpec, tokenizer):
@@ -226,7 +156,7 @@ def build_series_model(spec: SeriesSpec, tokenizer):
     vision = VisionSpec(v, v * 2, spec.vision_layers, 2, spec.image_size, 14, projection_dim=v)
     ids = token_ids(tokenizer, "<|image_pad|>" if qwen else IMAGE_TOKEN)
     fields = {key: tokenizer.convert_tokens_to_ids(token) for key, token in _QWEN_IDS.items()} if qwen else {}
-    return build_model_weights(
+    return build_weights(
         model_config(ModelSpec(spec.architecture, text, vision, **ids, fields=fields)), spec.seed
     )
 

@@ -12,14 +12,14 @@ It imports no trainer: training lives in `mmflow.models.toy_training`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmflow.data.sample import TASKS
 from mmflow.data.shapes import COLORS, SHAPES, SIZES
-from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, model_config, token_ids
-from mmflow.models.builder import build_model as build_model_weights
-from mmflow.models.tiny import TinySpec, build_processor, build_tokenizer, tokenizer_corpus
+from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config, token_ids
+from mmflow.models.processor_builder import ProcessorSpec, make_processor
+from mmflow.models.tiny import build_tokenizer, tokenizer_corpus
 
 TOY_ROOT = Path(__file__).resolve().parents[1] / "toy_weights"
 TOY_NAMES = ("toy-llava",)
@@ -82,8 +82,7 @@ class ToyConfig:
 def build_processor_for(cfg: ToyConfig):
     """The SentencePiece-style tokenizer of mmflow.models.tiny and a LLaVA-1.5 'pad' processor."""
     tokenizer = build_tokenizer("sentencepiece", cfg.vocab_size, tokenizer_corpus())
-    spec = TinySpec("toy-llava", "llava", "sentencepiece", PROMPT_FORMAT, image_size=cfg.image_size)
-    return build_processor(replace(spec, patch_size=cfg.patch_size), tokenizer)
+    return make_processor(ProcessorSpec("llava", cfg.image_size, cfg.patch_size), tokenizer)
 
 
 def build_model(cfg: ToyConfig, tokenizer):
@@ -96,7 +95,7 @@ def build_model(cfg: ToyConfig, tokenizer):
         **token_ids(tokenizer),
         feature_layer=-1,  # the tower is 2 layers deep; LLaVA's -2 would leave one unused
     )
-    model = build_model_weights(model_config(spec), cfg.seed)
+    model = build_weights(model_config(spec), cfg.seed)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
