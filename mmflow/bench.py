@@ -173,7 +173,7 @@ def peak_bytes(fn) -> int:
 def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) -> dict:
     """Time one sample three ways (best of `repeats` interleaved rounds); compare reference and fast."""
     jobs = [job for type_jobs in plan.values() for job in type_jobs]
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     ref_clean = ref.clean(inputs)
     timed_windows, offset = {}, 0  # (knockout, centre) -> index of the job in `jobs`
     for name, type_jobs in plan.items():
@@ -183,7 +183,7 @@ def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) ->
     best, diff = Best(), 0.0
     for _ in range(repeats):
         best.time("clean_forward", lambda: ref.last_logprobs(inputs, None))
-        fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, capture_from, jobs))
+        fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, first_target, jobs))
         for key, index in timed_windows.items():
             out = best.time(key, lambda i=index: ref.run(ref_clean, [jobs[i]]))
             diff = max(diff, float((out[0].exp() - fast_out[index].exp()).abs().max()))
@@ -200,16 +200,16 @@ def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) ->
     return result
 
 
-def _fast(fast, inputs, capture_from, jobs):
-    clean = fast.clean(inputs, capture_from=capture_from)
+def _fast(fast, inputs, first_target, jobs):
+    clean = fast.clean(inputs, first_target=first_target)
     return fast.run(clean, jobs), clean
 
 
 def measure_memory(ref, fast, inputs, jobs) -> dict:
     """Peak torch CPU memory (MiB) of the reference clean pass and of the fast engine, above weights."""
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     clean = peak_bytes(lambda: ref.last_logprobs(inputs, None))
-    fast_peak = peak_bytes(lambda: _fast(fast, inputs, capture_from, jobs))
+    fast_peak = peak_bytes(lambda: _fast(fast, inputs, first_target, jobs))
     weights = sum(p.numel() * p.element_size() for p in ref.loaded.model.parameters())
     mib = 1 << 20
     return dict(
@@ -235,9 +235,9 @@ def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
     """The fast engine's most expensive ops (self CPU time), to see what dominates."""
     from torch.profiler import ProfilerActivity, profile
 
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _fast(fast, inputs, capture_from, jobs)
+        _fast(fast, inputs, first_target, jobs)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 

@@ -88,9 +88,10 @@ def is_upper(name: str) -> bool:
 
 def test_the_walk_sees_the_project():
     edges = graph()
-    assert {"mmflow.runtime", "mmflow.analyses.base", "mmflow.models.registry"} <= set(edges)
-    assert "mmflow.analyses.base" in edges["mmflow.runtime"] or "mmflow.analyses" in edges["mmflow.runtime"]
-    assert "mmflow.store" in edges["mmflow.runtime"]
+    assert {"mmflow.runtime", "mmflow.cell", "mmflow.analyses.base", "mmflow.models.registry"} <= set(edges)
+    assert "mmflow.analyses.base" in edges["mmflow.cell"] or "mmflow.analyses" in edges["mmflow.cell"]
+    assert {"mmflow.store", "mmflow.cell"} <= edges["mmflow.runtime"]
+    assert "mmflow.runtime" not in edges["mmflow.cell"]  # the lifecycle never drives the batch
 
 
 def test_nothing_below_imports_the_launcher_sweep_report_or_logger():

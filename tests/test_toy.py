@@ -183,7 +183,7 @@ def test_fast_engine_agrees_with_reference(heldout, reference, loaded):
             for c in range(loaded.n_layers)
         ]
         first = min(job.edges.first_target for job in jobs)
-        clean = fast.clean(e.inputs, capture_from=first)
+        clean = fast.clean(e.inputs, first_target=first)
         torch.testing.assert_close(clean.logprobs, e.clean.logprobs, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fast.run(clean, jobs), reference.run(e.clean, jobs), atol=1e-4, rtol=1e-4)
 

@@ -68,7 +68,7 @@ class Analysis(ABC):
 
     Compute side (needs `bind(loaded)` first): `jobs`, `rows` (may raise `GroupError`: a per-sample
     skip), and two optional hooks the runtime calls when an analysis has them: `prepare(samples)`
-    once before the first sample, `capture_from(groups)` the first position whose layer inputs the
+    once before the first sample, `first_target(groups)` the first position whose layer inputs the
     clean pass must keep. Output side (config and results only, so the report can use it on cell
     folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`, `comparison_key`,
     `plot_comparison`; `canonical` for the cell id.
