@@ -202,7 +202,7 @@ def summarise(best, stages, n, scored, lengths, knockouts, window, reference_win
 
 def main(args: argparse.Namespace) -> dict:
     """`python -m mmflow.bench --pipeline ...` (arguments parsed by mmflow.bench)."""
-    from mmflow.bench import GEOMETRIES, build_loaded, model_summary
+    from mmflow.bench_common import GEOMETRIES, build_loaded, model_summary
 
     if args.threads:
         torch.set_num_threads(args.threads)

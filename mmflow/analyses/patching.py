@@ -22,6 +22,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
+from mmflow.checks import check_choice, check_int, check_window
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -85,6 +86,14 @@ class PatchingAnalysis(Analysis):
     result_columns = RESULT_COLUMNS
     sort_by = ["question_id", "group", "layer"]
     value_columns = ()  # per restored group: logged at the end, no running mean over groups
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """A known corruption, a seed >= 0 if given, window in 1..n_layers."""
+        check_choice("corruption", config.get("corruption", "noise"), CORRUPTIONS)
+        if "seed" in config:
+            check_int(config, "seed", 0)
+        check_window(config)
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -41,7 +41,7 @@ def _reference_setup(patcher: ReferencePatcher, inputs, corruption, first_target
 
 def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repeats: int) -> dict:
     """Time one sample both ways (best of `repeats` rounds) and compare the timed windows."""
-    from mmflow.bench import Best
+    from mmflow.bench_common import Best
 
     groups = build_token_groups(loaded, inputs, sample)
     n_layers = loaded.n_layers
@@ -77,7 +77,7 @@ def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repe
 
 def main(args, loaded) -> dict:
     """The patching benchmark on `loaded` with the knockout benchmark's arguments."""
-    from mmflow.bench import gqa_samples, model_summary, noise_image, ratios
+    from mmflow.bench_common import gqa_samples, model_summary, noise_image, ratios
 
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}
