@@ -81,7 +81,8 @@ def run_cells(
 
     `logger_factory(config, n_layers)` (e.g. `mmflow.wandb_logger.cell_logger`) opens a logger for each
     cell computed here (never for cached ones); it gets every sample, the final results, and is closed.
-    `prefetch_depth`: samples read, encoded and grouped ahead in a background thread (0: none).
+    `prefetch_depth`: samples read, encoded and split into token groups ahead in a background thread
+    (0: none).
     `stages`: if given, gets the seconds spent per stage (`mmflow.pipeline.Stages`).
     """
     if len({batch_key(c) for c in configs}) > 1:
@@ -204,7 +205,8 @@ def _todo(cells: list[Cell], sample: Sample | Skip) -> list[Cell]:
 def prepare_sample(
     loaded: LoadedModel, sample: Sample | Skip, stages: Stages
 ) -> tuple[ModelInputs, TokenGroups] | Skip | None:
-    """Read, preprocess, encode and group one sample (None for a sample the data already skipped).
+    """Read, preprocess and encode one sample and find its token groups (None for a sample the data
+    already skipped).
 
     Runs in the prefetch thread; any failure of this one sample is its `Skip` (`mmflow.prepare`).
     """

@@ -246,23 +246,23 @@ class KnockoutAnalysis(Analysis):
         per_head = head_sections([c for c in mine if c.analysis.heads == "each"])
         cells = [c for c in mine if c.analysis.heads is None]
         per_model = [
-            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(group))
-            for (model, task, k), group in _by(cells, "model", "task", "window").items()
+            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(subset))
+            for (model, task, k), subset in _by(cells, "model", "task", "window").items()
         ]
         cross = [
             FigureSpec(
                 f"cross__{task}__{knockout}",
-                f"{group[0].label} — {task} (relative depth)",
-                cls.plot_comparison(group),
+                f"{subset[0].label} — {task} (relative depth)",
+                cls.plot_comparison(subset),
             )
-            for (task, knockout), group in _by(cells, "task", "variant").items()
+            for (task, knockout), subset in _by(cells, "task", "variant").items()
         ]
         overview = [
             FigureSpec(
-                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(group)
+                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(subset)
             )
-            for (model, k), group in _by(cells, "model", "window").items()
-            if len({c.task for c in group}) > 1
+            for (model, k), subset in _by(cells, "model", "window").items()
+            if len({c.task for c in subset}) > 1
         ]
         sections = [("Per model and task", per_model), ("Across models (relative depth)", cross)]
         sections = ([("Per model: every task", overview)] if overview else []) + sections

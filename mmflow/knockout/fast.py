@@ -236,14 +236,14 @@ class FastEngine(ReferenceEngine):
         shortest suffix (the cheapest; it still runs every layer's prefix attention and MLP).
         """
         probe = not clean.probed
-        groups = []
+        suffix_groups = []
         for first in sorted(by_first_target):
             indices = by_first_target[first] + ([-1] if probe and first == max(by_first_target) else [])
-            groups.append(SuffixGroup.build(clean, first, indices, jobs))
-        self._forward(clean, groups)
-        top = torch.cat([group.hidden[:, -1] for group in groups])  # [R, D]
+            suffix_groups.append(SuffixGroup.build(clean, first, indices, jobs))
+        self._forward(clean, suffix_groups)
+        top = torch.cat([g.hidden[:, -1] for g in suffix_groups])  # [R, D]
         logprobs = torch.log_softmax(self.lm_head(self.norm(top)).float(), dim=-1)
-        order = [index for group in groups for index in group.rows.jobs]
+        order = [index for g in suffix_groups for index in g.rows.jobs]
         result = {index: row for index, row in zip(order, logprobs, strict=True) if index >= 0}
         if probe and not self._probe_ok(clean, logprobs[order.index(-1)]):
             return None
@@ -261,63 +261,66 @@ class FastEngine(ReferenceEngine):
         self.fallbacks["probe mismatch"] += 1
         return False
 
-    def _forward(self, clean: FastCleanPass, groups: list[SuffixGroup]) -> None:
-        """Run every group's rows from their start layers to the top (each group's hidden -> [R, 1, D])."""
-        for index in range(min(group.rows.starts[0] for group in groups), len(self.layers)):
-            for group in groups:
-                group.join(index, clean)
-            self._layer(index, [group for group in groups if group.hidden.shape[0]], clean)
+    def _forward(self, clean: FastCleanPass, suffix_groups: list[SuffixGroup]) -> None:
+        """Run every suffix group's rows from their start layers to the top (each one's hidden ->
+        [R, 1, D])."""
+        for index in range(
+            min(suffix_group.rows.starts[0] for suffix_group in suffix_groups), len(self.layers)
+        ):
+            for suffix_group in suffix_groups:
+                suffix_group.join(index, clean)
+            self._layer(index, [g for g in suffix_groups if g.hidden.shape[0]], clean)
 
-    def _layer(self, index: int, groups: list[SuffixGroup], clean: FastCleanPass) -> None:
-        """Decoder layer `index` on the active rows of every group, token-wise parts batched together.
+    def _layer(self, index: int, suffix_groups: list[SuffixGroup], clean: FastCleanPass) -> None:
+        """Decoder layer `index` on the active rows of every suffix group, token-wise parts batched together.
 
-        Norms, projections and the MLP run once over all suffix tokens [N, D]; attention runs per group
+        Norms, projections and the MLP run once over all suffix tokens [N, D]; attention runs per suffix group
         (each has its own prefix length). At the top layer only each row's last position is kept.
         """
         layer = self.layers[index]
         attn = layer.self_attn
-        sizes = [group.hidden.shape[0] * group.hidden.shape[1] for group in groups]
-        x = layer.input_layernorm(cat([group.hidden.flatten(0, 1) for group in groups]))  # [N, D]
+        sizes = [g.hidden.shape[0] * g.hidden.shape[1] for g in suffix_groups]
+        x = layer.input_layernorm(cat([g.hidden.flatten(0, 1) for g in suffix_groups]))  # [N, D]
         keys, values = attn.k_proj(x).split(sizes), attn.v_proj(x).split(sizes)
         outs, residual = [], []
-        for group, xg, kg, vg in zip(groups, x.split(sizes), keys, values, strict=True):
-            out = self._attend(index, group, xg, kg, vg, clean)  # [R, Sq, H*d]
+        for suffix_group, xg, kg, vg in zip(suffix_groups, x.split(sizes), keys, values, strict=True):
+            out = self._attend(index, suffix_group, xg, kg, vg, clean)  # [R, Sq, H*d]
             outs.append(out.flatten(0, 1))
-            residual.append(group.hidden[:, -out.shape[1] :].flatten(0, 1))
+            residual.append(suffix_group.hidden[:, -out.shape[1] :].flatten(0, 1))
         hidden = cat(residual) + attn.o_proj(cat(outs))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        for group, h in zip(groups, hidden.split([len(o) for o in outs]), strict=True):
-            group.hidden = h.view(group.hidden.shape[0], -1, h.shape[-1])
+        for suffix_group, h in zip(suffix_groups, hidden.split([len(o) for o in outs]), strict=True):
+            suffix_group.hidden = h.view(suffix_group.hidden.shape[0], -1, h.shape[-1])
 
     def _attend(
         self,
         index: int,
-        group: SuffixGroup,
+        suffix_group: SuffixGroup,
         x: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         clean: FastCleanPass,
     ) -> torch.Tensor:
-        """Self-attention output [R, Sq, H*d] of one group's rows, from their normed inputs x [R*S, D]
+        """Self-attention output [R, Sq, H*d] of one suffix group's rows, from their normed inputs x [R*S, D]
         and projected keys/values k, v [R*S, Hkv*d]. Sq = S, or 1 at the top layer.
         """
         attn = self.layers[index].self_attn
         d = attn.head_dim
-        n_rows, length = group.hidden.shape[:2]
+        n_rows, length = suffix_group.hidden.shape[:2]
         n_q = 1 if index == len(self.layers) - 1 else length
         q = attn.q_proj(x.view(n_rows, length, -1)[:, -n_q:]).view(n_rows, n_q, -1, d).transpose(1, 2)
         k = k.view(n_rows, length, -1, d).transpose(1, 2)  # [R, Hkv, S, d]
         v = v.view(n_rows, length, -1, d).transpose(1, 2)
         q, k = (
-            _rotate(q, group.cos[-n_q:], group.sin[-n_q:]),
-            _rotate(k, group.cos, group.sin),
+            _rotate(q, suffix_group.cos[-n_q:], suffix_group.sin[-n_q:]),
+            _rotate(k, suffix_group.cos, suffix_group.sin),
         )  # [R, H, Sq, d]
-        blocked = group.rows.at_layer(index, n_rows, q.shape[1])
-        out, lse = attend_suffix(q, k, v, group.rows.causal, blocked, attn.scaling)
-        if group.first_target:  # the clean prefix [Hkv, t, d], shared by every row
+        blocked = suffix_group.rows.at_layer(index, n_rows, q.shape[1])
+        out, lse = attend_suffix(q, k, v, suffix_group.rows.causal, blocked, attn.scaling)
+        if suffix_group.first_target:  # the clean prefix [Hkv, t, d], shared by every row
             prefix = (
-                clean.keys[index][:, : group.first_target],
-                clean.values[index][:, : group.first_target],
+                clean.keys[index][:, : suffix_group.first_target],
+                clean.values[index][:, : suffix_group.first_target],
             )
             out = merge((out, lse), attend_prefix(q, *prefix, blocked.prefix_sets(n_q), attn.scaling))
         return out.transpose(1, 2).reshape(n_rows, n_q, -1)

@@ -29,7 +29,7 @@ from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
 from mmflow.knockout.reference import CleanPass
-from mmflow.knockout.rows import plan_sweeps
+from mmflow.knockout.rows import SuffixGroup, plan_sweeps
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.registry import LoadedModel
 from mmflow.patching.corrupt import Corruption, corrupting
@@ -238,7 +238,7 @@ class FastPatcher(FastEngine):
         out = corrupted.logprobs.expand(len(jobs), -1).clone()  # jobs that restore nothing: p_corrupt exactly
         empty = torch.empty(0, dtype=torch.long)
         as_knockouts = [KnockoutJob(BlockEdges(empty, job.positions), job.layers) for job in jobs]
-        by_b0: dict[int, list[int]] = {}
+        by_first_target: dict[int, list[int]] = {}
         covering: dict[int, list[int]] = {}
         changed = corrupted.corruption.positions
         for index, job in enumerate(jobs):
@@ -251,10 +251,10 @@ class FastPatcher(FastEngine):
                 else:
                     covering.setdefault(after, []).append(index)
             else:
-                by_b0.setdefault(int(job.positions.min()), []).append(index)
+                by_first_target.setdefault(int(job.positions.min()), []).append(index)
         self._states, self._states_first_target = states.hidden, states.first_target
         try:
-            self._run(corrupted.cache, by_b0, jobs, as_knockouts, out, (corrupted, states))
+            self._run(corrupted.cache, by_first_target, jobs, as_knockouts, out, (corrupted, states))
             if covering:  # clean keys/values for the prefix, corrupted layer inputs for the rows; the
                 # probe row (from layer 0) then restores everything before the rows: the clean run
                 hybrid = dataclasses.replace(
@@ -270,37 +270,41 @@ class FastPatcher(FastEngine):
             self._states = None
         return out
 
-    def _run(self, cache: FastCleanPass, by_b0: dict, jobs, as_knockouts, out, fallback: tuple) -> None:
-        """Sweep the jobs in `by_b0` ({first row: job indices}) over `cache` into `out`; if the probe
-        fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
-        for batch in plan_sweeps(by_b0, cache.inputs.length):
+    def _run(
+        self, cache: FastCleanPass, by_first_target: dict, jobs, as_knockouts, out, fallback: tuple
+    ) -> None:
+        """Sweep the jobs in `by_first_target` ({first target: job indices}) over `cache` into `out`; if
+        the probe fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
+        for batch in plan_sweeps(by_first_target, cache.inputs.length):
             rows = self._sweep(cache, batch, as_knockouts)
             if rows is None:  # the probe failed: the shortcut is not exact for this sample
-                todo = [i for indices in by_b0.values() for i in indices]
+                todo = [i for indices in by_first_target.values() for i in indices]
                 out[todo] = self.reference.restore(*fallback, [jobs[i] for i in todo])
                 return
             out[list(rows)] = torch.stack(list(rows.values()))
 
-    def _forward(self, clean: FastCleanPass, groups) -> None:
+    def _forward(self, clean: FastCleanPass, suffix_groups: list[SuffixGroup]) -> None:
         """The knockout engine's layer pass, with each row's restore applied before each layer."""
-        for index in range(min(group.rows.starts[0] for group in groups), len(self.layers)):
-            for group in groups:
-                group.join(index, clean)
-                self._restore(index, group)
-            self._layer(index, [group for group in groups if group.hidden.shape[0]], clean)
+        for index in range(
+            min(suffix_group.rows.starts[0] for suffix_group in suffix_groups), len(self.layers)
+        ):
+            for suffix_group in suffix_groups:
+                suffix_group.join(index, clean)
+                self._restore(index, suffix_group)
+            self._layer(index, [g for g in suffix_groups if g.hidden.shape[0]], clean)
 
-    def _restore(self, index: int, group) -> None:
+    def _restore(self, index: int, suffix_group: SuffixGroup) -> None:
         """Set the restored positions of active rows whose window holds layer `index` to the clean states."""
-        rows, n_rows = group.rows, group.hidden.shape[0]
+        rows, n_rows = suffix_group.rows, suffix_group.hidden.shape[0]
         if not n_rows or not rows.blocking_layers[index]:
             return
         chosen = rows.targets[rows.pattern[:n_rows]] & rows.window[:n_rows, index, None]  # [R, S]
         if not chosen.any():
             return
-        states = self._states[index, group.first_target - self._states_first_target :].to(
-            group.hidden.dtype
+        states = self._states[index, suffix_group.first_target - self._states_first_target :].to(
+            suffix_group.hidden.dtype
         )  # [S, D]
-        group.hidden = torch.where(chosen[..., None], states, group.hidden)
+        suffix_group.hidden = torch.where(chosen[..., None], states, suffix_group.hidden)
 
 
 def make_patcher(name: str, loaded: LoadedModel, attention: str = "sdpa") -> ReferencePatcher | FastPatcher:

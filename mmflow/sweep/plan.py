@@ -1,4 +1,4 @@
-"""Planning: the cells to compute, grouped by model, then into cell batches that share samples.
+"""Planning: the cells to compute per model, then in cell batches that share samples.
 
 A *cell batch* is the set of cells one worker computes together: they share model, data, task and
 samples (`mmflow.runtime.batch_key`), so each sample gets one clean pass for all of them. A model
