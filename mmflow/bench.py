@@ -21,17 +21,23 @@ engine (its clean pass plus the run, caches included). The last stdout line is o
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
+from mmflow.bench_common import (
+    GEOMETRIES,
+    Best,
+    build_loaded,
+    gqa_samples,
+    model_summary,
+    noise_image,
+    peak_bytes,
+    ratios,
+)
 from mmflow.data.sample import Sample
 from mmflow.groups import build_token_groups
 from mmflow.inputs import ModelInputs, encode
@@ -40,83 +46,10 @@ from mmflow.knockout.fast import make_fast_engine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
 from mmflow.models.registry import LoadedModel
-from mmflow.models.tiny import TinySpec, build_model, build_processor, build_tokenizer, tokenizer_corpus
 
 MAIN_KNOCKOUTS = ("image_to_question", "image_to_last", "question_to_last", "last_to_last")
-IMAGE_SIZE = (500, 375)  # (width, height): ~2,340 image tokens under LLaVA-NeXT anyres
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A real model's sequence geometry at a CPU-sized width."""
-
-    like: str  # the real checkpoint whose geometry this copies
-    architecture: str
-    tokenizer_style: str
-    prompt_format: str
-    image_preprocess: str
-    kv_heads: int
-    rope_theta: float
-
-
-GEOMETRIES = {
-    "llava-1.5": Geometry(
-        "llava-hf/llava-1.5-7b-hf: vicuna_v1 prompt, 576 image tokens, multi-head attention",
-        "llava",
-        "sentencepiece",
-        "vicuna_v1",
-        "pad",
-        kv_heads=8,
-        rope_theta=10000.0,
-    ),
-    "llava-next": Geometry(
-        "llava-hf/llama3-llava-next-8b-hf: llama3 prompt, anyres tiles + newlines, GQA 4:1",
-        "llava_next",
-        "byte_level",
-        "llama3",
-        "anyres",
-        kv_heads=2,
-        rope_theta=500000.0,
-    ),
-}
-
-
-def build_loaded(geometry: str, layers: int, hidden: int, heads: int) -> LoadedModel:
-    """A random-weight LLaVA(-NeXT) with the geometry's tokenizer, processor and GQA ratio."""
-    geo = GEOMETRIES[geometry]
-    spec = TinySpec(
-        name=f"bench-{geometry}",
-        architecture=geo.architecture,
-        tokenizer_style=geo.tokenizer_style,
-        prompt_format=geo.prompt_format,
-        text_layers=layers,
-        text_hidden=hidden,
-        text_heads=heads,
-        text_kv_heads=min(geo.kv_heads, heads),
-        rope_theta=geo.rope_theta,
-    )
-    tokenizer = build_tokenizer(spec.tokenizer_style, spec.vocab_size, tokenizer_corpus())
-    model = build_model(spec, tokenizer).eval()
-    return LoadedModel(
-        name=spec.name,
-        model=model,
-        processor=build_processor(spec, tokenizer),
-        path=f"random:{spec.name}",
-        prompt_format=spec.prompt_format,
-        image_preprocess=geo.image_preprocess,
-        device=torch.device("cpu"),
-    )
-
-
-def gqa_samples(task: str, n: int) -> list[Sample]:
-    """The first `n` usable rows of a real GQA task file (their images are replaced by noise)."""
-    rows = read_task_csv(GQA_TASKS_DIR / f"{task}.csv", task, Path("/nonexistent"), check_images=False)
-    return [row for row in rows if isinstance(row, Sample)][:n]
-
-
-def noise_image(seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(IMAGE_SIZE[1], IMAGE_SIZE[0], 3))
-    return Image.fromarray(pixels.astype(np.uint8))
+# `--analysis` -> the module whose `main(args, loaded)` benchmarks it (imported only when chosen).
+ANALYSIS_BENCHES = {"knockout": "mmflow.bench", "patching": "mmflow.patching.bench"}
 
 
 def plan_jobs(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, knockouts, window: int):
@@ -131,50 +64,10 @@ def plan_jobs(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, knockout
     return plan, groups
 
 
-class Best:
-    """Minimum wall and process-CPU seconds per key over repeated rounds (least disturbed run)."""
-
-    def __init__(self):
-        self.wall: dict = {}
-        self.cpu: dict = {}
-
-    def time(self, key, fn):
-        _sync()
-        start, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        _sync()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        self.wall[key] = min(self.wall.get(key, wall), wall)
-        self.cpu[key] = min(self.cpu.get(key, cpu), cpu)
-        return out
-
-
-def _sync() -> None:
-    """Wait for queued CUDA work, so that wall-clock timings on a GPU include it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def peak_bytes(fn) -> int:
-    """Peak of torch CPU allocations during fn() above the level before it (torch.profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    level = peak = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
-
-
 def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) -> dict:
     """Time one sample three ways (best of `repeats` interleaved rounds); compare reference and fast."""
     jobs = [job for type_jobs in plan.values() for job in type_jobs]
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     ref_clean = ref.clean(inputs)
     timed_windows, offset = {}, 0  # (knockout, centre) -> index of the job in `jobs`
     for name, type_jobs in plan.items():
@@ -184,7 +77,7 @@ def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) ->
     best, diff = Best(), 0.0
     for _ in range(repeats):
         best.time("clean_forward", lambda: ref.last_logprobs(inputs, None))
-        fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, capture_from, jobs))
+        fast_out, _ = best.time("fast", lambda: _fast(fast, inputs, first_target, jobs))
         for key, index in timed_windows.items():
             out = best.time(key, lambda i=index: ref.run(ref_clean, [jobs[i]]))
             diff = max(diff, float((out[0].exp() - fast_out[index].exp()).abs().max()))
@@ -201,16 +94,16 @@ def run_sample(ref, fast, inputs, plan, reference_windows: int, repeats: int) ->
     return result
 
 
-def _fast(fast, inputs, capture_from, jobs):
-    clean = fast.clean(inputs, capture_from=capture_from)
+def _fast(fast, inputs, first_target, jobs):
+    clean = fast.clean(inputs, first_target=first_target)
     return fast.run(clean, jobs), clean
 
 
 def measure_memory(ref, fast, inputs, jobs) -> dict:
     """Peak torch CPU memory (MiB) of the reference clean pass and of the fast engine, above weights."""
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     clean = peak_bytes(lambda: ref.last_logprobs(inputs, None))
-    fast_peak = peak_bytes(lambda: _fast(fast, inputs, capture_from, jobs))
+    fast_peak = peak_bytes(lambda: _fast(fast, inputs, first_target, jobs))
     weights = sum(p.numel() * p.element_size() for p in ref.loaded.model.parameters())
     mib = 1 << 20
     return dict(
@@ -236,9 +129,9 @@ def profile_fast(fast, inputs, jobs, rows: int = 12) -> str:
     """The fast engine's most expensive ops (self CPU time), to see what dominates."""
     from torch.profiler import ProfilerActivity, profile
 
-    capture_from = min(job.edges.first_target for job in jobs)
+    first_target = min(job.edges.first_target for job in jobs)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _fast(fast, inputs, capture_from, jobs)
+        _fast(fast, inputs, first_target, jobs)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -249,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None, help="default 2 (engine), 3 (pipeline)")
     parser.add_argument(
         "--analysis",
-        choices=("knockout", "patching"),
+        choices=tuple(ANALYSIS_BENCHES),
         default="knockout",
         help="patching: mmflow.patching.bench",
     )
@@ -297,10 +190,9 @@ def main(argv=None) -> dict:
     knockouts = [k.strip() for k in args.knockouts.split(",") if k.strip()]
     torch.manual_seed(0)
     loaded = build_loaded(args.geometry, args.layers, args.hidden, args.heads)
-    if args.analysis == "patching":
-        from mmflow.patching import bench as patching_bench
-
-        return patching_bench.main(args, loaded)
+    module = ANALYSIS_BENCHES[args.analysis]
+    if module != "mmflow.bench":  # another analysis's benchmark, in its own module
+        return importlib.import_module(module).main(args, loaded)
     ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}
@@ -354,34 +246,6 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(summary), flush=True)
     return summary
-
-
-def ratios(totals: dict[str, float], kind: str) -> dict:
-    """The three timings (wall, or process CPU with kind="_cpu"), speedup and fast/clean."""
-    reference, fast, clean = (totals[f"{name}{kind}_s"] for name in ("reference", "fast", "clean_forward"))
-    return {
-        "reference_s": round(reference, 3),
-        "fast_s": round(fast, 3),
-        "clean_forward_s": round(clean, 3),
-        "speedup": round(reference / fast, 2),
-        "fast_over_clean": round(fast / clean, 3),
-    }
-
-
-def model_summary(loaded: LoadedModel, args: argparse.Namespace) -> dict:
-    text = loaded.model.config.get_text_config()
-    vision = loaded.model.config.vision_config
-    return {
-        "layers": text.num_hidden_layers,
-        "hidden": text.hidden_size,
-        "intermediate": text.intermediate_size,
-        "heads": text.num_attention_heads,
-        "kv_heads": text.num_key_value_heads,
-        "vision_layers": vision.num_hidden_layers,
-        "vision_hidden": vision.hidden_size,
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "weights": "random",
-    }
 
 
 if __name__ == "__main__":

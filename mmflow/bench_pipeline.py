@@ -5,7 +5,7 @@ random-weight model (real sequence geometry, CPU-sized widths), writes noise JPE
 for the first GQA-task rows, and times in one run, per sample:
 
 - `pipeline_s_per_sample`: `run_cells` on one cell per knockout type (the paper's six by default), the
-  code a sweep runs: load the task file, read + preprocess + encode + group (prefetched), one clean
+  code a sweep runs: load the task file, read + preprocess + encode + token groups (prefetched), one clean
   pass, the answer check from its cache, every knockout at every window, parquet part files and the
   final merge; wall clock of the whole call divided by the samples;
 - `clean_forward_s`: one plain forward of the sample (vision tower + prefill, no cache), the floor;
@@ -94,19 +94,19 @@ def timed(loaded: LoadedModel, fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def paper_seconds(loaded, ref, inputs, groups_jobs, reference_windows: int, max_new_tokens: int) -> dict:
+def paper_seconds(loaded, ref, inputs, jobs_by_knockout, reference_windows: int, max_new_tokens: int) -> dict:
     """The paper's algorithm for one sample: a generation per type plus a full forward per window.
 
     A window's forward costs the same whatever it blocks (the whole model, a different mask), so
     `reference_windows` forwards are timed, spread over the types and windows, and scaled to all.
     """
     generate_s, _ = timed(loaded, lambda: generate_answer(loaded, inputs, max_new_tokens))
-    jobs = [job for type_jobs in groups_jobs.values() for job in type_jobs]
+    jobs = [job for type_jobs in jobs_by_knockout.values() for job in type_jobs]
     picks = np.unique(np.linspace(0, len(jobs) - 1, reference_windows).round().astype(int))
     seconds = [timed(loaded, lambda j=jobs[i]: ref.last_logprobs(inputs, j))[0] for i in picks]
     return {
         "generate_s": generate_s,
-        "paper_s": generate_s * len(groups_jobs) + float(np.mean(seconds)) * len(jobs),
+        "paper_s": generate_s * len(jobs_by_knockout) + float(np.mean(seconds)) * len(jobs),
     }
 
 
@@ -220,7 +220,7 @@ def summarise(best, stages, n, scored, lengths, knockouts, window, reference_win
 
 def main(args: argparse.Namespace) -> dict:
     """`python -m mmflow.bench --pipeline ...` (arguments parsed by mmflow.bench)."""
-    from mmflow.bench import GEOMETRIES, build_loaded, model_summary
+    from mmflow.bench_common import GEOMETRIES, build_loaded, model_summary
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,77 +1,44 @@
-"""Run a group of cells on one loaded model: the same code for `launch.py` and for Ray actors.
+"""Run a cell batch on one loaded model: the same code for `launch.py` and for Ray actors.
 
-Cells that share model, data and task are computed sample by sample: each sample is encoded,
-grouped and run clean once, then every cell's knockouts of that sample go to the engine together.
-Each cell keeps its own folder, resumes at sample granularity, and fails alone. A cell is computed
-by one process at a time (`mmflow.locks.CellLock`); a cell another process holds is waited for, then
-found cached. Every ending this process sees is recorded in `cell.json` (done, failed with the
-error, interrupted), and each start is appended to its `runs` list.
+The cells of a cell batch share model, data, task, samples and engine (`SHARED_KEYS`) and are
+computed sample by sample: each sample is encoded, split into token groups and run clean once, then
+every cell's jobs of that sample go to the engine together. Each cell keeps its own folder, resumes
+at sample granularity, and fails alone. A cell is computed by one process at a time
+(`mmflow.locks.CellLock`); a cell another process holds is waited for, then found cached. One cell's
+record from start to ending (`cell.json`, its `runs` list) is `mmflow.cell`'s.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mmflow.analyses import make_analysis
 from mmflow.answer import answer_from_clean, generate_answer
+from mmflow.cell import Cell, CellOutcome, finish, record_ending, sample_row, start
 from mmflow.context import RunContext
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GroupError, TokenGroups
 from mmflow.inputs import ModelInputs
 from mmflow.knockout import make_engine
-from mmflow.locks import CellLock, describe, lock_wait_s, this_process
+from mmflow.locks import CellLock, describe, lock_wait_s
 from mmflow.models.registry import LoadedModel
 from mmflow.pipeline import Stages, prefetch
 from mmflow.prepare import SAMPLE_ERROR, prepare_or_skip
 from mmflow.store import CellStore
 from mmflow.validate import validate_cell
 
-log = logging.getLogger(__name__)
-
-SAMPLE_COLUMNS = [
-    "order",
-    "question_id",
-    "task",
-    "question",
-    "image_path",
-    "prompt",
-    "answer",
-    "answer_token_id",
-    "predicted",
-    "correct",
-    "p_base",
-    "groups",
-    "status",
-    "skip_reason",
-    "skip_detail",
-]
 # Keys whose values must agree for cells to share samples and clean passes.
 SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", "engine", "max_new_tokens")
 
 
-@dataclass
-class CellOutcome:
-    """What happened to one cell in this run (the launcher's per-cell summary)."""
-
-    cell_id: str
-    status: str  # done | failed | cached
-    path: str
-    error: str | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def group_key(config: dict) -> str:
-    import json
-
+def batch_key(config: dict) -> str:
+    """What cells of one cell batch share: the values of `SHARED_KEYS`, as a string."""
     return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
 
 
@@ -100,39 +67,6 @@ def normalise_answer(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-class _Cell:
-    """One cell while it runs: its store, its analysis, the samples it already has."""
-
-    def __init__(self, config: dict, loaded: LoadedModel):
-        self.config = config
-        self.store = CellStore(config["results_dir"], config)
-        self.done_ids: set[str] = set()
-        self.error: str | None = None
-        self.analysis = make_analysis(config, loaded)
-        self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
-        self.lock = CellLock(self.store.dir)
-
-    def write(self, question_id: str, row: dict, result_rows: list[dict]) -> None:
-        """Record one sample in the store, then stream it to the cell's logger."""
-        self.store.write_sample(question_id, row, result_rows)
-        if self.logger is not None:
-            self.logger.sample(row, result_rows)
-
-
-def _sample_row(order: int, sample: Sample | Skip, **fields: Any) -> dict:
-    row = {column: None for column in SAMPLE_COLUMNS}
-    row.update(order=order, question_id=sample.question_id, status="skipped", correct=False)
-    if isinstance(sample, Sample):
-        row.update(
-            task=sample.task,
-            question=sample.question,
-            image_path=str(sample.image_path),
-            answer=sample.answer,
-        )
-    row.update(fields)
-    return row
-
-
 def run_cells(
     loaded: LoadedModel,
     configs: Sequence[dict],
@@ -147,10 +81,11 @@ def run_cells(
 
     `logger_factory(config, n_layers)` (e.g. `mmflow.wandb_logger.cell_logger`) opens a logger for each
     cell computed here (never for cached ones); it gets every sample, the final results, and is closed.
-    `prefetch_depth`: samples read, encoded and grouped ahead in a background thread (0: none).
+    `prefetch_depth`: samples read, encoded and split into token groups ahead in a background thread
+    (0: none).
     `stages`: if given, gets the seconds spent per stage (`mmflow.pipeline.Stages`).
     """
-    if len({group_key(c) for c in configs}) > 1:
+    if len({batch_key(c) for c in configs}) > 1:
         raise ValueError("cells run together must share model, data, task, samples and engine")
     context = (context or RunContext()).meta()  # the cell.json fields of this run
     outcomes: dict[str, CellOutcome] = {}
@@ -177,7 +112,7 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
     """Compute the cells of `configs` whose lock this process gets within `wait_s`; return the others
     (a list of configs)."""
     busy: list[dict] = []
-    cells: list[_Cell] = []
+    cells: list[Cell] = []
     try:
         for config in configs:
             store = CellStore(config["results_dir"], config)
@@ -188,7 +123,7 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
                 store.write_meta(status="failed", error=error, **context)
                 outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
                 continue
-            cell = _Cell(config, loaded)
+            cell = Cell(config, loaded)
             if not cell.lock.acquire(wait_s):
                 busy.append(config)
                 continue
@@ -197,13 +132,13 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
                 outcomes[cell.store.id] = CellOutcome(cell.store.id, "cached", str(cell.store.dir))
                 continue
             cells.append(cell)
-            _start(cell, loaded, context)
+            start(cell, loaded, context)
         if cells:
             for cell in cells:
                 cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
             _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline)
     except BaseException as exc:
-        _record_ending(cells, outcomes, exc, context)
+        record_ending(cells, outcomes, exc, context)
         raise
     finally:
         for cell in (c for c in cells if c.logger is not None):
@@ -211,45 +146,6 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
         for cell in cells:
             cell.lock.release()
     return busy
-
-
-def _start(cell: _Cell, loaded: LoadedModel, context: dict) -> None:
-    """Report a stale `running` record, find the resume point, record this run as running."""
-    meta = cell.store.read_meta()
-    cell.done_ids = cell.store.done_question_ids()
-    if meta.get("status") == "running":  # we hold the lock, so its writer is gone
-        last = (meta.get("runs") or [{}])[-1]
-        print(
-            f"[mmflow] cell {cell.store.id}: stale 'running' record left by {describe(last)}, which ended "
-            f"without recording it (killed?); resuming from {len(cell.done_ids)} recorded sample(s)",
-            flush=True,
-        )
-        for run in (meta.get("runs") or [])[-1:]:
-            run.setdefault("ended", "unrecorded (process gone; stale 'running' record)")
-    runs = [*(meta.get("runs") or []), {**this_process(), **context}]
-    cell.store.write_meta(status="running", error=None, model_path=loaded.path, runs=runs, **context)
-
-
-def _record_ending(cells: list[_Cell], outcomes: dict, exc: BaseException, context: dict) -> None:
-    """Record an interruption (Ctrl-C, SIGTERM) or an unexpected error in every unfinished cell."""
-    interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
-    status = "interrupted" if interrupted else "failed"
-    error = f"{type(exc).__name__}: {exc}".strip()
-    if not interrupted:
-        error += "\n" + traceback.format_exc(limit=5)
-    for cell in (c for c in cells if c.store.id not in outcomes):
-        try:
-            _end_run(cell, status)
-            cell.store.write_meta(status=status, error=error, **context)
-        except Exception as write_exc:  # noqa: BLE001 - the original exception matters more
-            log.warning("could not record %s for cell %s: %s", status, cell.store.id, write_exc)
-
-
-def _end_run(cell: _Cell, status: str) -> None:
-    meta = cell.store.read_meta()
-    runs = meta.get("runs") or [{}]
-    runs[-1]["ended"] = status
-    cell.store.write_meta(runs=runs)
 
 
 def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) -> None:
@@ -298,10 +194,10 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     bar.close()
     elapsed = time.time() - started
     for cell in cells:
-        outcomes[cell.store.id] = _finish(cell, elapsed, clean_passes, context, engine.name, expected)
+        outcomes[cell.store.id] = finish(cell, elapsed, clean_passes, context, engine.name, expected)
 
 
-def _todo(cells: list[_Cell], sample: Sample | Skip) -> list[_Cell]:
+def _todo(cells: list[Cell], sample: Sample | Skip) -> list[Cell]:
     """The cells that still need `sample`."""
     return [c for c in cells if c.error is None and sample.question_id not in c.done_ids]
 
@@ -309,7 +205,8 @@ def _todo(cells: list[_Cell], sample: Sample | Skip) -> list[_Cell]:
 def prepare_sample(
     loaded: LoadedModel, sample: Sample | Skip, stages: Stages
 ) -> tuple[ModelInputs, TokenGroups] | Skip | None:
-    """Read, preprocess, encode and group one sample (None for a sample the data already skipped).
+    """Read, preprocess and encode one sample and find its token groups (None for a sample the data
+    already skipped).
 
     Runs in the prefetch thread; any failure of this one sample is its `Skip` (`mmflow.prepare`).
     """
@@ -342,15 +239,15 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
             planned.append((cell, cell.analysis.jobs(groups, sample)))
         except GroupError as exc:
             skipped.append((cell, exc))
-        except Exception as exc:  # a cell whose own settings cannot apply: that cell fails, not its group
+        except Exception as exc:  # a cell whose own settings cannot apply: that cell fails, not its batch
             cell.error = f"{type(exc).__name__}: {exc}"
     if not planned and not skipped:
         return None
     firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
-    firsts += [c.analysis.capture_from(groups) for c, _ in planned if hasattr(c.analysis, "capture_from")]
+    firsts += [c.analysis.first_target(groups) for c, _ in planned if hasattr(c.analysis, "first_target")]
     try:
         with stages.timed("clean_pass"):
-            clean = engine.clean(inputs, capture_from=min(firsts, default=None))
+            clean = engine.clean(inputs, first_target=min(firsts, default=None))
         clean_passes[sample.question_id] += 1
         with stages.timed("answer"):
             predicted = answer_from_clean(loaded, clean, int(config["max_new_tokens"]))
@@ -367,11 +264,10 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         groups=groups.to_json(),
     )
     for cell, exc in skipped:
-        row = _sample_row(order, sample, skip_reason=exc.reason, skip_detail=exc.detail, **base)
-        cell.write(sample.question_id, row, [])
+        cell.skip(order, sample, exc.reason, exc.detail, **base)
     if config["require_correct"] and not correct:
         for cell, _ in planned:
-            cell.write(sample.question_id, _sample_row(order, sample, status="incorrect", **base), [])
+            cell.write(sample.question_id, sample_row(order, sample, status="incorrect", **base), [])
         return
     try:
         with stages.timed("knockouts"):
@@ -389,62 +285,11 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
                 reason, detail = (
                     (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
                 )
-                row = _sample_row(order, sample, skip_reason=reason, skip_detail=detail, **base)
-                cell.write(sample.question_id, row, [])
+                cell.skip(order, sample, reason, detail, **base)
                 continue
-            cell.write(sample.question_id, _sample_row(order, sample, status="scored", **base), rows)
+            cell.write(sample.question_id, sample_row(order, sample, status="scored", **base), rows)
 
 
-def _skip_all(cells, order, sample, reason: str, detail: str) -> None:
+def _skip_all(cells: list[Cell], order: int, sample: Sample | Skip, reason: str, detail: str) -> None:
     for cell in cells:
-        cell.write(sample.question_id, _sample_row(order, sample, skip_reason=reason, skip_detail=detail), [])
-
-
-def _finish(
-    cell: _Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str, expected: set[str]
-) -> CellOutcome:
-    store = cell.store
-    if cell.error is not None:
-        _end_run(cell, "failed")
-        store.write_meta(status="failed", error=cell.error, **context)
-        return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
-    try:
-        samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
-        missing = expected - set(samples["question_id"].astype(str))
-        if missing:  # never mark done what lacks samples
-            raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
-        summary = summarise(samples, results, cell.analysis)
-        _end_run(cell, "done")
-        store.write_meta(
-            status="done",
-            error=None,
-            rows={"samples.parquet": len(samples), "results.parquet": len(results)},
-            counts=summary["counts"],
-            headline=summary["headline"],
-            timings={"group_seconds": round(elapsed, 3)},
-            engine=engine_name,
-            clean_passes_per_sample=max(clean_passes.values(), default=0),
-            **context,
-        )
-        if cell.logger is not None:
-            cell.logger.finish(samples, results, summary)
-        store.clear_parts()
-        return CellOutcome(store.id, "done", str(store.dir), summary=summary["headline"])
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        _end_run(cell, "failed")
-        store.write_meta(status="failed", error=error, **context)
-        return CellOutcome(store.id, "failed", str(store.dir), error=error)
-
-
-def summarise(samples, results, analysis) -> dict:
-    """Counts (samples, correct, scored, skipped by reason) and the analysis's headline numbers."""
-    skipped = samples[samples["status"] == "skipped"]["skip_reason"].value_counts().to_dict()
-    counts = {
-        "samples": int(len(samples)),
-        "correct": int(samples["correct"].fillna(False).astype(bool).sum()),
-        "scored": int((samples["status"] == "scored").sum()),
-        "incorrect": int((samples["status"] == "incorrect").sum()),
-        "skipped": {str(k): int(v) for k, v in skipped.items()},
-    }
-    return {"counts": counts, "headline": {"scored": counts["scored"], **analysis.headline(results)}}
+        cell.skip(order, sample, reason, detail)

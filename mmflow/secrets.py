@@ -26,7 +26,7 @@ _KEY_QUALIFIERS = frozenset({"api", "access", "private", "secret"})
 def is_secret_name(name: str) -> bool:
     """True for names such as HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, db.password.
 
-    Word-based, so `max_new_tokens` or `group_key` are not secrets.
+    Word-based, so `max_new_tokens` or `batch_key` are not secrets.
     """
     words = [w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w]
     if _SECRET_WORDS.intersection(words):

@@ -51,7 +51,7 @@ def measure(name: str, folder: Path) -> dict:
         jobs.append(KnockoutJob(edges, range(n_layers)))
     started = time.time()
     engine = make_engine("fast", loaded)
-    fast = engine.run(engine.clean(inputs, capture_from=min(j.edges.first_target for j in jobs)), jobs)
+    fast = engine.run(engine.clean(inputs, first_target=min(j.edges.first_target for j in jobs)), jobs)
     fast_seconds = time.time() - started
     reference = ReferenceEngine(loaded)
     clean = reference.clean(inputs)

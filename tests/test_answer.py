@@ -55,7 +55,7 @@ def test_cached_answer_equals_generate(model, engine, request, tmp_path):
             inputs = encode(loaded, sample)
             config.eos_token_id = original_eos
             full = generated_ids(loaded, inputs, 6)
-            clean = engine.clean(inputs, capture_from=inputs.length - 3)
+            clean = engine.clean(inputs, first_target=inputs.length - 3)
             assert greedy_token_ids(loaded, clean, 6) == full
             assert clean.cache is None  # released after the answer
             checked["full"] += 1
@@ -63,7 +63,7 @@ def test_cached_answer_equals_generate(model, engine, request, tmp_path):
                 config.eos_token_id = [stop, *([original_eos] if original_eos is not None else [])]
                 expected = generated_ids(loaded, inputs, 6)
                 assert len(expected) < 6 or stop not in expected[:-1]
-                clean = engine.clean(inputs, capture_from=inputs.length - 3)
+                clean = engine.clean(inputs, first_target=inputs.length - 3)
                 assert greedy_token_ids(loaded, clean, 6) == expected
                 assert expected[-1] in config.eos_token_id
                 checked["early"] += 1
@@ -81,7 +81,7 @@ def test_toy_answers_end_at_eos_and_text_matches(toy_llava, tmp_path):
         expected = generate_answer(toy_llava, inputs, 8)
         ids = generated_ids(toy_llava, inputs, 8)
         stopped += len(ids) < 8
-        assert answer_from_clean(toy_llava, engine.clean(inputs, capture_from=None), 8) == expected
+        assert answer_from_clean(toy_llava, engine.clean(inputs, first_target=None), 8) == expected
         assert expected.strip()
     assert stopped == 4
 
@@ -90,7 +90,7 @@ def test_fast_engine_caches_survive_decoding(tiny_llava, tmp_path):
     """Decoding grows the cache without touching the K/V tensors the fast engine restarts from."""
     engine = make_engine("fast", tiny_llava)
     inputs = encode(tiny_llava, samples_for(tiny_llava, tmp_path, 1)[0])
-    clean = engine.clean(inputs, capture_from=inputs.length - 5)
+    clean = engine.clean(inputs, first_target=inputs.length - 5)
     assert isinstance(clean, FastCleanPass)
     keys = [k.clone() for k in clean.keys]
     greedy_token_ids(tiny_llava, clean, 4)

@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT, cell_config, model_config
 from PIL import Image
 
-from mmflow.runtime import SAMPLE_COLUMNS, run_cells
+from mmflow.cell import SAMPLE_COLUMNS
+from mmflow.runtime import run_cells
 from mmflow.store import CellStore
 
 RESULT_COLUMNS = {"question_id", "layer", "p_base", "p_new", "rel_change_pct", "logp_change", "top1_changed"}

@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmflow.data import CHOOSE_TASKS, TASKS, Box, DataError, Sample, Skip, load_gqa, load_shapes, shapes
+from mmflow.data import (
+    CHOOSE_TASKS,
+    TASKS,
+    Box,
+    DataError,
+    Sample,
+    Skip,
+    load_gqa,
+    load_shapes,
+    scenes,
+    shapes,
+)
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv, required_columns
 
 REAL_ROWS = {
@@ -214,14 +225,14 @@ def test_load_gqa_first_n_rows_in_order(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- synthetic shapes
 
 
-def the(objects: tuple[shapes.Obj, ...], **attrs: str) -> shapes.Obj:
+def the(objects: tuple[scenes.Obj, ...], **attrs: str) -> scenes.Obj:
     """The single object with these attributes (fails if the referent is ambiguous or absent)."""
     found = [o for o in objects if all(getattr(o, k) == v for k, v in attrs.items())]
     assert len(found) == 1, (attrs, objects)
     return found[0]
 
 
-def derive(task: str, question: str, objects: tuple[shapes.Obj, ...]) -> tuple[str, list]:
+def derive(task: str, question: str, objects: tuple[scenes.Obj, ...]) -> tuple[str, list]:
     """Answer a question from the scene spec alone; also return the referent objects."""
     if task == "ChooseAttr":
         shape, a, b = re.fullmatch(r"Is the (\w+) (\w+) or (\w+)\?", question).groups()
@@ -300,7 +311,7 @@ def test_shapes_scene_variety_and_rendering() -> None:
         image = shapes.draw(scene)
         for o in scene.objects:
             x, y, w, h = o.box
-            assert image.getpixel((x + w // 2, y + h // 2)) == shapes.RGB[o.color]
+            assert image.getpixel((x + w // 2, y + h // 2)) == scenes.RGB[o.color]
             for px in [
                 (x - 2, y + h // 2),
                 (x + w + 1, y + h // 2),

@@ -80,7 +80,7 @@ def run_both(loaded, inputs, jobs: list[KnockoutJob], engine: FastEngine | None 
     expect_fast = engine is None
     engine = engine or FastEngine(loaded)
     reference = ReferenceEngine(loaded)
-    fast_clean = engine.clean(inputs, capture_from=min(job.edges.first_target for job in jobs))
+    fast_clean = engine.clean(inputs, first_target=min(job.edges.first_target for job in jobs))
     ref_clean = reference.clean(inputs)
     assert torch.equal(fast_clean.logprobs, ref_clean.logprobs)  # p_base: the very same clean forward
     assert torch.equal(fast_clean.last_hidden, ref_clean.last_hidden)
@@ -216,7 +216,7 @@ def test_refuses_the_knockouts_the_reference_refuses(fast_models, tmp_path):
     engine = FastEngine(loaded)
     blind = KnockoutJob(BlockEdges(torch.arange(5), torch.tensor([4])), range(2))  # 4 sees nothing
     with pytest.raises(ValueError, match="blocks every key"):
-        engine.run(engine.clean(inputs, capture_from=4), [blind])
+        engine.run(engine.clean(inputs, first_target=4), [blind])
 
 
 def test_targets_before_capture_from_use_the_reference(fast_models, tmp_path):
@@ -224,7 +224,7 @@ def test_targets_before_capture_from_use_the_reference(fast_models, tmp_path):
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(8), (500, 375))
     engine = FastEngine(loaded)
     jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(1, 4))]
-    clean = engine.clean(inputs, capture_from=int(groups.last[0]))  # planned later than this job
+    clean = engine.clean(inputs, first_target=int(groups.last[0]))  # planned later than this job
     ref = ReferenceEngine(loaded)
     assert torch.equal(engine.run(clean, jobs), ref.run(ref.clean(inputs), jobs))
     assert engine.name.startswith("fast (reference fallback")

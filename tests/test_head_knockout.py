@@ -82,7 +82,7 @@ def test_all_heads_is_the_knockout_no_head_is_clean_and_fast_matches(
     reference, fast = ReferenceEngine(loaded), FastEngine(loaded)
     clean = reference.clean(inputs)
     ref = reference.run(clean, jobs)
-    got = fast.run(fast.clean(inputs, capture_from=int(groups.question.min())), jobs)
+    got = fast.run(fast.clean(inputs, first_target=int(groups.question.min())), jobs)
     assert fast.name == "fast"
     assert float((got.exp() - ref.exp()).abs().max()) <= TOLERANCE
     assert float((got - ref).abs().max()) <= LOGP_TOLERANCE

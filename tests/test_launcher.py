@@ -273,7 +273,7 @@ def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) ->
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_group_that_runs_too_long_times_out_instead_of_hanging(ray_cluster, tmp_path: Path) -> None:
+def test_a_cell_batch_that_runs_too_long_times_out_instead_of_hanging(ray_cluster, tmp_path: Path) -> None:
     results = tmp_path / "results"
     started = time.monotonic()
     proc = run_sweep(
@@ -284,13 +284,14 @@ def test_a_group_that_runs_too_long_times_out_instead_of_hanging(ray_cluster, tm
         "knockout=question_to_last",
         "window=1",
         "n_samples=2",
-        "hydra.launcher.group_timeout_s=3",
-        "hydra.launcher.group_retries=0",
+        "hydra.launcher.batch_timeout_s=3",
+        "hydra.launcher.group_retries=0",  # the deprecated name still works
     )
     assert proc.returncode != 0 and time.monotonic() - started < 90
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     (cell,) = sweep["cells"]
     assert cell["status"] == "failed" and sweep["failed"] == [cell["cell_id"]]
     meta = json.loads((results / cell["cell_id"] / "cell.json").read_text())
-    assert meta["status"] == "failed" and "group timed out after 3 s" in meta["error"]
+    assert meta["status"] == "failed" and "cell batch timed out after 3 s" in meta["error"]
     assert meta["attempt"] == 1 and "gave up after 1 attempt(s)" in meta["error"]
+    assert "hydra.launcher.group_retries is deprecated" in proc.stdout + proc.stderr

@@ -257,7 +257,7 @@ def test_toy_llava_patching_and_head_knockouts_are_exact(tmp_path):
         for c in range(n_layers)
     ]
     reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
-    clean = fast.clean(inputs, capture_from=start)
+    clean = fast.clean(inputs, first_target=start)
     ref = reference.restore(
         reference.corrupted(corruption, start), reference.clean_states(clean, start), jobs
     )
@@ -277,5 +277,5 @@ def test_toy_llava_patching_and_head_knockouts_are_exact(tmp_path):
     ]
     engine = FastEngine(loaded)
     ref_heads = ReferenceEngine(loaded).run(clean, head_jobs)
-    assert_close(engine.run(engine.clean(inputs, capture_from=start), head_jobs), ref_heads)
+    assert_close(engine.run(engine.clean(inputs, first_target=start), head_jobs), ref_heads)
     assert torch.equal(ref_heads[-1], ref_heads[-2])

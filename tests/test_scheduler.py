@@ -2,7 +2,7 @@
 
 The fake executor plays what a Ray cluster can do to a worker (placed or not, lost mid-batch, a batch
 that raises, hangs or stops finishing samples); the clock advances by each poll's timeout, so a 12 h
-group timeout takes no real time. The Ray integration tests (test_launcher.py) run the same
+cell-batch timeout takes no real time. The Ray integration tests (test_launcher.py) run the same
 scheduler on real actors.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -179,9 +180,13 @@ def test_a_batch_that_runs_too_long_is_retried_then_fails(tmp_path) -> None:
     clock, todo = Clock(), cells(tmp_path)
     executor = FakeExecutor(clock, batch=lambda ids, attempt: ("hang", 0, attempt))  # progress moves
     start = clock.now
-    final, _, _ = run(tmp_path, todo, executor, clock, group_timeout_s=30, group_retries=2)
+    final, _, _ = run(tmp_path, todo, executor, clock, batch_timeout_s=30, batch_retries=2)
     ((status, error),) = final.values()
-    assert status == "failed" and "gave up after 3 attempt(s)" in error and "timed out after 30 s" in error
+    assert (
+        status == "failed"
+        and "gave up after 3 attempt(s)" in error
+        and "cell batch timed out after 30 s" in error
+    )
     assert [c.attempt for _, _, c in executor.submitted] == [1, 2, 3]
     assert len(executor.started) == 3  # each retry on a fresh worker
     assert 90 <= clock.now - start <= 100  # three 30 s attempts, then it stops
@@ -213,7 +218,7 @@ def test_a_worker_that_cannot_be_placed_fails_its_cells_after_the_start_timeout(
 def test_workers_that_fail_to_start_are_retried_then_their_model_fails(tmp_path) -> None:
     clock, todo = Clock(), cells(tmp_path)
     executor = FakeExecutor(clock, start=lambda worker: "fail")
-    final, _, _ = run(tmp_path, todo, executor, clock, group_retries=1)
+    final, _, _ = run(tmp_path, todo, executor, clock, batch_retries=1)
     ((status, error),) = final.values()
     assert status == "failed" and "failed to start: actor died in __init__" in error
     assert executor.started == ["m1#1", "m1#2"]
@@ -285,3 +290,30 @@ def test_settings_reject_an_unknown_executor_or_display(tmp_path, kind) -> None:
     with pytest.raises(ValueError, match="executor must be ray or local"):
         with sweep.executor_session():
             pass
+
+
+def test_the_old_group_keys_are_deprecated_aliases_of_the_batch_keys():
+    with pytest.warns(
+        FutureWarning, match=r"hydra\.launcher\.group_timeout_s is deprecated.*batch_timeout_s=30"
+    ):
+        settings = SweepSettings.from_dict({"group_timeout_s": 30, "group_retries": 0})
+    assert settings.batch_timeout_s == 30 and settings.batch_retries == 0
+    assert settings.group_timeout_s is None and settings.group_retries is None  # moved, not kept twice
+    with pytest.raises(ValueError, match="group_retries=1 and hydra.launcher.batch_retries=5 disagree"):
+        SweepSettings.from_dict({"group_retries": 1, "batch_retries": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names warn about nothing
+        assert SweepSettings.from_dict({"batch_timeout_s": 30}).batch_timeout_s == 30
+
+
+def test_the_launcher_config_accepts_the_old_keys():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.mmflow_launcher._config import MmflowLauncherConf
+
+    node = OmegaConf.merge(
+        OmegaConf.structured(MmflowLauncherConf), OmegaConf.from_dotlist(["group_retries=0"])
+    )
+    plain = OmegaConf.to_container(node, resolve=True)
+    with pytest.warns(FutureWarning, match="group_retries is deprecated"):
+        assert SweepSettings.from_dict(plain).batch_retries == 0

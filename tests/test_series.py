@@ -71,7 +71,7 @@ def test_fast_engine_is_exact_on_every_series_model(series, tmp_path, name):
     assert (ref - clean.logprobs).abs().max() > 1e-2  # the knockouts do change the output
     empty = KnockoutJob(BlockEdges(groups.image, groups.question), range(0))
     engine = FastEngine(loaded)
-    clean_fast = engine.clean(inputs, capture_from=int(groups.question[0]))
+    clean_fast = engine.clean(inputs, first_target=int(groups.question[0]))
     assert torch.equal(engine.run(clean_fast, [empty])[0], clean.logprobs)  # empty knockout == clean
 
 
@@ -93,7 +93,7 @@ def test_qwen_rotary_tables_are_the_clean_runs_own(series, tmp_path):
     """Qwen2.5-VL: the cached cos table is the model's multimodal one, not positions from indices."""
     loaded = series["tiny-qwen2.5-vl"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(4), (500, 375))
-    clean = FastEngine(loaded).clean(inputs, capture_from=0)
+    clean = FastEngine(loaded).clean(inputs, first_target=0)
     inner = loaded.model.model
     tensors = inputs.tensors
     positions, _ = inner.get_rope_index(
@@ -117,7 +117,7 @@ def test_rotary_tables_of_another_layout_are_not_guessed(series, tmp_path):
     loaded = series["tiny-qwen2.5-vl"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(6), (300, 200))
     engine = FastEngine(loaded)
-    clean = engine.clean(inputs, capture_from=int(groups.question[0]))
+    clean = engine.clean(inputs, first_target=int(groups.question[0]))
     clean.cos, clean.sin = clean.cos.expand(3, -1, -1), clean.sin.expand(3, -1, -1)
     jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(1, 4))]
     reference = ReferenceEngine(loaded)
@@ -307,7 +307,7 @@ def test_answer_from_the_clean_cache_equals_generate(series, tmp_path, name):
     eos = config.eos_token_id
     config.eos_token_id = None
     try:
-        clean = FastEngine(loaded).clean(inputs, capture_from=inputs.length - 3)
+        clean = FastEngine(loaded).clean(inputs, first_target=inputs.length - 3)
         assert greedy_token_ids(loaded, clean, 5) == expected
     finally:
         config.eos_token_id = eos

@@ -24,6 +24,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
+from mmflow.checks import check_choice
 from mmflow.data.sample import CHOOSE_TASKS, Sample
 from mmflow.groups import GroupError, TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -198,6 +199,11 @@ class AnswerTrackingAnalysis(Analysis):
     config_keys = ("lens",)
     result_columns = RESULT_COLUMNS
     value_columns = tuple(f"p_{form}" for form in FORMS)
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """A known lens (norm | raw)."""
+        check_choice("lens", config.get("lens", "norm"), LENSES)
 
     def __init__(self, config) -> None:
         super().__init__(config)

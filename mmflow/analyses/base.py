@@ -68,10 +68,11 @@ class Analysis(ABC):
 
     Compute side (needs `bind(loaded)` first): `jobs`, `rows` (may raise `GroupError`: a per-sample
     skip), and two optional hooks the runtime calls when an analysis has them: `prepare(samples)`
-    once before the first sample, `capture_from(groups)` the first position whose layer inputs the
-    clean pass must keep. Output side (config and results only, so the report can use it on cell
-    folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`, `comparison_key`,
-    `plot_comparison`; `canonical` for the cell id.
+    once before the first sample, `first_target(groups)` the first position whose layer inputs the
+    clean pass must keep (besides its jobs' first targets). Config side: `validate(config)` before
+    anything loads, `canonical` for the cell id. Output side (config and results only, so the report
+    can use it on cell folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`,
+    `comparison_key`, `plot_comparison`.
     """
 
     name: ClassVar[str]
@@ -139,6 +140,13 @@ class Analysis(ABC):
 
     def figure(self, cell: Any) -> Figure | None:
         """The figure of one finished cell (a `mmflow.report.CellData`), or None if it has none."""
+        return None
+
+    @classmethod
+    def validate(cls, config: Mapping[str, Any]) -> None:
+        """Raise `mmflow.checks.CellConfigError` (naming the key) unless this analysis's own keys in
+        `config` can compute something; called before any model loads (`mmflow.validate`).
+        Default: nothing to check."""
         return None
 
     @classmethod

@@ -16,6 +16,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
 from mmflow.analyses.curves import curve_stats
+from mmflow.checks import CellConfigError, check_choice, check_window
 from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -58,6 +59,19 @@ def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Token groups in prompt order (METHOD.md, "Token groups"): the image comes first, then the question,
+# then the last position; object/nonobject lie inside the image, the options inside the question.
+GROUP_RANK = {
+    "image": 0,
+    "object": 0,
+    "nonobject": 0,
+    "question": 1,
+    "true_option": 1,
+    "false_option": 1,
+    "last": 2,
+}
+
+
 # Per-layer means logged next to the curve (result column -> curve-table column).
 EXTRAS = {"logp_change": "logp_change", "top1_changed": "top1_changed_frac"}
 
@@ -76,6 +90,26 @@ class KnockoutAnalysis(Analysis):
     result_columns = RESULT_COLUMNS
     value_columns = ("rel_change_pct",)
     minimum_of = "rel_change_pct"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Source and target are token groups, the source not after the target in the prompt (else
+        causal attention leaves nothing to block); window in 1..n_layers."""
+        knockout = config.get("knockout") or {}
+        source, target = knockout.get("source"), knockout.get("target")
+        groups = tuple(GROUP_RANK)
+        check_choice("knockout.source", source, groups)
+        check_choice("knockout.target", target, groups)
+        if GROUP_RANK[source] > GROUP_RANK[target]:
+            later = [g for g, r in GROUP_RANK.items() if r <= GROUP_RANK[target]]
+            raise CellConfigError(
+                "knockout.source",
+                source,
+                f"comes after target {target!r} in the prompt, so causal attention never lets {target} "
+                f"attend to it and the knockout blocks nothing; for target {target!r} use a source in "
+                f"{', '.join(later)}",
+            )
+        check_window(config)
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -212,23 +246,23 @@ class KnockoutAnalysis(Analysis):
         per_head = head_sections([c for c in mine if c.analysis.heads == "each"])
         cells = [c for c in mine if c.analysis.heads is None]
         per_model = [
-            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(group))
-            for (model, task, k), group in _by(cells, "model", "task", "window").items()
+            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(subset))
+            for (model, task, k), subset in _by(cells, "model", "task", "window").items()
         ]
         cross = [
             FigureSpec(
                 f"cross__{task}__{knockout}",
-                f"{group[0].label} — {task} (relative depth)",
-                cls.plot_comparison(group),
+                f"{subset[0].label} — {task} (relative depth)",
+                cls.plot_comparison(subset),
             )
-            for (task, knockout), group in _by(cells, "task", "variant").items()
+            for (task, knockout), subset in _by(cells, "task", "variant").items()
         ]
         overview = [
             FigureSpec(
-                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(group)
+                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(subset)
             )
-            for (model, k), group in _by(cells, "model", "window").items()
-            if len({c.task for c in group}) > 1
+            for (model, k), subset in _by(cells, "model", "window").items()
+            if len({c.task for c in subset}) > 1
         ]
         sections = [("Per model and task", per_model), ("Across models (relative depth)", cross)]
         sections = ([("Per model: every task", overview)] if overview else []) + sections

@@ -89,12 +89,12 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
     rows = -(-len(tasks) // columns)
     figure, axes = new_grid(rows, columns, 4.0 * columns, 3.1 * rows + 0.6)
     for ax, task in zip(axes, tasks, strict=False):
-        group = sorted((c for c in cells if c.task == task), key=lambda c: knockout_order(c.variant))
-        for cell in group:
+        task_cells = sorted((c for c in cells if c.task == task), key=lambda c: knockout_order(c.variant))
+        for cell in task_cells:
             stats = cell_curve(cell)
             band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label)
         ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
-        ax.set_title(f"{task} ({_n_text(group)})", fontsize=10)
+        ax.set_title(f"{task} ({_n_text(task_cells)})", fontsize=10)
         ax.grid(alpha=0.25)
         ax.set_xlim(0, n_layers - 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

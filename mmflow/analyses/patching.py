@@ -22,6 +22,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
+from mmflow.checks import check_choice, check_int, check_window
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.reference import CleanPass
@@ -85,6 +86,14 @@ class PatchingAnalysis(Analysis):
     result_columns = RESULT_COLUMNS
     sort_by = ["question_id", "group", "layer"]
     value_columns = ()  # per restored group: logged at the end, no running mean over groups
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """A known corruption, a seed >= 0 if given, window in 1..n_layers."""
+        check_choice("corruption", config.get("corruption", "noise"), CORRUPTIONS)
+        if "seed" in config:
+            check_int(config, "seed", 0)
+        check_window(config)
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -166,7 +175,7 @@ class PatchingAnalysis(Analysis):
         self._positions[sample.question_id] = {name: group_positions(groups, name) for name in self.groups}
         return []
 
-    def capture_from(self, groups: TokenGroups) -> int:
+    def first_target(self, groups: TokenGroups) -> int:
         """The first restored position: the clean pass caches layer inputs from there on."""
         return min(int(group_positions(groups, name).min()) for name in self.groups)
 
@@ -194,14 +203,14 @@ class PatchingAnalysis(Analysis):
             seed=self.seed,
             counterfactual=self.counterfactuals.get(sample.question_id),
         )
-        start = min(int(p.min()) for p in positions.values())
-        corrupted = self.patcher.corrupted(corruption, start)
+        first_target = min(int(p.min()) for p in positions.values())
+        corrupted = self.patcher.corrupted(corruption, first_target)
         logp_clean, logp_corrupt = float(clean.logprobs[token_id]), float(corrupted.logprobs[token_id])
         p_clean, p_corrupt = math.exp(logp_clean), math.exp(logp_corrupt)
         if p_clean - p_corrupt < self.margin or p_clean <= p_corrupt:
             detail = f"p_clean={p_clean:.4g} p_corrupt={p_corrupt:.4g} margin={self.margin:g}"
             raise GroupError("corruption_too_weak", detail)
-        states = self.patcher.clean_states(clean, start)
+        states = self.patcher.clean_states(clean, first_target)
         patched = self.patcher.restore(corrupted, states, self.restore_jobs(positions))
         top1 = patched.argmax(dim=-1).tolist()
         constant = {

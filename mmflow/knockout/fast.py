@@ -1,20 +1,20 @@
 """The fast engine: recompute only what a knockout can change, exactly, for all jobs of a sample at once.
 
 Why it is exact (METHOD.md, "Knockout"): blocking edges into targets B changes nothing at positions
-before the first affected target b0 (causal attention) nor below the window's first layer lo. So the
+before its first target t (causal attention) nor below the window's first layer lo. So the
 clean pass (the reference's own forward, no job active) keeps, per layer, the post-rotary keys/values
 of the whole sequence and the layer inputs from the earliest planned target on; each job then
-recomputes only its suffix rows b0..T-1 from layer lo up, with the decoder layer's own submodules and
+recomputes only its suffix rows t..T-1 from layer lo up, with the decoder layer's own submodules and
 the clean run's rotary tables (original position ids), attending to the cached clean prefix.
 
 Batching: all jobs of a sample run in one pass over the layers (`mmflow.knockout.rows` plans the rows,
 `mmflow.knockout.kernels` holds the attention pieces). A job is a row that joins the batch at its
-window's first layer; rows with the same b0 form a group. Norms, projections (with their biases, as in
-Qwen2) and MLPs run once over all rows' suffix tokens; attention runs per group in two exact pieces
-merged by their log-sum-exp: every row's queries over the shared clean prefix, folded into the query
-dimension so the prefix is never copied per row, and each row over its own suffix keys with the causal
-mask. Blocked (target, source) entries are -inf before the softmax, all heads, in the row's window
-layers only; the softmax accumulates in float32.
+window's first layer; rows with the same first target form a suffix group. Norms, projections (with
+their biases, as in Qwen2) and MLPs run once over all rows' suffix tokens; attention runs per suffix
+group in two exact pieces merged by their log-sum-exp: every row's queries over the shared clean
+prefix, folded into the query dimension so the prefix is never copied per row, and each row over its
+own suffix keys with the causal mask. Blocked (target, source) entries are -inf before the softmax,
+all heads, in the row's window layers only; the softmax accumulates in float32.
 
 Rotary positions are never recomputed: the clean run's own cos/sin tables are reused for every
 position, whatever their layout (Qwen2.5-VL's multimodal positions: three ids per token, text after the
@@ -43,7 +43,7 @@ from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, prepare_model
 from mmflow.knockout.kernels import attend_prefix, attend_suffix, cat, merge
 from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
-from mmflow.knockout.rows import Group, first_affected_target, plan_sweeps
+from mmflow.knockout.rows import SuffixGroup, first_target_of, plan_sweeps
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
@@ -63,12 +63,13 @@ PROBE_TOP = 10
 class FastCleanPass(CleanPass):
     """The clean pass plus the caches the fast engine restarts from.
 
-    `keys`/`values`: per layer [Hkv, T, d], after rotary. `hidden` [L, T - start, D]: the input of
-    every layer at positions start..T-1. `cos`/`sin` [T - start, d]: the clean run's rotary tables at
-    the same positions. Left empty when no knockout was planned (`start` None).
+    `keys`/`values`: per layer [Hkv, T, d], after rotary. `hidden` [L, T - t, D]: the input of
+    every layer at positions t..T-1, t = `first_target` (the earliest first target of the jobs it
+    serves). `cos`/`sin` [T - t, d]: the clean run's rotary tables at
+    the same positions. Left empty when no knockout was planned (`first_target` None).
     """
 
-    start: int | None = None
+    first_target: int | None = None
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     hidden: torch.Tensor | None = None
@@ -156,12 +157,12 @@ class FastEngine(ReferenceEngine):
     # ------------------------------------------------------------------ clean pass
 
     @torch.no_grad()
-    def clean(self, inputs: ModelInputs, capture_from: int | None = None) -> FastCleanPass:
-        """The reference's clean forward (same code, no job), keeping K/V and inputs from `capture_from`."""
-        if capture_from is None:
+    def clean(self, inputs: ModelInputs, first_target: int | None = None) -> FastCleanPass:
+        """The reference's clean forward (same code, no job), keeping K/V and inputs from `first_target`."""
+        if first_target is None:
             base = super().clean(inputs)
             return FastCleanPass(base.inputs, base.logprobs, base.last_hidden, base.cache, base.logits)
-        with record_layer_inputs(self.layers, capture_from, last=True) as record, blocking(None):
+        with record_layer_inputs(self.layers, first_target, last=True) as record, blocking(None):
             out = self.loaded.model(**inputs.tensors, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
         return FastCleanPass(
@@ -170,7 +171,7 @@ class FastEngine(ReferenceEngine):
             torch.stack(record["last"]),
             cache=cache,
             logits=out.logits[0, -1],
-            start=capture_from,
+            first_target=first_target,
             keys=[layer.keys[0] for layer in cache.layers],
             values=[layer.values[0] for layer in cache.layers],
             hidden=torch.stack(record["inputs"]),
@@ -186,26 +187,26 @@ class FastEngine(ReferenceEngine):
         for job in jobs:
             check_no_empty_rows(job, length)
         out = clean.logprobs.expand(len(jobs), -1).clone()  # jobs that change nothing keep p_base exactly
-        by_b0: dict[int, list[int]] = {}
+        by_first_target: dict[int, list[int]] = {}
         reference: list[int] = []
         sample_reason = self._sample_fallback_reason(clean)
-        cached = isinstance(clean, FastCleanPass) and clean.start is not None and sample_reason is None
+        cached = isinstance(clean, FastCleanPass) and clean.first_target is not None and sample_reason is None
         for index, job in enumerate(jobs):
-            b0 = first_affected_target(job, n_layers)
-            if b0 is None:
+            first = first_target_of(job, n_layers)
+            if first is None:
                 continue
-            if not cached or b0 < clean.start:
+            if not cached or first < clean.first_target:
                 reference.append(index)
             else:
-                by_b0.setdefault(b0, []).append(index)
+                by_first_target.setdefault(first, []).append(index)
         if reference:
-            reason = sample_reason or "targets before capture_from"
+            reason = sample_reason or "targets before the clean pass's first target"
             log.warning("%d knockouts go to the reference engine: %s", len(reference), reason)
             self.fallbacks[reason] += 1
-        for batch in plan_sweeps(by_b0, length):
+        for batch in plan_sweeps(by_first_target, length):
             rows = self._sweep(clean, batch, jobs)
             if rows is None:  # the probe failed: the shortcut is not exact for this sample
-                reference.extend(i for indices in by_b0.values() for i in indices)
+                reference.extend(i for indices in by_first_target.values() for i in indices)
                 break
             out[list(rows)] = torch.stack(list(rows.values()))
         for index in sorted(reference):
@@ -218,8 +219,8 @@ class FastEngine(ReferenceEngine):
         window = sliding_window_in_use(self.loaded, length)
         if window:
             return f"sliding window {window} in use (sequence of {length} tokens)"
-        if isinstance(clean, FastCleanPass) and clean.start is not None:
-            expected = (length - clean.start, self.layers[0].self_attn.head_dim)
+        if isinstance(clean, FastCleanPass) and clean.first_target is not None:
+            expected = (length - clean.first_target, self.layers[0].self_attn.head_dim)
             if clean.cos is None or tuple(clean.cos.shape) != expected:
                 shape = None if clean.cos is None else tuple(clean.cos.shape)
                 return f"rotary tables {shape} are not one [T, head_dim] row per position"
@@ -227,22 +228,23 @@ class FastEngine(ReferenceEngine):
 
     @torch.no_grad()
     def _sweep(
-        self, clean: FastCleanPass, by_b0: dict[int, list[int]], jobs: Sequence[KnockoutJob]
+        self, clean: FastCleanPass, by_first_target: dict[int, list[int]], jobs: Sequence[KnockoutJob]
     ) -> dict[int, torch.Tensor] | None:
-        """{job index: log-probs [V]} for the jobs in `by_b0`, in one pass over the layers.
+        """{job index: log-probs [V]} for the jobs in `by_first_target` ({first target: job indices}), in
+        one pass over the layers.
 
-        None if the probe row fails: added once per clean pass, from layer 0, to the group with the
+        None if the probe row fails: added once per clean pass, from layer 0, to the suffix group with the
         shortest suffix (the cheapest; it still runs every layer's prefix attention and MLP).
         """
         probe = not clean.probed
-        groups = []
-        for b0 in sorted(by_b0):
-            indices = by_b0[b0] + ([-1] if probe and b0 == max(by_b0) else [])
-            groups.append(Group.build(clean, b0, indices, jobs))
-        self._forward(clean, groups)
-        top = torch.cat([group.hidden[:, -1] for group in groups])  # [R, D]
+        suffix_groups = []
+        for first in sorted(by_first_target):
+            indices = by_first_target[first] + ([-1] if probe and first == max(by_first_target) else [])
+            suffix_groups.append(SuffixGroup.build(clean, first, indices, jobs))
+        self._forward(clean, suffix_groups)
+        top = torch.cat([g.hidden[:, -1] for g in suffix_groups])  # [R, D]
         logprobs = torch.log_softmax(self.lm_head(self.norm(top)).float(), dim=-1)
-        order = [index for group in groups for index in group.rows.jobs]
+        order = [index for g in suffix_groups for index in g.rows.jobs]
         result = {index: row for index, row in zip(order, logprobs, strict=True) if index >= 0}
         if probe and not self._probe_ok(clean, logprobs[order.index(-1)]):
             return None
@@ -260,60 +262,66 @@ class FastEngine(ReferenceEngine):
         self.fallbacks["probe mismatch"] += 1
         return False
 
-    def _forward(self, clean: FastCleanPass, groups: list[Group]) -> None:
-        """Run every group's rows from their start layers to the top (each group's hidden -> [R, 1, D])."""
-        for index in range(min(group.rows.starts[0] for group in groups), len(self.layers)):
-            for group in groups:
-                group.join(index, clean)
-            self._layer(index, [group for group in groups if group.hidden.shape[0]], clean)
+    def _forward(self, clean: FastCleanPass, suffix_groups: list[SuffixGroup]) -> None:
+        """Run every suffix group's rows from their start layers to the top (each one's hidden ->
+        [R, 1, D])."""
+        for index in range(
+            min(suffix_group.rows.starts[0] for suffix_group in suffix_groups), len(self.layers)
+        ):
+            for suffix_group in suffix_groups:
+                suffix_group.join(index, clean)
+            self._layer(index, [g for g in suffix_groups if g.hidden.shape[0]], clean)
 
-    def _layer(self, index: int, groups: list[Group], clean: FastCleanPass) -> None:
-        """Decoder layer `index` on the active rows of every group, token-wise parts batched together.
+    def _layer(self, index: int, suffix_groups: list[SuffixGroup], clean: FastCleanPass) -> None:
+        """Decoder layer `index` on the active rows of every suffix group, token-wise parts batched together.
 
-        Norms, projections and the MLP run once over all suffix tokens [N, D]; attention runs per group
+        Norms, projections and the MLP run once over all suffix tokens [N, D]; attention runs per suffix group
         (each has its own prefix length). At the top layer only each row's last position is kept.
         """
         layer = self.layers[index]
         attn = layer.self_attn
-        sizes = [group.hidden.shape[0] * group.hidden.shape[1] for group in groups]
-        x = layer.input_layernorm(cat([group.hidden.flatten(0, 1) for group in groups]))  # [N, D]
+        sizes = [g.hidden.shape[0] * g.hidden.shape[1] for g in suffix_groups]
+        x = layer.input_layernorm(cat([g.hidden.flatten(0, 1) for g in suffix_groups]))  # [N, D]
         keys, values = attn.k_proj(x).split(sizes), attn.v_proj(x).split(sizes)
         outs, residual = [], []
-        for group, xg, kg, vg in zip(groups, x.split(sizes), keys, values, strict=True):
-            out = self._attend(index, group, xg, kg, vg, clean)  # [R, Sq, H*d]
+        for suffix_group, xg, kg, vg in zip(suffix_groups, x.split(sizes), keys, values, strict=True):
+            out = self._attend(index, suffix_group, xg, kg, vg, clean)  # [R, Sq, H*d]
             outs.append(out.flatten(0, 1))
-            residual.append(group.hidden[:, -out.shape[1] :].flatten(0, 1))
+            residual.append(suffix_group.hidden[:, -out.shape[1] :].flatten(0, 1))
         hidden = cat(residual) + attn.o_proj(cat(outs))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        for group, h in zip(groups, hidden.split([len(o) for o in outs]), strict=True):
-            group.hidden = h.view(group.hidden.shape[0], -1, h.shape[-1])
+        for suffix_group, h in zip(suffix_groups, hidden.split([len(o) for o in outs]), strict=True):
+            suffix_group.hidden = h.view(suffix_group.hidden.shape[0], -1, h.shape[-1])
 
     def _attend(
         self,
         index: int,
-        group: Group,
+        suffix_group: SuffixGroup,
         x: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         clean: FastCleanPass,
     ) -> torch.Tensor:
-        """Self-attention output [R, Sq, H*d] of one group's rows, from their normed inputs x [R*S, D]
+        """Self-attention output [R, Sq, H*d] of one suffix group's rows, from their normed inputs x [R*S, D]
         and projected keys/values k, v [R*S, Hkv*d]. Sq = S, or 1 at the top layer.
         """
         attn = self.layers[index].self_attn
         d = attn.head_dim
-        n_rows, length = group.hidden.shape[:2]
+        n_rows, length = suffix_group.hidden.shape[:2]
         n_q = 1 if index == len(self.layers) - 1 else length
         q = attn.q_proj(x.view(n_rows, length, -1)[:, -n_q:]).view(n_rows, n_q, -1, d).transpose(1, 2)
         k = k.view(n_rows, length, -1, d).transpose(1, 2)  # [R, Hkv, S, d]
         v = v.view(n_rows, length, -1, d).transpose(1, 2)
         q, k = (
-            _rotate(q, group.cos[-n_q:], group.sin[-n_q:]),
-            _rotate(k, group.cos, group.sin),
+            _rotate(q, suffix_group.cos[-n_q:], suffix_group.sin[-n_q:]),
+            _rotate(k, suffix_group.cos, suffix_group.sin),
         )  # [R, H, Sq, d]
-        blocked = group.rows.at_layer(index, n_rows, q.shape[1])
-        out, lse = attend_suffix(q, k, v, group.rows.causal, blocked, attn.scaling)
-        if group.b0:  # the clean prefix [Hkv, b0, d], shared by every row
-            prefix = (clean.keys[index][:, : group.b0], clean.values[index][:, : group.b0])
+        blocked = suffix_group.rows.at_layer(index, n_rows, q.shape[1])
+        out, lse = attend_suffix(q, k, v, suffix_group.rows.causal, blocked, attn.scaling)
+        if suffix_group.first_target:  # the clean prefix [Hkv, t, d], shared by every row
+            prefix = (
+                clean.keys[index][:, : suffix_group.first_target],
+                clean.values[index][:, : suffix_group.first_target],
+            )
             out = merge((out, lse), attend_prefix(q, *prefix, blocked.prefix_sets(n_q), attn.scaling))
         return out.transpose(1, 2).reshape(n_rows, n_q, -1)

@@ -73,8 +73,8 @@ class ReferenceEngine:
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
     @torch.no_grad()
-    def clean(self, inputs: ModelInputs, capture_from: int | None = None) -> CleanPass:
-        """The clean forward through the same code as every knockout (`capture_from` is unused here),
+    def clean(self, inputs: ModelInputs, first_target: int | None = None) -> CleanPass:
+        """The clean forward through the same code as every knockout (`first_target` is unused here),
         keeping its key/value cache for the answer (a cache changes no number of the forward).
         """
         layers = self.loaded.anatomy.layers

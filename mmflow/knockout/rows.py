@@ -1,9 +1,10 @@
 """Row planning of the fast engine: which jobs form a row, where each row starts, what it blocks.
 
-A job becomes a row of the suffix b0..T-1 (b0: its first affected target), joining the batch at its
-window's first layer; rows with the same b0 form a `Group`. `Rows` precomputes, once per sweep, each
-row's window and edge set (targets, blocked suffix pairs, additive prefix mask); `LayerBlocks` is what
-the active rows block in one layer. `plan_sweeps` bounds the suffix tokens of one pass over the layers.
+A job becomes a row of the suffix t..T-1 (t: its first target, `first_target_of`), joining the batch at
+its window's first layer; rows with the same first target form a `SuffixGroup`. `Rows` precomputes,
+once per sweep, each row's window and edge set (targets, blocked suffix pairs, additive prefix mask);
+`LayerBlocks` is what the active rows block in one layer. `plan_sweeps` bounds the suffix tokens of
+one pass over the layers.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ if TYPE_CHECKING:
 SWEEP_TOKENS = 2
 
 
-def first_affected_target(job: KnockoutJob, n_layers: int) -> int | None:
-    """The first target the job can change (b0), or None if it blocks nothing the causal mask allows."""
+def first_target_of(job: KnockoutJob, n_layers: int) -> int | None:
+    """The job's first target: the first position it can change, None if it blocks nothing.
+
+    Its edges' first target (`BlockEdges.first_target`), except that targets before every source are
+    skipped (causal attention: they cannot see a source), and a job with no layer or head changes nothing.
+    """
     sources, targets = job.edges.sources, job.edges.targets
     if sources.numel() == 0 or targets.numel() == 0 or not any(0 <= j < n_layers for j in job.layers):
         return None
@@ -36,45 +41,49 @@ def first_affected_target(job: KnockoutJob, n_layers: int) -> int | None:
     return int(reachable.min()) if reachable.numel() else None
 
 
-def plan_sweeps(by_b0: dict[int, list[int]], length: int) -> list[dict[int, list[int]]]:
-    """Split {b0: job indices} into sweeps of at most SWEEP_TOKENS x T suffix tokens (at least one row each).
+def plan_sweeps(by_first_target: dict[int, list[int]], length: int) -> list[dict[int, list[int]]]:
+    """Split {first target: job indices} into sweeps of at most SWEEP_TOKENS x T suffix tokens (at least
+    one row each).
 
-    Short suffixes come first, so the first sweep holds the cheap group the probe row joins.
+    Short suffixes come first, so the first sweep holds the cheap suffix group the probe row joins.
     """
     batches: list[dict[int, list[int]]] = [{}]
     used = 0
-    for b0 in sorted(by_b0, reverse=True):
-        for index in by_b0[b0]:
-            if batches[-1] and used + length - b0 > SWEEP_TOKENS * length:
+    for first_target in sorted(by_first_target, reverse=True):
+        for index in by_first_target[first_target]:
+            if batches[-1] and used + length - first_target > SWEEP_TOKENS * length:
                 batches.append({})
                 used = 0
-            batches[-1].setdefault(b0, []).append(index)
-            used += length - b0
+            batches[-1].setdefault(first_target, []).append(index)
+            used += length - first_target
     return [batch for batch in batches if batch]
 
 
 @dataclass
-class Group:
-    """The rows whose first affected target is `b0`: each recomputes the S = T - b0 suffix positions."""
+class SuffixGroup:
+    """A suffix group: the rows whose first target is `first_target` (t); each recomputes the S = T - t
+    suffix positions."""
 
-    b0: int
+    first_target: int
     rows: Rows
     hidden: torch.Tensor  # [R_active, S, D]: rows join at their start layer
-    cos: torch.Tensor  # [S, d]: the clean run's rotary tables at positions b0..T-1
+    cos: torch.Tensor  # [S, d]: the clean run's rotary tables at positions t..T-1
     sin: torch.Tensor
 
     @classmethod
-    def build(cls, clean: FastCleanPass, b0: int, indices: list[int], jobs: Sequence[KnockoutJob]) -> Group:
+    def build(
+        cls, clean: FastCleanPass, first_target: int, indices: list[int], jobs: Sequence[KnockoutJob]
+    ) -> SuffixGroup:
         """The group of jobs[i] for i in `indices` (-1: a probe row that blocks nothing, from layer 0)."""
-        offset = b0 - clean.start
-        rows = Rows.build(indices, jobs, b0, clean)
-        return cls(b0, rows, clean.hidden[:1, offset:][:0], clean.cos[offset:], clean.sin[offset:])
+        offset = first_target - clean.first_target
+        rows = Rows.build(indices, jobs, first_target, clean)
+        return cls(first_target, rows, clean.hidden[:1, offset:][:0], clean.cos[offset:], clean.sin[offset:])
 
     def join(self, layer: int, clean: FastCleanPass) -> None:
         """Add the rows that start at `layer`, with the clean input of that layer."""
         joining = self.rows.starts.count(layer)
         if joining:
-            fresh = clean.hidden[layer, self.b0 - clean.start :].expand(joining, -1, -1)
+            fresh = clean.hidden[layer, self.first_target - clean.first_target :].expand(joining, -1, -1)
             self.hidden = torch.cat([self.hidden, fresh])
 
 
@@ -114,24 +123,28 @@ class LayerBlocks:
 
 
 def edge_set(
-    job: KnockoutJob | None, b0: int, clean: FastCleanPass
+    job: KnockoutJob | None, first_target: int, clean: FastCleanPass
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One edge set over the suffix b0..T-1: (targets [S] bool, blocked suffix pairs [S, S] bool,
-    additive prefix mask [b0] with -inf at sources, or None if no source precedes b0).
+    """One edge set over the suffix first_target..T-1: (targets [S] bool, blocked suffix pairs [S, S] bool,
+    additive prefix mask [first_target] with -inf at sources, or None if no source precedes first_target).
     """
     length, device = clean.inputs.length, clean.keys[0].device
     is_source = torch.zeros(length, dtype=torch.bool, device=device)
-    is_target = torch.zeros(length - b0, dtype=torch.bool, device=device)
+    is_target = torch.zeros(length - first_target, dtype=torch.bool, device=device)
     if job is not None:
         is_source[job.edges.sources.to(device)] = True
-        is_target = torch.isin(torch.arange(b0, length, device=device), job.edges.targets.to(device))
-    prefix = additive(is_source[:b0], clean.keys[0].dtype) if is_source[:b0].any() else None
-    return is_target, is_target[:, None] & is_source[None, b0:], prefix
+        is_target = torch.isin(
+            torch.arange(first_target, length, device=device), job.edges.targets.to(device)
+        )
+    prefix = (
+        additive(is_source[:first_target], clean.keys[0].dtype) if is_source[:first_target].any() else None
+    )
+    return is_target, is_target[:, None] & is_source[None, first_target:], prefix
 
 
 @dataclass(frozen=True)
 class Rows:
-    """The rows of one sweep over the suffix b0..T-1 (S positions), precomputed once.
+    """The rows of one sweep over the suffix first_target..T-1 (S positions), precomputed once.
 
     Rows are jobs sorted by start layer (a row joins the batch there); U distinct edge sets are shared.
     """
@@ -150,7 +163,9 @@ class Rows:
     heads: tuple[tuple[int, ...] | None, ...] = ()  # [R] the row's blocked heads (None: every head)
 
     @classmethod
-    def build(cls, indices: list[int], jobs: Sequence[KnockoutJob], b0: int, clean: FastCleanPass) -> Rows:
+    def build(
+        cls, indices: list[int], jobs: Sequence[KnockoutJob], first_target: int, clean: FastCleanPass
+    ) -> Rows:
         """Rows for jobs[i], i in `indices` (-1: a probe row from layer 0), sorted by start layer."""
         n_layers = len(clean.keys)
         start = {i: 0 if i < 0 else min(j for j in jobs[i].layers if 0 <= j < n_layers) for i in indices}
@@ -162,11 +177,11 @@ class Rows:
             key = -1 if job is None else id(job.edges)
             if key not in index_of:
                 index_of[key] = len(edge_sets)
-                edge_sets.append(edge_set(job, b0, clean))
+                edge_sets.append(edge_set(job, first_target, clean))
         device = clean.keys[0].device
         window = [[job is not None and j in job.layers for j in range(n_layers)] for job in row_jobs]
         window = torch.tensor(window, dtype=torch.bool, device=device)
-        suffix_length = clean.inputs.length - b0
+        suffix_length = clean.inputs.length - first_target
         upper = torch.ones(suffix_length, suffix_length, dtype=torch.bool, device=device).triu(1)
         return cls(
             jobs=indices,

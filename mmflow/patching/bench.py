@@ -28,18 +28,20 @@ from mmflow.patching.restore import CleanStates, FastPatcher, ReferencePatcher, 
 GROUPS = ("image", "question", "last")
 
 
-def _fast(patcher: FastPatcher, inputs, corruption, start: int, jobs):
-    states = patcher.clean_states(patcher.clean(inputs, capture_from=start), start)
-    return patcher.restore(patcher.corrupted(corruption, start), states, jobs)
+def _fast(patcher: FastPatcher, inputs, corruption, first_target: int, jobs):
+    states = patcher.clean_states(patcher.clean(inputs, first_target=first_target), first_target)
+    return patcher.restore(patcher.corrupted(corruption, first_target), states, jobs)
 
 
-def _reference_setup(patcher: ReferencePatcher, inputs, corruption, start: int):
-    return CleanStates(patcher.states(inputs, start), start), patcher.corrupted(corruption, start)
+def _reference_setup(patcher: ReferencePatcher, inputs, corruption, first_target: int):
+    return CleanStates(patcher.states(inputs, first_target), first_target), patcher.corrupted(
+        corruption, first_target
+    )
 
 
 def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repeats: int) -> dict:
     """Time one sample both ways (best of `repeats` rounds) and compare the timed windows."""
-    from mmflow.bench import Best
+    from mmflow.bench_common import Best
 
     groups = build_token_groups(loaded, inputs, sample)
     n_layers = loaded.n_layers
@@ -49,15 +51,17 @@ def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repe
     jobs = [
         RestoreJob(positions[g], window_layers(c, window, n_layers)) for g in GROUPS for c in range(n_layers)
     ]
-    start = min(int(p.min()) for p in positions.values())
+    first_target = min(int(p.min()) for p in positions.values())
     centres = np.unique(np.linspace(0, n_layers - 1, reference_windows).round().astype(int))
     timed = [GROUPS.index(g) * n_layers + int(c) for g in GROUPS for c in centres]
     reference, fast, clean_engine = ReferencePatcher(loaded), FastPatcher(loaded), ReferenceEngine(loaded)
     best, diff = Best(), 0.0
     for _ in range(repeats):
         best.time("clean_forward", lambda: clean_engine.clean(inputs))
-        fast_out = best.time("fast", lambda: _fast(fast, inputs, corruption, start, jobs))
-        states, corrupted = best.time("setup", lambda: _reference_setup(reference, inputs, corruption, start))
+        fast_out = best.time("fast", lambda: _fast(fast, inputs, corruption, first_target, jobs))
+        states, corrupted = best.time(
+            "setup", lambda: _reference_setup(reference, inputs, corruption, first_target)
+        )
         for index in timed:
             out = best.time(index, lambda i=index, c=corrupted, s=states: reference.restore(c, s, [jobs[i]]))
             diff = max(diff, float((out[0].exp() - fast_out[index].exp()).abs().max()))
@@ -73,7 +77,7 @@ def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repe
 
 def main(args, loaded) -> dict:
     """The patching benchmark on `loaded` with the knockout benchmark's arguments."""
-    from mmflow.bench import gqa_samples, model_summary, noise_image, ratios
+    from mmflow.bench_common import gqa_samples, model_summary, noise_image, ratios
 
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}

@@ -29,7 +29,7 @@ from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
 from mmflow.knockout.reference import CleanPass
-from mmflow.knockout.rows import plan_sweeps
+from mmflow.knockout.rows import SuffixGroup, plan_sweeps
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.registry import LoadedModel
 from mmflow.patching.corrupt import Corruption, corrupting
@@ -47,32 +47,33 @@ class RestoreJob:
 
 @dataclass
 class CleanStates:
-    """The clean run's layer inputs `hidden` [L, T - start, D] from position `start` on, and (fast
-    patcher) its cache: keys/values of every position, for restores that cover the corruption."""
+    """The clean run's layer inputs `hidden` [L, T - t, D] from position t = `first_target` on (the
+    first restored position), and (fast patcher) its cache: keys/values of every position, for
+    restores that cover the corruption."""
 
     hidden: torch.Tensor
-    start: int
+    first_target: int
     cache: FastCleanPass | None = None
 
 
 @dataclass
 class CorruptedPass:
     """The corrupted run of one sample: last-position log-probs [V] (float32) and, for the fast
-    patcher, its caches from position `start` on."""
+    patcher, its caches from position `first_target` on."""
 
     corruption: Corruption
     logprobs: torch.Tensor
-    start: int
+    first_target: int
     cache: FastCleanPass | None = None
 
 
 @contextlib.contextmanager
 def restoring(
-    layers: Sequence[torch.nn.Module], job: RestoreJob | None, states: torch.Tensor, start: int
+    layers: Sequence[torch.nn.Module], job: RestoreJob | None, states: torch.Tensor, first_target: int
 ) -> Iterator[None]:
-    """Inside the block, layer j in `job.layers` gets `states[j, p - start]` at positions p of the job.
+    """Inside the block, layer j in `job.layers` gets `states[j, p - first_target]` at positions p of the job.
 
-    `states` [L, T - start, D]: clean layer inputs from position `start` on.
+    `states` [L, T - first_target, D]: clean layer inputs from position `first_target` on.
     """
     if job is None or job.positions.numel() == 0:
         yield
@@ -83,7 +84,7 @@ def restoring(
             from_args = bool(args)
             hidden = (args[0] if from_args else kwargs["hidden_states"]).clone()
             positions = job.positions.to(hidden.device)
-            hidden[0, positions] = states[index, positions - start].to(hidden.device, hidden.dtype)
+            hidden[0, positions] = states[index, positions - first_target].to(hidden.device, hidden.dtype)
             if from_args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -113,21 +114,24 @@ class ReferencePatcher:
         prepare_model(loaded.model, attention)  # the same attention code as the engines
 
     @torch.no_grad()
-    def states(self, inputs: ModelInputs, start: int, corruption: Corruption | None = None) -> torch.Tensor:
-        """Layer inputs [L, T - start, D] of the clean (or corrupted) run from position `start` on."""
+    def states(
+        self, inputs: ModelInputs, first_target: int, corruption: Corruption | None = None
+    ) -> torch.Tensor:
+        """Layer inputs [L, T - t, D] of the clean (or corrupted) run from position t = `first_target` on."""
         with (
             corrupting(self.loaded, corruption),
-            record_layer_inputs(self.layers, start) as record,
+            record_layer_inputs(self.layers, first_target) as record,
             blocking(None),
         ):
             self.loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
         return torch.stack(record["inputs"])
 
-    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
-        """Clean layer inputs from `start` on: the clean pass's cache if it has them, else a forward."""
-        if _cached_from(clean, start):
-            return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
-        return CleanStates(self.states(clean.inputs, start), start)
+    def clean_states(self, clean: CleanPass, first_target: int) -> CleanStates:
+        """Clean layer inputs from `first_target` on: the clean pass's cache if it has them, else a
+        forward."""
+        if _cached_from(clean, first_target):
+            return CleanStates(clean.hidden[:, first_target - clean.first_target :], first_target, clean)
+        return CleanStates(self.states(clean.inputs, first_target), first_target)
 
     @torch.no_grad()
     def last_logprobs(
@@ -135,31 +139,39 @@ class ReferencePatcher:
         corruption: Corruption,
         job: RestoreJob | None = None,
         states: torch.Tensor | None = None,
-        start: int = 0,
+        first_target: int = 0,
     ) -> torch.Tensor:
         """Last-position log-softmax [V] (float32) of the corrupted run with `job` restored."""
-        with corrupting(self.loaded, corruption), restoring(self.layers, job, states, start), blocking(None):
+        with (
+            corrupting(self.loaded, corruption),
+            restoring(self.layers, job, states, first_target),
+            blocking(None),
+        ):
             out = self.loaded.model(**corruption.inputs.tensors, use_cache=False, logits_to_keep=1)
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
-    def corrupted(self, corruption: Corruption, start: int) -> CorruptedPass:
-        return CorruptedPass(corruption, self.last_logprobs(corruption), start)
+    def corrupted(self, corruption: Corruption, first_target: int) -> CorruptedPass:
+        return CorruptedPass(corruption, self.last_logprobs(corruption), first_target)
 
     def restore(
         self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
     ) -> torch.Tensor:
         """Last-position log-probs [J, V] of the corrupted run with each job's positions restored
         from the clean layer inputs `states`."""
-        _check_jobs(jobs, states.start)
+        _check_jobs(jobs, states.first_target)
         out = corrupted.logprobs.expand(len(jobs), -1).clone()
         for index, job in enumerate(jobs):
             if _changes_something(job, len(self.layers)):
-                out[index] = self.last_logprobs(corrupted.corruption, job, states.hidden, states.start)
+                out[index] = self.last_logprobs(corrupted.corruption, job, states.hidden, states.first_target)
         return out
 
 
-def _cached_from(clean: CleanPass, start: int) -> bool:
-    return isinstance(clean, FastCleanPass) and clean.start is not None and clean.start <= start
+def _cached_from(clean: CleanPass, first_target: int) -> bool:
+    return (
+        isinstance(clean, FastCleanPass)
+        and clean.first_target is not None
+        and clean.first_target <= first_target
+    )
 
 
 def covers_corruption(positions: torch.Tensor, changed: torch.Tensor | None) -> bool:
@@ -175,11 +187,12 @@ def _changes_something(job: RestoreJob, n_layers: int) -> bool:
     return job.positions.numel() > 0 and any(0 <= j < n_layers for j in job.layers)
 
 
-def _check_jobs(jobs: Sequence[RestoreJob], start: int) -> None:
+def _check_jobs(jobs: Sequence[RestoreJob], first_target: int) -> None:
     for job in jobs:
-        if job.positions.numel() and int(job.positions.min()) < start:
+        if job.positions.numel() and int(job.positions.min()) < first_target:
             raise ValueError(
-                f"restore at position {int(job.positions.min())} before the cached start {start}"
+                f"restore at position {int(job.positions.min())} before the cached first target "
+                f"{first_target}"
             )
 
 
@@ -190,20 +203,20 @@ class FastPatcher(FastEngine):
         super().__init__(loaded)
         self.reference = ReferencePatcher(loaded)
         self._states: torch.Tensor | None = None  # clean layer inputs during a sweep
-        self._states_start = 0
+        self._states_first_target = 0
 
-    def clean_states(self, clean: CleanPass, start: int) -> CleanStates:
-        """Clean layer inputs from `start` on with the clean keys/values (the clean pass's cache if it
+    def clean_states(self, clean: CleanPass, first_target: int) -> CleanStates:
+        """Clean layer inputs from `first_target` on with the clean keys/values (the clean pass's cache if it
         has them, else the knockout engine's clean pass)."""
-        if not _cached_from(clean, start):
-            clean = self.clean(clean.inputs, capture_from=start)
-        return CleanStates(clean.hidden[:, start - clean.start :], start, clean)
+        if not _cached_from(clean, first_target):
+            clean = self.clean(clean.inputs, first_target=first_target)
+        return CleanStates(clean.hidden[:, first_target - clean.first_target :], first_target, clean)
 
-    def corrupted(self, corruption: Corruption, start: int) -> CorruptedPass:
-        """The corrupted forward (the knockout engine's clean pass, corrupted), cached from `start`."""
+    def corrupted(self, corruption: Corruption, first_target: int) -> CorruptedPass:
+        """The corrupted forward (the knockout engine's clean pass, corrupted), cached from `first_target`."""
         with corrupting(self.loaded, corruption):
-            cache = self.clean(corruption.inputs, capture_from=start)
-        return CorruptedPass(corruption, cache.logprobs, start, cache)
+            cache = self.clean(corruption.inputs, first_target=first_target)
+        return CorruptedPass(corruption, cache.logprobs, first_target, cache)
 
     def restore(
         self, corrupted: CorruptedPass, states: CleanStates, jobs: Sequence[RestoreJob]
@@ -216,7 +229,7 @@ class FastPatcher(FastEngine):
         over the clean run's keys/values; the others restart at their first position over the
         corrupted run's.
         """
-        _check_jobs(jobs, max(corrupted.start, states.start))
+        _check_jobs(jobs, max(corrupted.first_target, states.first_target))
         n_layers, length = len(self.layers), corrupted.cache.inputs.length
         reason = self._sample_fallback_reason(corrupted.cache)  # e.g. a sliding window in use
         if reason is not None:
@@ -225,7 +238,7 @@ class FastPatcher(FastEngine):
         out = corrupted.logprobs.expand(len(jobs), -1).clone()  # jobs that restore nothing: p_corrupt exactly
         empty = torch.empty(0, dtype=torch.long)
         as_knockouts = [KnockoutJob(BlockEdges(empty, job.positions), job.layers) for job in jobs]
-        by_b0: dict[int, list[int]] = {}
+        by_first_target: dict[int, list[int]] = {}
         covering: dict[int, list[int]] = {}
         changed = corrupted.corruption.positions
         for index, job in enumerate(jobs):
@@ -238,15 +251,15 @@ class FastPatcher(FastEngine):
                 else:
                     covering.setdefault(after, []).append(index)
             else:
-                by_b0.setdefault(int(job.positions.min()), []).append(index)
-        self._states, self._states_start = states.hidden, states.start
+                by_first_target.setdefault(int(job.positions.min()), []).append(index)
+        self._states, self._states_first_target = states.hidden, states.first_target
         try:
-            self._run(corrupted.cache, by_b0, jobs, as_knockouts, out, (corrupted, states))
+            self._run(corrupted.cache, by_first_target, jobs, as_knockouts, out, (corrupted, states))
             if covering:  # clean keys/values for the prefix, corrupted layer inputs for the rows; the
                 # probe row (from layer 0) then restores everything before the rows: the clean run
                 hybrid = dataclasses.replace(
                     states.cache,
-                    start=corrupted.cache.start,
+                    first_target=corrupted.cache.first_target,
                     hidden=corrupted.cache.hidden,
                     cos=corrupted.cache.cos,
                     sin=corrupted.cache.sin,
@@ -257,35 +270,41 @@ class FastPatcher(FastEngine):
             self._states = None
         return out
 
-    def _run(self, cache: FastCleanPass, by_b0: dict, jobs, as_knockouts, out, fallback: tuple) -> None:
-        """Sweep the jobs in `by_b0` ({first row: job indices}) over `cache` into `out`; if the probe
-        fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
-        for batch in plan_sweeps(by_b0, cache.inputs.length):
+    def _run(
+        self, cache: FastCleanPass, by_first_target: dict, jobs, as_knockouts, out, fallback: tuple
+    ) -> None:
+        """Sweep the jobs in `by_first_target` ({first target: job indices}) over `cache` into `out`; if
+        the probe fails, the reference patcher on (corrupted pass, clean states) = `fallback` instead."""
+        for batch in plan_sweeps(by_first_target, cache.inputs.length):
             rows = self._sweep(cache, batch, as_knockouts)
             if rows is None:  # the probe failed: the shortcut is not exact for this sample
-                todo = [i for indices in by_b0.values() for i in indices]
+                todo = [i for indices in by_first_target.values() for i in indices]
                 out[todo] = self.reference.restore(*fallback, [jobs[i] for i in todo])
                 return
             out[list(rows)] = torch.stack(list(rows.values()))
 
-    def _forward(self, clean: FastCleanPass, groups) -> None:
+    def _forward(self, clean: FastCleanPass, suffix_groups: list[SuffixGroup]) -> None:
         """The knockout engine's layer pass, with each row's restore applied before each layer."""
-        for index in range(min(group.rows.starts[0] for group in groups), len(self.layers)):
-            for group in groups:
-                group.join(index, clean)
-                self._restore(index, group)
-            self._layer(index, [group for group in groups if group.hidden.shape[0]], clean)
+        for index in range(
+            min(suffix_group.rows.starts[0] for suffix_group in suffix_groups), len(self.layers)
+        ):
+            for suffix_group in suffix_groups:
+                suffix_group.join(index, clean)
+                self._restore(index, suffix_group)
+            self._layer(index, [g for g in suffix_groups if g.hidden.shape[0]], clean)
 
-    def _restore(self, index: int, group) -> None:
+    def _restore(self, index: int, suffix_group: SuffixGroup) -> None:
         """Set the restored positions of active rows whose window holds layer `index` to the clean states."""
-        rows, n_rows = group.rows, group.hidden.shape[0]
+        rows, n_rows = suffix_group.rows, suffix_group.hidden.shape[0]
         if not n_rows or not rows.blocking_layers[index]:
             return
         chosen = rows.targets[rows.pattern[:n_rows]] & rows.window[:n_rows, index, None]  # [R, S]
         if not chosen.any():
             return
-        states = self._states[index, group.b0 - self._states_start :].to(group.hidden.dtype)  # [S, D]
-        group.hidden = torch.where(chosen[..., None], states, group.hidden)
+        states = self._states[index, suffix_group.first_target - self._states_first_target :].to(
+            suffix_group.hidden.dtype
+        )  # [S, D]
+        suffix_group.hidden = torch.where(chosen[..., None], states, suffix_group.hidden)
 
 
 def make_patcher(name: str, loaded: LoadedModel, attention: str = "sdpa") -> ReferencePatcher | FastPatcher:

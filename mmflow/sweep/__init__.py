@@ -1,7 +1,7 @@
 """The sweep core, free of Hydra: cells -> model plans -> cell batches -> workers -> records.
 
 - `settings`: how a sweep runs (`SweepSettings`; Hydra's `hydra.launcher` node has the same fields).
-- `plan`: cells grouped by model, then into cell batches that share samples and clean passes.
+- `plan`: cells per model, then in cell batches that share samples and clean passes.
 - `executor`: the protocol a scheduler drives (start a worker for a model, submit a batch, poll,
   cancel) and the in-process executor; `ray_executor`: Ray actors that hold one model each.
 - `scheduler`: hands batches to workers, requeues what a lost worker held, enforces every timeout.

@@ -1,7 +1,7 @@
-"""Planning: the cells to compute, grouped by model, then into cell batches that share samples.
+"""Planning: the cells to compute per model, then in cell batches that share samples.
 
 A *cell batch* is the set of cells one worker computes together: they share model, data, task and
-samples (`mmflow.runtime.group_key`), so each sample gets one clean pass for all of them. A model
+samples (`mmflow.runtime.batch_key`), so each sample gets one clean pass for all of them. A model
 plan holds a model's config, the worker options the executor chose, and its queue of batches.
 """
 
@@ -56,7 +56,7 @@ def model_key(cell: dict[str, Any]) -> str:
 
 def plan_models(cells: dict[str, dict[str, Any]], settings: SweepSettings) -> list[ModelPlan]:
     """Model plans, each with its queue of cell batches, in the order of `cells` (cell id -> config)."""
-    from mmflow.runtime import group_key
+    from mmflow.runtime import batch_key
 
     plans: dict[str, ModelPlan] = {}
     batches: dict[tuple[str, str], CellBatch] = {}
@@ -67,10 +67,10 @@ def plan_models(cells: dict[str, dict[str, Any]], settings: SweepSettings) -> li
             replicas = int(settings.models.get(name, {}).get("replicas", settings.replicas))
             plans[key] = ModelPlan(key, name, cell["model"], attention_backend(cell), max(1, replicas))
         plan = plans[key]
-        batch_key = (key, group_key(cell) if settings.reuse_models else cell_id)
-        if batch_key not in batches:
-            batches[batch_key] = CellBatch(plan, [], [])
-            plan.queue.append(batches[batch_key])
-        batches[batch_key].configs.append(cell)
-        batches[batch_key].cell_ids.append(cell_id)
+        shared = (key, batch_key(cell) if settings.reuse_models else cell_id)
+        if shared not in batches:
+            batches[shared] = CellBatch(plan, [], [])
+            plan.queue.append(batches[shared])
+        batches[shared].configs.append(cell)
+        batches[shared].cell_ids.append(cell_id)
     return list(plans.values())

@@ -84,7 +84,10 @@ def print_summary(sweep: Sweep) -> None:
     for cell_id, cell in sweep.cells.items():
         meta = CellStore(cell["results_dir"], cell).read_meta()
         status = sweep.status.get(cell_id, "pending")
-        seconds = (meta.get("timings") or {}).get("group_seconds")
+        timings = meta.get("timings") or {}
+        seconds = timings.get(
+            "batch_seconds", timings.get("group_seconds")
+        )  # cells written before the rename
         row = labels(cell)
         table.add_row(
             cell_id,

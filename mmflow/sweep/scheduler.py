@@ -3,7 +3,7 @@
 It drives any `Executor` and knows nothing of Ray. Every wait has a timeout: a worker that cannot be
 placed, a batch that runs too long or stops finishing samples, and the whole sweep. A batch whose
 worker is lost, hangs or times out goes back to the front of its model's queue and runs on a fresh
-worker (its cells resume from their part files) up to `group_retries` times; a batch that raises
+worker (its cells resume from their part files) up to `batch_retries` times; a batch that raises
 fails its own cells only.
 """
 
@@ -206,8 +206,8 @@ class Scheduler:
         )
 
     def check_busy(self, slot: Slot, now: float) -> None:
-        if now - slot.started > self.settings.group_timeout_s:
-            reason = f"group timed out after {self.settings.group_timeout_s:g} s"
+        if now - slot.started > self.settings.batch_timeout_s:
+            reason = f"cell batch timed out after {self.settings.batch_timeout_s:g} s"
         elif now - slot.last_sample > self.settings.stall_timeout_s:
             reason = f"no sample finished for {self.settings.stall_timeout_s:g} s"
         else:
@@ -221,7 +221,7 @@ class Scheduler:
 
     def retry(self, batch: CellBatch, reason: str) -> None:
         batch.errors.append(reason)
-        if batch.attempt > self.settings.group_retries:
+        if batch.attempt > self.settings.batch_retries:
             self.fail_batch(batch, f"gave up after {batch.attempt} attempt(s); last: {reason}")
             return
         log.warning("%s; requeueing %d cell(s) (attempt %d done)", reason, len(batch.cell_ids), batch.attempt)
@@ -232,7 +232,7 @@ class Scheduler:
     def start_failed(self, plan: ModelPlan, error: str) -> None:
         plan.start_failures += 1
         log.warning("a worker for %s failed to start: %s", plan.name, error)
-        if plan.start_failures > self.settings.group_retries:
+        if plan.start_failures > self.settings.batch_retries:
             self.fail_plan(plan, f"actors for {plan.name} failed to start: {error}")
 
     def fail_plan(self, plan: ModelPlan, error: str) -> None:

@@ -6,6 +6,7 @@ keeps its `ray.init` arguments under `hydra.launcher.ray` too). None of them is 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,6 +24,10 @@ class RaySettings:
     connect_timeout_s: float = 60.0  # give up joining an address that does not answer after this long
 
 
+# Old launcher keys still accepted, with a warning: deprecated name -> its name now.
+DEPRECATED_KEYS = {"group_retries": "batch_retries", "group_timeout_s": "batch_timeout_s"}
+
+
 @dataclass
 class SweepSettings:
     """Every knob of a sweep (see README "Sweeps"); defaults suit one machine."""
@@ -37,9 +42,9 @@ class SweepSettings:
     # Ray scheduling strategy for the actors: SPREAD (one per node first) or DEFAULT.
     scheduling: str = "SPREAD"
     # Times a cell batch is requeued after its worker died, hung or timed out (then its cells fail).
-    group_retries: int = 2
+    batch_retries: int = 2
     timeout_s: float = 72 * 3600  # whole sweep; unfinished cells are then marked failed
-    group_timeout_s: float = 12 * 3600  # one cell batch on one worker, from its start
+    batch_timeout_s: float = 12 * 3600  # one cell batch on one worker, from its start
     stall_timeout_s: float = 1800  # a busy worker that finishes no sample for this long is replaced
     start_timeout_s: float = 900  # a worker waiting for resources while no other worker is busy
     poll_s: float = 0.5  # how often the driver checks workers (every wait uses it as its timeout)
@@ -47,6 +52,29 @@ class SweepSettings:
     log_every_s: float = 30.0  # interval of the log-line progress
     report: bool | None = None  # the HTML report at the end (null: for sweeps, not for single runs)
     ray: RaySettings = field(default_factory=RaySettings)
+    # Deprecated spellings of batch_retries / batch_timeout_s (null: unset); a set one is moved there.
+    group_retries: int | None = None
+    group_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for old, new in DEPRECATED_KEYS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            default = next(f.default for f in fields(self) if f.name == new)
+            if getattr(self, new) not in (default, value):
+                raise ValueError(
+                    f"hydra.launcher.{old}={value!r} and hydra.launcher.{new}={getattr(self, new)!r} "
+                    f"disagree; {old} is the deprecated name of {new}: set only {new}"
+                )
+            warnings.warn(
+                f"hydra.launcher.{old} is deprecated (a cell batch is not a group): "
+                f"use hydra.launcher.{new}={value!r}",
+                FutureWarning,
+                stacklevel=3,
+            )
+            setattr(self, new, value)
+            setattr(self, old, None)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepSettings:

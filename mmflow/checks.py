@@ -1,0 +1,40 @@
+"""The checks a cell config is validated with: `CellConfigError` names the key and what it allows.
+
+Shared by `mmflow.validate` (the keys every cell has) and each analysis's `validate` (its own keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class CellConfigError(ValueError):
+    """A cell config that cannot compute anything meaningful; the message names the key."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}={value!r}: {allowed}")
+        self.key = key
+
+
+def check_int(config: Mapping[str, Any], key: str, low: int, high: int | None = None) -> int:
+    """`config[key]`, which must be an integer in low..high (no upper bound when `high` is None)."""
+    value = config.get(key)
+    allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CellConfigError(key, value, f"must be {allowed}")
+    if value < low or (high is not None and value > high):
+        raise CellConfigError(key, value, f"must be {allowed}")
+    return value
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """`value` (of `key`) must be one of `allowed`."""
+    if value not in allowed:
+        raise CellConfigError(key, value, f"unknown {key} {value!r}; must be one of {', '.join(allowed)}")
+
+
+def check_window(config: Mapping[str, Any]) -> int:
+    """`window`: an integer in 1..model.n_layers (no upper bound when the model does not say)."""
+    n_layers = (config.get("model") or {}).get("n_layers")
+    return check_int(config, "window", 1, int(n_layers) if n_layers else None)
