@@ -128,6 +128,6 @@ def test_cache_is_passed_under_the_name_the_model_takes(tiny_llava, tmp_path):
     expected = generated_ids(tiny_llava, inputs, 4)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*")
-        clean = make_engine("fast", tiny_llava).clean(inputs, capture_from=inputs.length - 2)
+        clean = make_engine("fast", tiny_llava).clean(inputs, first_target=inputs.length - 2)
         assert clean.cache is not None
         assert greedy_token_ids(tiny_llava, clean, 4) == expected

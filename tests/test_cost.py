@@ -11,11 +11,11 @@ from mmflow.knockout.cost import DecoderShape, clean_macs, floor_over_clean, job
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers
 
 
-def brute_force(shape: DecoderShape, length: int, b0: int, first_layer: int) -> int:
+def brute_force(shape: DecoderShape, length: int, first_target: int, first_layer: int) -> int:
     """MACs position by position: full layers below the top, the top layer's last query only."""
     total = 0
     for layer in range(first_layer, shape.layers):
-        for p in range(b0, length):
+        for p in range(first_target, length):
             attention = 2 * shape.heads * shape.head_dim * (p + 1)
             if layer < shape.layers - 1 or p == length - 1:
                 total += shape.token_macs + attention
@@ -41,8 +41,8 @@ def test_job_and_clean_macs_equal_a_plain_count(seed):
     rng = random.Random(seed)
     shape = random_shape(rng)
     length = rng.randint(3, 40)
-    b0, first = rng.randrange(length), rng.randrange(shape.layers)
-    assert job_macs(shape, length, b0, first) == brute_force(shape, length, b0, first)
+    first_target, first = rng.randrange(length), rng.randrange(shape.layers)
+    assert job_macs(shape, length, first_target, first) == brute_force(shape, length, first_target, first)
     plain = sum(shape.token_macs + 2 * shape.heads * shape.head_dim * (p + 1) for p in range(length))
     assert clean_macs(shape, length) == shape.layers * plain
     assert job_macs(shape, length, None, first) == 0  # blocks nothing: costs nothing

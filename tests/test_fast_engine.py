@@ -219,7 +219,7 @@ def test_refuses_the_knockouts_the_reference_refuses(fast_models, tmp_path):
         engine.run(engine.clean(inputs, first_target=4), [blind])
 
 
-def test_targets_before_capture_from_use_the_reference(fast_models, tmp_path):
+def test_targets_before_the_captured_first_target_use_the_reference(fast_models, tmp_path):
     loaded = fast_models["tiny-llava"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(8), (500, 375))
     engine = FastEngine(loaded)

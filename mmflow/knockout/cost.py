@@ -1,19 +1,20 @@
 """What an exact knockout must recompute, in multiply-accumulates (MACs) of the decoder.
 
-A job that blocks edges into targets from layer `lo` on changes nothing below `lo` nor before its first
-affected target b0 (METHOD.md, "Knockout"), and anything at b0..T-1 from `lo` up may change. So no exact
-method (the fast engine included) can do less than recompute those positions in those layers; at the
-top layer only the last position's query, attention and MLP feed the answer, but every suffix
-position's key and value is still needed. `floor_over_clean` is that work over the clean pass's: the
-least any exact knockout engine can spend, in clean passes of the decoder. It counts the decoder only
-(no vision tower, no unembedding, no framework overhead), while a measured clean forward includes them:
-a measured ratio over a clean forward can therefore sit below the floor by the share of the clean
-forward they take (small on real checkpoints, where the decoder dominates; not small at the
-benchmark's CPU widths with thousands of image tokens).
+A job that blocks edges into targets from layer `lo` on changes nothing below `lo` nor before its
+first target (the first position it can change, METHOD.md "Knockout"); anything from there to T-1,
+from `lo` up, may change. So no exact method (the fast engine included) can recompute less than
+those positions in those layers. At the top layer only the last position's query, attention and MLP
+feed the answer, but every suffix position's key and value is still needed.
 
-MACs per token and layer (Llama-style decoder, hidden D, heads H, KV heads Hkv, head dim d, MLP width I):
-projections D*H*d (q) + 2*D*Hkv*d (k, v) + H*d*D (o), MLP 3*D*I (gate, up, down), and attention over the
-p + 1 keys a query at position p sees, 2*H*d*(p + 1) (scores and weighted values).
+`floor_over_clean` is that work over the clean pass's: the least any exact knockout engine can
+spend, in clean passes of the decoder. It counts the decoder only (no vision tower, no unembedding,
+no framework overhead), while a measured clean forward includes them, so a measured ratio over a
+clean forward can sit below the floor by the share those take (small on real checkpoints, where the
+decoder dominates; not small at the benchmark's CPU widths with thousands of image tokens).
+
+MACs per token and layer (Llama-style decoder, hidden D, heads H, KV heads Hkv, head dim d, MLP
+width I): projections D*H*d (q) + 2*D*Hkv*d (k, v) + H*d*D (o), MLP 3*D*I (gate, up, down), and
+attention over the p + 1 keys a query at position p sees, 2*H*d*(p + 1) (scores, weighted values).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mmflow.knockout.rows import first_affected_target
+from mmflow.knockout.rows import first_target_of
 from mmflow.knockout.spec import KnockoutJob
 
 
@@ -72,13 +73,13 @@ def clean_macs(shape: DecoderShape, length: int) -> int:
     return shape.layers * (length * shape.token_macs + shape.attention_macs(0, length))
 
 
-def job_macs(shape: DecoderShape, length: int, b0: int | None, first_layer: int) -> int:
-    """The MACs no exact method can skip for a job with first affected target `b0` from `first_layer` on."""
-    if b0 is None or first_layer >= shape.layers:
+def job_macs(shape: DecoderShape, length: int, first_target: int | None, first_layer: int) -> int:
+    """The MACs no exact method can skip for a job with this first target, from `first_layer` on."""
+    if first_target is None or first_layer >= shape.layers:
         return 0
-    suffix = length - b0
+    suffix = length - first_target
     full_layers = shape.layers - 1 - first_layer  # every layer but the top one, in full
-    per_layer = suffix * shape.token_macs + shape.attention_macs(b0, length)
+    per_layer = suffix * shape.token_macs + shape.attention_macs(first_target, length)
     top = (
         suffix * shape.kv_macs + (shape.token_macs - shape.kv_macs) + shape.attention_macs(length - 1, length)
     )
@@ -96,6 +97,6 @@ def floor_over_clean(shape: DecoderShape, samples: Iterable[tuple[int, Sequence[
         clean += clean_macs(shape, length)
         for job in jobs:
             layers = [layer for layer in job.layers if 0 <= layer < shape.layers]
-            b0 = first_affected_target(job, shape.layers)
-            needed += job_macs(shape, length, b0, min(layers)) if layers else 0
+            first_target = first_target_of(job, shape.layers)
+            needed += job_macs(shape, length, first_target, min(layers)) if layers else 0
     return needed / clean if clean else 0.0
