@@ -94,8 +94,18 @@ def sample_row(order: int, sample: Sample | Skip, **fields: Any) -> dict:
 
 
 def start(cell: Cell, loaded: LoadedModel, context: dict) -> None:
-    """Report a stale `running` record, find the resume point, record this run as running."""
+    """Report a stale `running` record, find the resume point, record this run as running.
+
+    Parts recorded from a data file with another digest than this cell's (`data.sha256`) are moved to
+    `damaged/`, never resumed: one cell's rows all come from one file's contents.
+    """
     meta = cell.store.read_meta()
+    recorded = ((meta.get("config") or {}).get("data") or {}).get("sha256")
+    current = (cell.config.get("data") or {}).get("sha256")
+    if recorded and recorded != current and cell.store.parts.exists():
+        why = f"recorded from data sha256 {recorded[:12]}…, this cell reads {str(current)[:12]}…"
+        print(f"[mmflow] cell {cell.store.id}: parts {why}; computing every sample again", flush=True)
+        cell.store.quarantine(sorted(cell.store.parts.glob("*.parquet")), why)
     cell.done_ids = cell.store.done_question_ids()
     if meta.get("status") == "running":  # we hold the lock, so its writer is gone
         last = (meta.get("runs") or [{}])[-1]

@@ -26,7 +26,8 @@ CONFIG_PATH = "pkg://mmflow.conf"
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved cell config as plain data, with an absolute results folder.
+    """The resolved cell config as plain data, with an absolute results folder (and for `data=table`
+    absolute data paths and the file's digest, `mmflow.data.resolve_data`).
 
     Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
     nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block.
@@ -34,6 +35,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import to_absolute_path
 
     from mmflow.analyses import canonical_config
+    from mmflow.data import resolve_data
 
     if "ray" in cfg:
         raise ValueError(
@@ -43,6 +45,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
+    config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
     return config
 
 

@@ -46,6 +46,10 @@ def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys removed from the config keep the default they had in every id computed before (see
     `IMPLIED_KEYS`), so results folders computed earlier are still found.
+
+    A `data=table` cell is identified by its file's contents, `data.sha256` (`mmflow.data.resolve_data`),
+    not by `data.path`: the same bytes anywhere are the same data, changed bytes are another cell.
+    GQA and shapes ids are unchanged.
     """
     kept = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "parity"}
     semantic = {**IMPLIED_KEYS, **kept}
@@ -53,12 +57,21 @@ def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
         semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
     if isinstance(semantic.get("data"), Mapping) and semantic["data"].get("cache_dir") is not None:
         semantic["data"] = {**semantic["data"], "cache_dir": None}  # where shapes are cached, not which
+    data = semantic.get("data")
+    if isinstance(data, Mapping) and data.get("name") == "table" and data.get("sha256"):
+        semantic["data"] = {k: v for k, v in data.items() if k != "path"}  # the bytes, not where they lie
     return semantic
 
 
 def cell_id(config: Mapping[str, Any]) -> str:
     """A stable id of a resolved cell config (`semantic_config`, plus the schema version), never
-    Hydra's job number."""
+    Hydra's job number. ValueError for a `data=table` config without its file's digest."""
+    data = config.get("data")
+    if isinstance(data, Mapping) and data.get("name") == "table" and not data.get("sha256"):
+        raise ValueError(
+            "data=table config without data.sha256 (the digest of its file): resolve it with "
+            "mmflow.data.resolve_data before computing its cell id"
+        )
     blob = json.dumps(
         {"schema": SCHEMA_VERSION, "config": semantic_config(config)}, sort_keys=True, default=str
     )

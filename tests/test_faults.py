@@ -21,7 +21,7 @@ import pytest
 from conftest import cell_config
 from PIL import Image
 
-from mmflow.data import DataError, Sample, Skip, read_table
+from mmflow.data import DataError, Sample, Skip, read_table, resolve_data
 from mmflow.data.gqa import read_task_csv, required_columns
 from mmflow.locks import sigterm_as_interrupt
 from mmflow.prepare import prepare_or_skip
@@ -67,6 +67,7 @@ def write_table(folder: Path, rows=QUESTIONS, name: str = "vqa.csv", task: str |
 
 def table_config(folder: Path, table: Path, **changes) -> dict:
     data = {"name": "table", "path": str(table), "image_dir": str(table.parent / "images"), "columns": None}
+    data = resolve_data(data)  # absolute paths and the file's digest, as `mmflow run` records them
     return cell_config(folder, data=data, n_samples=len(pd.read_csv(table)), **changes)
 
 

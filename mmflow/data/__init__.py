@@ -4,7 +4,7 @@
 from mmflow.data.gqa import DataError, check_unique_ids, load_gqa
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Box, Sample, Skip
 from mmflow.data.shapes import load_shapes
-from mmflow.data.table import load_table, read_table
+from mmflow.data.table import load_table, read_table, resolve_data
 
 __all__ = [
     "CHOOSE_TASKS",
@@ -18,4 +18,5 @@ __all__ = [
     "load_shapes",
     "load_table",
     "read_table",
+    "resolve_data",
 ]

@@ -12,10 +12,17 @@ every validation and skip rule is the GQA loader's. mmflow's column names (renam
 - `true_option`, `false_option`: ChooseAttr, ChooseCat and ChooseRel only
 - `task` (optional): the row's task family; rows of other families are left out of the cell. Without
   it, every row belongs to the cell's `task` (one family per file).
+
+A cell's data is what its file contains: `resolve_data` (called when a cell config is resolved) makes
+`data.path` and `data.image_dir` absolute and records `data.format` and `data.sha256` (the digest of
+the file's bytes, part of the cell id); `load_table` reads the file once and refuses bytes whose
+digest is not the recorded one. Images are not hashed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -44,16 +51,52 @@ def required(task: str) -> tuple[str, ...]:
     return BASE + (OPTIONS if task in CHOOSE_TASKS else ())
 
 
-def read_frame(path: Path, fmt: str | None = None) -> pd.DataFrame:
-    """The file as a frame of its raw values (ids stay strings: `000123` is not 123)."""
+def table_format(path: Path, fmt: str | None = None) -> str:
+    """`fmt`, else the format of `path`'s extension; DataError when neither names one."""
     fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt not in ("csv", "jsonl", "parquet"):
+        raise DataError(f"{path}: unknown table format {fmt!r}; use data.format=csv|jsonl|parquet")
+    return fmt
+
+
+def digest(content: bytes) -> str:
+    """The sha256 hex digest of a data file's bytes (`data.sha256`)."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def read_frame(path: Path, fmt: str | None = None, content: bytes | None = None) -> pd.DataFrame:
+    """The file (or its `content`, already read) as a frame of its raw values (ids stay strings:
+    `000123` is not 123)."""
+    fmt = table_format(path, fmt)
+    source = io.BytesIO(content) if content is not None else path
     if fmt == "csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(source, dtype=str, keep_default_na=False)
     if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
-    if fmt == "parquet":
-        return pd.read_parquet(path)
-    raise DataError(f"{path}: unknown table format {fmt!r}; use data.format=csv|jsonl|parquet")
+        return pd.read_json(source, lines=True, dtype=False)
+    return pd.read_parquet(source)
+
+
+def resolve_data(data: Mapping[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """`data` as a cell records it. For `data=table`: `path` and `image_dir` absolute (relative ones
+    against `base`, default the working directory), `format` from the extension when not set, and
+    `sha256`, the digest of the file's bytes. Other sources are returned unchanged (their ids stay).
+
+    Raises `DataError` when a table's `path` is not set or not a file.
+    """
+    data = dict(data)
+    if data.get("name") != "table":
+        return data
+    base = Path(base) if base is not None else Path.cwd()
+    for key in ("path", "image_dir"):
+        if not data.get(key):
+            raise DataError(f"data.{key} is required for data=table")
+        data[key] = str((base / Path(str(data[key])).expanduser()).resolve())
+    path = Path(data["path"])
+    if not path.is_file():
+        raise DataError(f"data.path: table file not found: {path}")
+    data["format"] = table_format(path, data.get("format"))
+    data["sha256"] = digest(path.read_bytes())
+    return data
 
 
 def _text(value: Any) -> str:
@@ -114,11 +157,13 @@ def read_table(
     fmt: str | None = None,
     limit: int | None = None,
     check_images: bool = True,
+    sha256: str | None = None,
 ) -> list[Sample | Skip]:
     """The rows of `path` for `task` (first `limit`), each a `Sample` or a `Skip`, in file order.
 
-    Raises `DataError` for a missing file or image folder, missing columns, an unknown task or a
-    question id used twice (both rows named).
+    Raises `DataError` for a missing file or image folder, missing columns, an unknown task, a
+    question id used twice (both rows named) or, given `sha256`, a file whose bytes have another
+    digest (it changed after the cell was resolved: its rows must not join that cell).
     """
     path, image_dir = Path(path).expanduser(), Path(image_dir).expanduser()
     if task not in TASKS:
@@ -127,7 +172,13 @@ def read_table(
         raise DataError(f"data.path: table file not found: {path}")
     if not image_dir.is_dir():
         raise DataError(f"data.image_dir: image folder not found: {image_dir}")
-    frame = read_frame(path, fmt).rename(columns=dict(columns or {}))
+    content = path.read_bytes()
+    if sha256 is not None and digest(content) != sha256:
+        raise DataError(
+            f"data.path: {path} changed since this cell was resolved (sha256 {digest(content)[:12]}…, "
+            f"the cell's is {sha256[:12]}…); run it again to compute a cell of the new contents"
+        )
+    frame = read_frame(path, fmt, content).rename(columns=dict(columns or {}))
     missing = [c for c in required(task) if c not in frame.columns]
     if missing:
         raise DataError(
@@ -151,10 +202,17 @@ def read_table(
 
 
 def load_table(data: Mapping[str, Any], task: str, n_samples: int | None = None) -> list[Sample | Skip]:
-    """`data=table`: `data.path`, `data.image_dir`, optional `data.columns` and `data.format`."""
+    """`data=table`: `data.path`, `data.image_dir`, optional `data.columns` and `data.format`; the
+    file must still have the digest `data.sha256` when the config records one (`resolve_data`)."""
     for key in ("path", "image_dir"):
         if not data.get(key):
             raise DataError(f"data.{key} is required for data=table")
     return read_table(
-        data["path"], task, data["image_dir"], data.get("columns"), data.get("format"), limit=n_samples
+        data["path"],
+        task,
+        data["image_dir"],
+        data.get("columns"),
+        data.get("format"),
+        limit=n_samples,
+        sha256=data.get("sha256"),
     )
