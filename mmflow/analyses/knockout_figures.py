@@ -2,7 +2,8 @@
 
 They take finished cells (`mmflow.report.CellData`: `results`, `model`, `task`, `n_layers` and the
 knockout analysis's labels: `label`, `variant`, `window`) and read every curve from
-`KnockoutAnalysis.curve_table`.
+`KnockoutAnalysis.curve_table`. Cells drawn together that differ in a key the figure does not vary
+(data source, n_samples, engine, ...) get it in their legend label (`plots.distinguishing_notes`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmflow.analyses.plots import BAND_NOTE, LINESTYLES, PALETTE, band, new_figure, new_grid
+from mmflow.analyses.plots import (
+    BAND_NOTE,
+    LINESTYLES,
+    PALETTE,
+    band,
+    distinguishing_notes,
+    new_figure,
+    new_grid,
+)
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
 
 Y_LABEL = "Relative change in answer probability (%)"
@@ -39,8 +48,10 @@ def cell_curve(cell: Any):
     return table[table["value"] == "rel_change_pct"].reset_index(drop=True)
 
 
-def _style(window: int | None, windows: set) -> str:
-    return LINESTYLES[sorted(windows, key=lambda w: w or 0).index(window) % len(LINESTYLES)]
+def _style(window: int | None, windows: set, note: str = "", notes: Sequence[str] = ("",)) -> str:
+    """One line style per (window, note) pair: the windows' styles when no note tells cells apart."""
+    pairs = sorted({(w or 0, n) for w in windows for n in notes})
+    return LINESTYLES[pairs.index((window or 0, note)) % len(LINESTYLES)]
 
 
 def _n_text(cells: Sequence[Any]) -> str:
@@ -65,12 +76,13 @@ def plot_model_task(cells: Sequence[Any]) -> Figure:
     first = cells[0]
     n_layers = max(c.n_layers for c in cells)
     windows = {c.window for c in cells}
+    notes = distinguishing_notes(cells, ("knockout", "window"))
     figure, ax = new_figure()
-    for cell in cells:
+    for cell, note in zip(cells, notes, strict=True):
         stats = cell_curve(cell)
-        label = cell.label if len(windows) == 1 else f"{cell.label} (k={cell.window})"
+        label = (cell.label if len(windows) == 1 else f"{cell.label} (k={cell.window})") + note
         color = knockout_color(cell.variant)
-        band(ax, stats["layer"].to_numpy(), stats, color, label, _style(cell.window, windows))
+        band(ax, stats["layer"].to_numpy(), stats, color, label, _style(cell.window, windows, note, notes))
     window = f"window k = {first.window}, " if len(windows) == 1 else ""
     title = f"{first.model} — {first.task}: attention knockout ({window}{_n_text(cells)})"
     xlabel = f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)"
@@ -87,12 +99,15 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
     tasks = sorted({c.task for c in cells})
     n_layers = max(c.n_layers for c in cells)
     rows = -(-len(tasks) // columns)
+    notes = dict(zip(map(id, cells), distinguishing_notes(cells, ("knockout", "task")), strict=True))
     figure, axes = new_grid(rows, columns, 4.0 * columns, 3.1 * rows + 0.6)
     for ax, task in zip(axes, tasks, strict=False):
         task_cells = sorted((c for c in cells if c.task == task), key=lambda c: knockout_order(c.variant))
         for cell in task_cells:
             stats = cell_curve(cell)
-            band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label)
+            note = notes[id(cell)]
+            style = _style(None, {None}, note, list(notes.values()))
+            band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
         ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
         ax.set_title(f"{task} ({_n_text(task_cells)})", fontsize=10)
         ax.grid(alpha=0.25)
@@ -102,7 +117,11 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
         ax.set_visible(False)
     figure.supxlabel(f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)")
     figure.supylabel(Y_LABEL)
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend = {}  # every label of every panel, once (a knockout may be missing from the first task)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     figure.legend(
         handles,
         labels,
@@ -119,14 +138,15 @@ def plot_cross_model(cells: Sequence[Any]) -> Figure:
     first = cells[0]
     windows = {c.window for c in cells}
     models = sorted({c.model for c in cells})
+    notes = distinguishing_notes(cells, ("model", "window"))
     figure, ax = new_figure()
-    for cell in cells:
+    for cell, note in zip(cells, notes, strict=True):
         stats = cell_curve(cell)
         extra = f", k = {cell.window}" if len(windows) > 1 else ""
-        label = f"{cell.model_legend} (L = {cell.n_layers}{extra})"
+        label = f"{cell.model_legend} (L = {cell.n_layers}{extra}){note}"
         color = PALETTE[models.index(cell.model) % len(PALETTE)]
         x = stats["layer"].to_numpy() / cell.n_layers
-        band(ax, np.asarray(x), stats, color, label, _style(cell.window, windows))
+        band(ax, np.asarray(x), stats, color, label, _style(cell.window, windows, note, notes))
     window = f"window k = {first.window}, " if len(windows) == 1 else ""
     title = f"{first.label} — {first.task}: across models ({window}{_n_text(cells)})"
     _finish_axes(ax, title, "Relative depth of the window centre (layer / number of layers)", "Model")

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mmflow.analyses.curves import Z95, curve_stats
 from mmflow.analyses.knockout_figures import Y_LABEL, cell_curve, knockout_color, knockout_order
-from mmflow.analyses.plots import BAND_NOTE, PALETTE, new_figure
+from mmflow.analyses.plots import BAND_NOTE, LINESTYLES, PALETTE, distinguishing_notes, new_figure
 from mmflow.analyses.plots import band as _band
 
 CellData = Any  # a finished cell (`mmflow.report.CellData`)
@@ -45,8 +45,9 @@ def _group_key(name: str) -> tuple[int, str]:
     return (GROUP_ORDER.index(first) if first in GROUP_ORDER else len(GROUP_ORDER), name)
 
 
-def draw_patching(ax, cell: CellData) -> None:
-    """Recovered fraction (%) against centre layer on `ax`, one line per restored group."""
+def draw_patching(ax, cell: CellData, note: str = "") -> None:
+    """Recovered fraction (%) against centre layer on `ax`, one line per restored group; `note` (what
+    tells this panel's cell from the others beside it) ends the title."""
     table = cell.analysis.curve_table(cell.results)  # labels of the restored groups, from the analysis
     labels = {
         value.removeprefix("recovered_pct/"): label
@@ -60,7 +61,7 @@ def draw_patching(ax, cell: CellData) -> None:
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
     ax.axhline(100.0, color="0.4", lw=0.8, ls=":", zorder=0)
     ax.set_title(
-        f"Restoring clean states, corruption = {cell.config.get('corruption')} (n = {n})", fontsize=10
+        f"Restoring clean states, corruption = {cell.config.get('corruption')} (n = {n}){note}", fontsize=10
     )
     ax.set_ylabel(RECOVERED_LABEL)
     ax.grid(alpha=0.25)
@@ -68,10 +69,14 @@ def draw_patching(ax, cell: CellData) -> None:
 
 
 def draw_knockouts(ax, cells: Sequence[CellData]) -> None:
-    """The knockout curves of `cells` (relative change, %) on `ax`."""
-    for cell in sorted(cells, key=lambda c: knockout_order(c.variant)):
+    """The knockout curves of `cells` (relative change, %) on `ax`, labelled with what tells apart
+    cells of one knockout (`distinguishing_notes`)."""
+    cells = sorted(cells, key=lambda c: knockout_order(c.variant))
+    notes = distinguishing_notes(cells, ("knockout",))
+    for cell, note in zip(cells, notes, strict=True):
         stats = cell_curve(cell)
-        _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label)
+        style = LINESTYLES[sorted(set(notes)).index(note) % len(LINESTYLES)]
+        _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
     ax.set_title("Attention knockout (necessity)", fontsize=10)
     ax.set_ylabel(Y_LABEL)
@@ -81,7 +86,9 @@ def draw_knockouts(ax, cells: Sequence[CellData]) -> None:
 
 def plot_necessity_sufficiency(knockouts: Sequence[CellData], patchings: Sequence[CellData]) -> Figure:
     """Knockout curves (if any) beside one recovered-fraction panel per patching cell."""
-    panels = ([None] if knockouts else []) + sorted(patchings, key=lambda c: str(c.config.get("corruption")))
+    patchings = sorted(patchings, key=lambda c: str(c.config.get("corruption")))
+    notes = dict(zip(map(id, patchings), distinguishing_notes(patchings, ("corruption",)), strict=True))
+    panels = ([None] if knockouts else []) + patchings
     figure = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), sharex=True, squeeze=False)[0]
@@ -91,7 +98,7 @@ def plot_necessity_sufficiency(knockouts: Sequence[CellData], patchings: Sequenc
         if panel is None:
             draw_knockouts(ax, knockouts)
         else:
-            draw_patching(ax, panel)
+            draw_patching(ax, panel, notes[id(panel)])
         ax.set_xlim(0, n_layers - 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.supxlabel(f"Centre layer of the window (0–{n_layers - 1} of {n_layers} layers)")

@@ -1,7 +1,13 @@
 """Figure primitives shared by the analyses' figures, on matplotlib's Agg canvas (no pyplot state),
-so figures are safe to draw in any process, a Ray actor included."""
+so figures are safe to draw in any process, a Ray actor included; and the notes that tell apart
+cells drawn together which differ in a key the figure does not show (`distinguishing_notes`)."""
 
 from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,3 +37,81 @@ def band(ax, x: np.ndarray, stats: pd.DataFrame, color: str, label: str, style: 
     """The curve `stats["mean"]` against `x` with its 95% band (`ci_low`..`ci_high`)."""
     ax.plot(x, stats["mean"], style, marker="o", ms=3, lw=1.6, color=color, label=label, clip_on=False)
     ax.fill_between(x, stats["ci_low"], stats["ci_high"], color=color, alpha=0.18, lw=0)
+
+
+# ---------------------------------------------------------------- what tells drawn cells apart
+
+UNSET = "unset"
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as dotted keys -> leaf values (a mapping's `name` kept as the mapping's own value)."""
+    if not isinstance(value, Mapping):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, sub in value.items():
+        out.update(_leaves(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any) -> str:
+    """A value as a legend shows it: digests to 8 characters, paths to their file name."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if re.fullmatch(r"[0-9a-f]{40,}", text):
+        return text[:8]
+    if "/" in text and " " not in text:
+        return text.rstrip("/").rsplit("/", 1)[-1]
+    return text if len(text) <= 32 else text[:31] + "…"
+
+
+def _values(leaves: Sequence[Mapping[str, Any]], key: str) -> set[str]:
+    return {json.dumps(flat.get(key, UNSET), default=str) for flat in leaves}
+
+
+def differing_keys(configs: Sequence[Mapping[str, Any]], varied: Iterable[str] = ()) -> list[str]:
+    """The semantic keys (dotted, `mmflow.store.semantic_config`) whose values differ among
+    `configs`, leaving out `varied` and the keys below them (what the figure shows anyway).
+
+    A mapping whose `name` differs is named by that key (`data`); its other keys only where they
+    differ between configs of one name (two table files: `data.sha256`, not shapes' `data.seed`).
+    """
+    from mmflow.analyses.base import canonical_config
+    from mmflow.store import semantic_config
+
+    varied = tuple(varied)
+    leaves = [_leaves(semantic_config(canonical_config(dict(c)))) for c in configs]
+    out: set[str] = set()
+    for key in set().union(*leaves):
+        if any(key == v or key.startswith(v + ".") for v in varied) or len(_values(leaves, key)) < 2:
+            continue
+        if key.endswith(".name"):
+            out.add(key.removesuffix(".name"))
+            continue
+        parts = key.split(".")
+        named = [
+            ".".join(parts[:i])
+            for i in range(1, len(parts))
+            if len(_values(leaves, ".".join(parts[:i]) + ".name")) > 1
+        ]
+        groups: dict[tuple, list] = {}
+        for flat in leaves:  # configs of one name for each mapping whose name differs
+            groups.setdefault(
+                tuple(json.dumps(flat.get(f"{n}.name"), default=str) for n in named), []
+            ).append(flat)
+        if any(len(_values(group, key)) > 1 for group in groups.values()):
+            out.add(key)
+    return sorted(out)
+
+
+def distinguishing_notes(cells: Sequence[Any], varied: Iterable[str] = ()) -> list[str]:
+    """Per cell (`.config`), " (key=value, ...)" naming the keys that differ among `cells` beyond
+    `varied` (`differing_keys`; a key a cell lacks is left out of its note); "" for every cell when
+    they differ only in what is `varied`."""
+    keys = differing_keys([cell.config for cell in cells], varied)
+    notes = []
+    for cell in cells:
+        flat = _leaves(dict(cell.config))
+        values = [(k, flat.get(f"{k}.name", flat.get(k, UNSET))) for k in keys]
+        parts = [f"{k}={_short(v)}" for k, v in values if v != UNSET]
+        notes.append(f" ({', '.join(parts)})" if parts else "")
+    return notes

@@ -14,21 +14,23 @@ from pathlib import Path
 
 from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
+from mmflow.analyses.plots import distinguishing_notes
 from mmflow.report.cells import CellData, find_cell_dirs, load_cells
 from mmflow.report.figures import save_figure, slug
 from mmflow.report.html import FigureEntry, render_index
 
-__all__ = ["build_report", "cell_row", "CellData", "find_cell_dirs", "load_cells"]
+__all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
 
 
-def cell_row(cell: CellData, out_dir: Path) -> dict[str, object]:
-    """The cells-table row of `cell`: labels, counts, the curve's minimum and its layer (for analyses
-    whose headline is a minimum, `Analysis.minimum_of`)."""
+def cell_row(cell: CellData, out_dir: Path, note: str = "") -> dict[str, object]:
+    """The cells-table row of `cell`: labels (`note` after its analysis label, see `row_notes`),
+    counts, the curve's minimum and its layer (for analyses whose headline is a minimum,
+    `Analysis.minimum_of`)."""
     counts = cell.counts
     row: dict[str, object] = {
         "model": cell.model,
         "task": cell.task,
-        "analysis": cell.label,
+        "analysis": cell.label + note,
         "window": cell.window if cell.window is not None else "—",
         "correct/total": f"{counts['correct']}/{counts['samples']}",
         "scored": counts["scored"],
@@ -43,6 +45,18 @@ def cell_row(cell: CellData, out_dir: Path) -> dict[str, object]:
         row["min (%)"] = f"{minimum[f'min_{value}']:.4g}"
         row["at layer"] = minimum["min_layer"]
     return row
+
+
+def row_notes(cells: list[CellData]) -> dict[int, str]:
+    """By `id(cell)`: what tells apart cells whose rows would read the same (model, task, analysis,
+    window), e.g. " (data=table)" (`distinguishing_notes`); "" for a cell no other row repeats."""
+    groups: dict[tuple, list[CellData]] = {}
+    for cell in cells:
+        groups.setdefault((cell.model, cell.task, cell.kind, cell.label, cell.window), []).append(cell)
+    notes = {}
+    for group in groups.values():
+        notes.update(zip(map(id, group), distinguishing_notes(group), strict=True))
+    return notes
 
 
 def _save(spec: FigureSpec, out_dir: Path) -> FigureEntry:
@@ -78,7 +92,8 @@ def build_report(
     cells, left_out = load_cells(dirs)
     notes = [f"not included: {item['dir']} (status {item['status']})" for item in left_out]
     sections = _sections(cells, out, notes)
-    rows = [cell_row(c, out) for c in cells]
+    notes_of = row_notes(cells)
+    rows = [cell_row(c, out, notes_of[id(c)]) for c in cells]
     index = out / "index.html"
     index.write_text(render_index(str(root), rows, sections, notes), encoding="utf-8")
     return index
