@@ -119,3 +119,16 @@ def test_the_usual_sweep_keeps_its_labels(tmp_path):
     assert labels(plot_cross_model(cross).axes[0]) == ["m12 (L = 8)", "m8 (L = 8)"]
     assert labels(plot_necessity_sufficiency(one, []).axes[0]) == plain
     assert set(analysis_column(tmp_path)) == set(plain)
+
+
+def test_paths_are_shortened_only_as_far_as_they_stay_distinct():
+    from types import SimpleNamespace
+
+    from mmflow.analyses.plots import distinguishing_notes
+
+    base = {"model": {"name": "m"}, "task": "ChooseAttr", "data": TABLE}
+    cells = [
+        SimpleNamespace(config={**base, "data": {**TABLE, "image_dir": d}}) for d in ("/a/imgs", "/b/imgs")
+    ]
+    assert distinguishing_notes(cells) == [" (data.image_dir=a/imgs)", " (data.image_dir=b/imgs)"]
+    assert distinguishing_notes(cells, ("data",)) == ["", ""]

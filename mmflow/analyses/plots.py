@@ -54,14 +54,19 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _short(value: Any) -> str:
-    """A value as a legend shows it: digests to 8 characters, paths to their file name."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if re.fullmatch(r"[0-9a-f]{40,}", text):
-        return text[:8]
-    if "/" in text and " " not in text:
-        return text.rstrip("/").rsplit("/", 1)[-1]
-    return text if len(text) <= 32 else text[:31] + "…"
+def _shorten(values: Sequence[Any]) -> list[str]:
+    """Values as a legend shows them: digests to 8 characters, paths to the fewest trailing parts
+    that still tell them apart (`a/imgs`, `b/imgs`), long text cut at 32 characters."""
+    texts = [v if isinstance(v, str) else json.dumps(v, default=str) for v in values]
+    if all(re.fullmatch(r"[0-9a-f]{40,}", t) for t in texts):
+        return [t[:8] for t in texts]
+    if all("/" in t and " " not in t for t in texts):
+        parts = [t.rstrip("/").split("/") for t in texts]
+        for n in range(1, max(map(len, parts)) + 1):
+            short = ["/".join(p[-n:]) for p in parts]
+            if len(set(short)) == len(set(texts)):
+                return short
+    return [t if len(t) <= 32 else t[:31] + "…" for t in texts]
 
 
 def _values(leaves: Sequence[Mapping[str, Any]], key: str) -> set[str]:
@@ -108,10 +113,14 @@ def distinguishing_notes(cells: Sequence[Any], varied: Iterable[str] = ()) -> li
     `varied` (`differing_keys`; a key a cell lacks is left out of its note); "" for every cell when
     they differ only in what is `varied`."""
     keys = differing_keys([cell.config for cell in cells], varied)
+    flats = [_leaves(dict(cell.config)) for cell in cells]
+    columns = []
+    for key in keys:
+        values = [flat.get(f"{key}.name", flat.get(key, UNSET)) for flat in flats]
+        shown = iter(_shorten([v for v in values if v != UNSET]))
+        columns.append([f"{key}={next(shown)}" if v != UNSET else "" for v in values])
     notes = []
-    for cell in cells:
-        flat = _leaves(dict(cell.config))
-        values = [(k, flat.get(f"{k}.name", flat.get(k, UNSET))) for k in keys]
-        parts = [f"{k}={_short(v)}" for k, v in values if v != UNSET]
+    for parts in zip(*columns, strict=True) if columns else [()] * len(cells):
+        parts = [p for p in parts if p]  # a key a cell lacks is left out of its note
         notes.append(f" ({', '.join(parts)})" if parts else "")
     return notes
