@@ -96,14 +96,26 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     return run_from_hydra(cfg)
 
 
+def run_hydra() -> int:
+    """`hydra_main` as a command: Ctrl-C / SIGTERM end with one line and 130 / 143, no traceback."""
+    import signal
+
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "mmflow_reported", False):
+            print("[mmflow] interrupted", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `mmflow` console script (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command == "run":
         sys.argv = ["mmflow run", *rest]
-        hydra_main()
-        return 0
+        return run_hydra()
     if command == "report":
         from mmflow.report.__main__ import main as report_main
 

@@ -100,12 +100,20 @@ class CellLock:
             return None
 
 
+class Terminated(KeyboardInterrupt):
+    """A KeyboardInterrupt raised for a signal (SIGTERM); `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (schedulers, `kill`) into KeyboardInterrupt, so the ending is recorded on disk."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
+        raise Terminated(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)

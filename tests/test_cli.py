@@ -45,3 +45,26 @@ def test_the_retired_ray_block_is_refused_with_its_new_place(tmp_path, monkeypat
     with pytest.raises(ValueError, match="moved to `hydra.launcher.ray`.*init.address=auto"):
         cell_config(cfg)
     assert "ray" not in cell_config(ok) and cell_config(ok)["results_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "printed"),
+    [
+        ("ctrl-c in the sweep", 130, ""),  # the sweep already said how to resume
+        ("ctrl-c before it", 130, "[mmflow] interrupted"),
+        ("sigterm", 143, ""),
+    ],
+)
+def test_an_interrupt_ends_with_its_signal_code(raised, code, printed, monkeypatch, capsys) -> None:
+    import mmflow.cli as cli
+    from mmflow.locks import Terminated
+
+    def stopped() -> None:
+        exc = Terminated(15) if raised == "sigterm" else KeyboardInterrupt()
+        if raised != "ctrl-c before it":
+            exc.mmflow_reported = True
+        raise exc
+
+    monkeypatch.setattr(cli, "hydra_main", stopped)
+    assert main(["run"]) == code
+    assert capsys.readouterr().err.strip() == printed
