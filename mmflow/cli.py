@@ -97,11 +97,17 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_hydra() -> int:
-    """`hydra_main` as a command: Ctrl-C / SIGTERM end with one line and 130 / 143, no traceback."""
+    """`hydra_main` as a command: Ctrl-C / SIGTERM end with one line and 130 / 143, a config it
+    cannot start with (`ConfigError`) with one line and 2; no traceback."""
     import signal
+
+    from mmflow.locks import ConfigError
 
     try:
         hydra_main()
+    except ConfigError as exc:
+        print(f"[mmflow] error: {exc.message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         if not getattr(exc, "mmflow_reported", False):
             print("[mmflow] interrupted", file=sys.stderr)

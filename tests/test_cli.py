@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -68,3 +70,40 @@ def test_an_interrupt_ends_with_its_signal_code(raised, code, printed, monkeypat
     monkeypatch.setattr(cli, "hydra_main", stopped)
     assert main(["run"]) == code
     assert capsys.readouterr().err.strip() == printed
+
+
+@pytest.mark.parametrize(
+    ("results_dir", "line"),
+    [
+        ("afile", "results_dir 'afile' is a file, not a folder"),
+        ("afile/sub", "results_dir 'afile/sub': 'afile' is a file, not a folder"),
+    ],
+)
+def test_a_results_dir_that_is_a_file_is_one_line_and_exit_2(results_dir, line, tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "afile").write_text("")
+    launch = Path(__file__).resolve().parents[1] / "launch.py"
+    cmd = [sys.executable, str(launch), f"results_dir={results_dir}", "logger=none"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).strip().splitlines() == [f"[mmflow] error: {line}"]
+
+
+def test_a_read_only_results_dir_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys) -> None:
+    import errno
+    from pathlib import Path
+
+    import mmflow.cli as cli
+    from mmflow.locks import exclusive_dir
+
+    def read_only(self, *args, **kwargs) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(cli, "hydra_main", lambda: exclusive_dir(f"{tmp_path}/ro/_hydra/runs/2026"))
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"[mmflow] error: cannot write to results_dir '{tmp_path}/ro': read-only file system"
