@@ -107,3 +107,20 @@ def test_a_read_only_results_dir_is_one_line_and_exit_2(monkeypatch, tmp_path, c
     assert main(["run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"[mmflow] error: cannot write to results_dir '{tmp_path}/ro': read-only file system"
+
+
+def test_report_of_a_missing_folder_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
+    missing = tmp_path / "nonexist"
+    assert main(["report", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"[mmflow] error: report folder '{missing}' does not exist"
+    assert not missing.exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["report", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_report_of_a_folder_without_cells_says_so(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"no cells found below '{tmp_path}'" in captured.err
+    assert (tmp_path / "report" / "index.html").exists()
