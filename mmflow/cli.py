@@ -51,7 +51,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from mmflow.sweep.core import CellJob, Sweep
-    from mmflow.sweep.curve import print_cell_curve
+    from mmflow.sweep.curve import print_cell_curve, print_unscored
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
@@ -70,6 +70,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     path = Path(job.cell["results_dir"]) / job.cell_id
     print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
     if status in ("done", "cached"):
+        print_unscored(path)
         try:
             print_cell_curve(path, sweep.sweep_dir / "figures")
         except Exception as exc:  # a view of results already on disk: never fails the run
