@@ -402,6 +402,10 @@ def test_table_rows_get_the_gqa_loaders_skips(tmp_path):
     # a bad box is no bad sample (issue 13): only object-patch groups skip it, with the same reason
     assert isinstance(rows[0], Sample) and rows[0].box_issue[0] == "box_outside_image"
     assert [r.reason for r in rows[1:]] == ["missing_image", "image_size_mismatch"]
+    frame.loc[1, "true_option"] = " "
+    frame.to_csv(table, index=False)
+    skip = read_table(table, "ChooseAttr", tmp_path / "images")[1]
+    assert skip.reason == "malformed_row" and skip.detail.endswith("column 'true_option' is empty"), skip
     with pytest.raises(DataError, match="missing column.*answer"):
         frame.drop(columns="answer").to_csv(table, index=False)
         read_table(table, "ChooseAttr", tmp_path / "images")
