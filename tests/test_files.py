@@ -74,3 +74,11 @@ def test_a_finished_folder_is_opened_to_the_umask(umask: int, tmp_path: Path) ->
     apply_umask(folder)
     assert mode(folder / "sub") == 0o777 & ~umask
     assert mode(folder / "sub" / "model.safetensors") == 0o666 & ~umask
+
+
+def test_the_shapes_cache_is_readable_by_others(umask: int, tmp_path: Path) -> None:
+    from mmflow.data.shapes import CSV_NAME, generate_shapes
+
+    folder = generate_shapes(tmp_path, "ChooseAttr", 2, seed=0)
+    assert mode(folder) == 0o777 & ~umask
+    assert mode(folder / CSV_NAME) == 0o666 & ~umask
