@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmflow.cli import hydra_main
+from mmflow.cli import run_hydra
 
 if __name__ == "__main__":
-    hydra_main()
+    raise SystemExit(run_hydra())

@@ -54,7 +54,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from mmflow.sweep.core import CellJob, Sweep
-    from mmflow.sweep.curve import print_cell_curve
+    from mmflow.sweep.curve import print_cell_curve, print_unscored
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
@@ -73,6 +73,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     path = Path(job.cell["results_dir"]) / job.cell_id
     print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
     if status in ("done", "cached"):
+        print_unscored(path)
         try:
             print_cell_curve(path, sweep.sweep_dir / "figures")
         except Exception as exc:  # a view of results already on disk: never fails the run
@@ -99,14 +100,32 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     return run_from_hydra(cfg)
 
 
+def run_hydra() -> int:
+    """`hydra_main` as a command: Ctrl-C / SIGTERM end with one line and 130 / 143, a config it
+    cannot start with (`ConfigError`) with one line and 2; no traceback."""
+    import signal
+
+    from mmflow.locks import ConfigError
+
+    try:
+        hydra_main()
+    except ConfigError as exc:
+        print(f"[mmflow] error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "mmflow_reported", False):
+            print("[mmflow] interrupted", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `mmflow` console script (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command == "run":
         sys.argv = ["mmflow run", *rest]
-        hydra_main()
-        return 0
+        return run_hydra()
     if command == "report":
         from mmflow.report.__main__ import main as report_main
 

@@ -100,12 +100,20 @@ class CellLock:
             return None
 
 
+class Terminated(KeyboardInterrupt):
+    """A KeyboardInterrupt raised for a signal (SIGTERM); `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (schedulers, `kill`) into KeyboardInterrupt, so the ending is recorded on disk."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
+        raise Terminated(signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -125,15 +133,41 @@ def exclusive_dir(base: str) -> str:
     Registered as the OmegaConf resolver `mmflow.unique_dir` (see `register_resolvers`).
     """
     root = Path(base)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = root if n == 1 else root.with_name(f"{root.name}_{n}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return str(candidate)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            candidate = root if n == 1 else root.with_name(f"{root.name}_{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return str(candidate)
+    except OSError as exc:
+        raise ConfigError(folder_error(base, exc)) from None
     raise RuntimeError(f"cannot create a fresh folder next to {root}")
+
+
+class ConfigError(SystemExit):
+    """A config the run cannot start with: `cli.run_hydra` prints `message` and exits with 2.
+
+    A SystemExit, so that neither OmegaConf nor Hydra wraps it into a long traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def folder_error(base: str, exc: OSError) -> str:
+    """One line for a run folder that cannot be made, named by its `results_dir` where it has one."""
+    results = base.split("/_hydra/")[0] if "/_hydra/" in base else base
+    path = Path(results)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f": '{existing}'"
+        return f"results_dir '{results}'{where} is a file, not a folder"
+    reason = (exc.strerror or str(exc)).lower()
+    return f"cannot write to results_dir '{results}': {reason}"
 
 
 def register_resolvers() -> None:

@@ -185,13 +185,15 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         if on_sample is not None:
             on_sample(len(samples) - len(wanted))
     ahead = prefetch(wanted, lambda pair: prepare_sample(loaded, pair[1], stages), depth)
-    for (order, sample), prepared in ahead:
-        todo = _todo(cells, sample)
-        _run_sample(loaded, engine, first, order, sample, prepared, todo, clean_passes, stages)
-        bar.update(1)
-        if on_sample is not None:
-            on_sample(1)
-    bar.close()
+    try:  # closed before an interrupt's message, so that message is the last line
+        for (order, sample), prepared in ahead:
+            todo = _todo(cells, sample)
+            _run_sample(loaded, engine, first, order, sample, prepared, todo, clean_passes, stages)
+            bar.update(1)
+            if on_sample is not None:
+                on_sample(1)
+    finally:
+        bar.close()
     elapsed = time.time() - started
     for cell in cells:
         outcomes[cell.store.id] = finish(cell, elapsed, clean_passes, context, engine.name, expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -45,3 +47,80 @@ def test_the_retired_ray_block_is_refused_with_its_new_place(tmp_path, monkeypat
     with pytest.raises(ValueError, match="moved to `hydra.launcher.ray`.*init.address=auto"):
         cell_config(cfg)
     assert "ray" not in cell_config(ok) and cell_config(ok)["results_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "printed"),
+    [
+        ("ctrl-c in the sweep", 130, ""),  # the sweep already said how to resume
+        ("ctrl-c before it", 130, "[mmflow] interrupted"),
+        ("sigterm", 143, ""),
+    ],
+)
+def test_an_interrupt_ends_with_its_signal_code(raised, code, printed, monkeypatch, capsys) -> None:
+    import mmflow.cli as cli
+    from mmflow.locks import Terminated
+
+    def stopped() -> None:
+        exc = Terminated(15) if raised == "sigterm" else KeyboardInterrupt()
+        if raised != "ctrl-c before it":
+            exc.mmflow_reported = True
+        raise exc
+
+    monkeypatch.setattr(cli, "hydra_main", stopped)
+    assert main(["run"]) == code
+    assert capsys.readouterr().err.strip() == printed
+
+
+@pytest.mark.parametrize(
+    ("results_dir", "line"),
+    [
+        ("afile", "results_dir 'afile' is a file, not a folder"),
+        ("afile/sub", "results_dir 'afile/sub': 'afile' is a file, not a folder"),
+    ],
+)
+def test_a_results_dir_that_is_a_file_is_one_line_and_exit_2(results_dir, line, tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "afile").write_text("")
+    launch = Path(__file__).resolve().parents[1] / "launch.py"
+    cmd = [sys.executable, str(launch), f"results_dir={results_dir}", "logger=none"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).strip().splitlines() == [f"[mmflow] error: {line}"]
+
+
+def test_a_read_only_results_dir_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys) -> None:
+    import errno
+    from pathlib import Path
+
+    import mmflow.cli as cli
+    from mmflow.locks import exclusive_dir
+
+    def read_only(self, *args, **kwargs) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(cli, "hydra_main", lambda: exclusive_dir(f"{tmp_path}/ro/_hydra/runs/2026"))
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"[mmflow] error: cannot write to results_dir '{tmp_path}/ro': read-only file system"
+
+
+def test_report_of_a_missing_folder_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
+    missing = tmp_path / "nonexist"
+    assert main(["report", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"[mmflow] error: report folder '{missing}' does not exist"
+    assert not missing.exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["report", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_report_of_a_folder_without_cells_says_so(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"no cells found below '{tmp_path}'" in captured.err
+    assert (tmp_path / "report" / "index.html").exists()

@@ -196,6 +196,10 @@ def test_every_ending_is_recorded(tiny_llava, tmp_path):
         ({"n_samples": 0}, "n_samples"),
         ({"window": 0}, "window"),
         ({"window": 9}, "window"),
+        ({"window": 2.5}, "window"),
+        ({"window": 2.0}, "window"),
+        ({"window": True}, "window"),
+        ({"window": "3"}, "window"),
         ({"knockout": {"name": "last_to_image", "source": "last", "target": "image"}}, "knockout.source"),
         (
             {"knockout": {"name": "question_to_image", "source": "question", "target": "object"}},
@@ -211,6 +215,16 @@ def test_a_cell_that_computes_nothing_is_an_error_naming_the_key(tmp_path, chang
     with pytest.raises(CellConfigError) as err:
         validate_cell(cell_config(tmp_path, **changes))
     assert err.value.key == key and str(err.value).startswith(f"{key}=")
+
+
+def test_a_non_integer_window_is_named_as_written(tmp_path):
+    from mmflow.sweep.record import labels
+
+    config = cell_config(tmp_path, window=2.5)
+    with pytest.raises(CellConfigError, match=r"^window=2\.5: must be an integer in 1\.\.8$"):
+        validate_cell(config)
+    assert labels(config)["window"] == 2.5  # the failed cell's line says /2.5, not /2
+    assert labels(cell_config(tmp_path, window=3))["window"] == 3
 
 
 def test_valid_cells_pass_validation(tmp_path):
@@ -389,6 +403,10 @@ def test_table_rows_get_the_gqa_loaders_skips(tmp_path):
     # a bad box is no bad sample (issue 13): only object-patch groups skip it, with the same reason
     assert isinstance(rows[0], Sample) and rows[0].box_issue[0] == "box_outside_image"
     assert [r.reason for r in rows[1:]] == ["missing_image", "image_size_mismatch"]
+    frame.loc[1, "true_option"] = " "
+    frame.to_csv(table, index=False)
+    skip = read_table(table, "ChooseAttr", tmp_path / "images")[1]
+    assert skip.reason == "malformed_row" and skip.detail.endswith("column 'true_option' is empty"), skip
     with pytest.raises(DataError, match="missing column.*answer"):
         frame.drop(columns="answer").to_csv(table, index=False)
         read_table(table, "ChooseAttr", tmp_path / "images")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -152,3 +153,20 @@ def test_two_sweeps_at_once_on_one_results_folder(ray_cluster, tmp_path):
         assert SECRET.encode() not in path.read_bytes(), path
     for folder in folders[1:]:
         assert "<redacted>" in (folder / "multirun.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_ends_with_one_line_and_the_signal_exit_code(tmp_path, signum: int, code: int):
+    """Ctrl-C or `kill`: the resume hint is the last line, no traceback, exit code 128 + signal."""
+    results = tmp_path / "results"
+    proc = start(results, "n_samples=40")
+    wait_for(lambda: any(results.glob("*/parts/samples-*.parquet")), 240, "a finished sample", proc)
+    proc.send_signal(signum)
+    out = finish(proc)
+    assert proc.returncode == code, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "sweep stopped: re-run the same command to resume (finished samples are kept)" in last, out[-3000:]
+    (cell,) = cell_dirs(results)
+    assert json.loads((cell / "cell.json").read_text())["status"] != "done"

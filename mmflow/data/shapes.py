@@ -13,7 +13,6 @@ import csv
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from mmflow.data.scenes import (
     random_scene,
     unique,
 )
+from mmflow.files import make_temp_dir
 
 JPEG_QUALITY = 95
 CSV_NAME = "questions.csv"
@@ -278,7 +278,7 @@ def generate_shapes(out_dir: Path, task: str, n: int, seed: int) -> Path:
     if final.exists():  # not produced by this function (it only renames complete folders)
         shutil.rmtree(final)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
+    tmp = make_temp_dir(out_dir, f".{final.name}.")  # 0o777 & ~umask, so others can read the cache
     try:
         _write(tmp, task, make_items(task, n, seed))
         os.replace(tmp, final)

@@ -149,6 +149,16 @@ def _gqa_row(record: Mapping[str, Any], task: str, where: str) -> dict[str, str]
     return row
 
 
+def _table_names(item: Sample | Skip) -> Sample | Skip:
+    """A skip's detail with the table's column names (`true_option`), not the GQA row's (`true option`)."""
+    if not isinstance(item, Skip):
+        return item
+    detail = item.detail
+    for name in OPTIONS:
+        detail = detail.replace(repr(name.replace("_", " ")), repr(name))
+    return Skip(item.question_id, item.reason, detail)
+
+
 def read_table(
     path: str | Path,
     task: str,
@@ -195,7 +205,11 @@ def read_table(
     for record in frame.to_dict("records"):
         where = f"{path.name} data row {record['_row']}"
         row = _gqa_row(record, task, where)
-        out.append(row if isinstance(row, Skip) else parse_row(row, task, image_dir, where, check_images))
+        out.append(
+            row
+            if isinstance(row, Skip)
+            else _table_names(parse_row(row, task, image_dir, where, check_images))
+        )
         wheres.append(where)
     check_unique_ids(out, wheres)
     return out

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mmflow.files import apply_umask, make_temp_dir
 from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
 from mmflow.models.processor_builder import ProcessorSpec, make_processor, vocabulary_json
 from mmflow.models.replica_specs import IMAGE_TOKEN, PAD_TOKEN, REPLICA_SPECS, ReplicaSpec
@@ -136,7 +137,7 @@ def build_replica(
 
     model.generation_config = GenerationConfig(**spec.generation)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = make_temp_dir(out.parent, f".{out.name}-")
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -151,6 +152,7 @@ def build_replica(
                 indent=2,
             )
         )
+        apply_umask(staging)
         if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(staging, out)  # OSError if `out` is a non-empty folder (not overwritten)

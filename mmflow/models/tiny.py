@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmflow.files import apply_umask, make_temp_dir
 from mmflow.models.builder import (
     IMAGE_TOKEN,
     ModelSpec,
@@ -196,10 +196,11 @@ def save_built_model(name: str, version: int, build, root: Path | None = None) -
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     model, processor = build()
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = make_temp_dir(target.parent, f".{name}-")
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        apply_umask(staging)
         try:
             os.replace(staging, target)
         except OSError:  # another process finished the same build first

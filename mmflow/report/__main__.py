@@ -1,9 +1,14 @@
-"""`python -m mmflow.report <folder> [--out DIR]`: write the report of every done cell below `folder`."""
+"""`python -m mmflow.report <folder> [--out DIR]`: write the report of every done cell below `folder`.
+
+A folder that does not exist is an error (exit 2); one with no cells gets an empty report and a note.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -11,10 +16,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folder", help="a sweep folder or results folder (searched recursively for cells)")
     parser.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
     args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        print(f"[mmflow] error: report folder '{args.folder}' {what}", file=sys.stderr)
+        return 2
 
     from mmflow.report import build_report
+    from mmflow.report.cells import find_cell_dirs
 
-    index = build_report(args.folder, args.out)
+    if not find_cell_dirs(folder):
+        print(f"[mmflow] no cells found below '{args.folder}': the report is empty", file=sys.stderr)
+    index = build_report(folder, args.out)
     print(f"[mmflow] report: {index}")
     return 0
 

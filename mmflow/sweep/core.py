@@ -139,6 +139,8 @@ class Sweep:
             interrupted = isinstance(exc, KeyboardInterrupt)
             write_sweep_json(self, "interrupted" if interrupted else "error", error=short_error(exc))
             log.warning("sweep stopped: re-run the same command to resume (finished samples are kept)")
+            if interrupted:
+                exc.mmflow_reported = True  # the command line (cli.run_hydra) ends without a traceback
             raise
         write_sweep_json(self, "failed" if self.failed_ids() or self.invalid_jobs() else "done")
         print_summary(self)

@@ -1,10 +1,12 @@
-"""What a single run prints for its cell: the per-layer curve as a small table, and where the files
-and the figure are."""
+"""What a single run prints for its cell: why samples were not scored, the per-layer curve as a small
+table, and where the files and the figure are."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,6 +43,37 @@ def cell_figure(cell, out_dir: Path) -> Path | None:
     return save_figure(figure, out_dir, slug(cell.model, cell.task, cell.variant, cell.cell_id))["png"]
 
 
+def unscored_line(meta: dict[str, Any]) -> str | None:
+    """One line on the samples of a finished cell (`cell.json`) that were not scored and why, or None."""
+    counts = meta.get("counts") or {}
+    skipped = {str(k): int(v) for k, v in (counts.get("skipped") or {}).items() if v}
+    n_skipped, incorrect = sum(skipped.values()), int(counts.get("incorrect") or 0)
+    if not n_skipped and not incorrect:
+        return None
+    total = int(counts.get("samples") or 0)
+    parts = []
+    if n_skipped:
+        reasons = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        parts.append(f"skipped {n_skipped} of {total} samples: " + ", ".join(f"{r} x{n}" for r, n in reasons))
+    if incorrect:
+        of = "" if n_skipped else f" of {total} samples"
+        required = str((meta.get("config") or {}).get("require_correct", True)).lower()
+        parts.append(f"{incorrect}{of} answered incorrectly (require_correct={required})")
+    prefix = "no sample scored: " if not int(counts.get("scored") or 0) else ""
+    return f"{prefix}{'; '.join(parts)} (see samples.parquet)"
+
+
+def print_unscored(cell_dir: str | Path) -> str | None:
+    """Print `unscored_line` of the cell in `cell_dir` (nothing when every sample was scored)."""
+    try:
+        line = unscored_line(json.loads((Path(cell_dir) / "cell.json").read_text()))
+    except (OSError, ValueError):
+        return None
+    if line is not None:
+        print(f"[mmflow] {line}")
+    return line
+
+
 def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | None:
     """Print the curve table of the done cell in `cell_dir`; save its figure under `figure_dir`."""
     from rich.console import Console
@@ -51,7 +84,7 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     cell = load_cell(cell_dir)
     console = Console(width=None if sys.stdout.isatty() else 120)
     if cell is None or not len(cell.results):
-        console.print(f"[mmflow] no scored samples in {cell_dir}: no curve to show")
+        print(f"[mmflow] no scored samples in {cell_dir}: no curve to show")  # plain: rich eats "[mmflow]"
         return None
     table = curve_table(cell)
     flips = FLIPS in table

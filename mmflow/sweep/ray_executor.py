@@ -221,7 +221,7 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    init = copy.deepcopy(dict(settings.init or {}))
+    init = {k: v for k, v in copy.deepcopy(dict(settings.init or {})).items() if v is not None}
     address = str(init.pop("address", None) or "").strip() or None
     env = forwarded_env(settings.forward_env or [], os.environ)  # never secret-named variables
     runtime_env = init.pop("runtime_env", None) or {}

@@ -23,7 +23,8 @@ def labels(cell: dict[str, Any]) -> dict[str, Any]:
         "model": cell["model"]["name"],
         "task": cell.get("task"),
         "variant": names.variant,
-        "window": names.window,
+        # as configured: an invalid window (2.5) must not read as the one it would round to
+        "window": cell.get("window", names.window) if names.window is not None else None,
     }
 
 

@@ -13,13 +13,29 @@ from typing import Any
 FORWARD_ENV = ["MMFLOW_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
 
 
+# The ray.init arguments declared in the launcher config (so `hydra.launcher.ray.init.<key>=…` works
+# without `+`), with their defaults; null ones are left to Ray.
+RAY_INIT_KEYS: dict[str, Any] = {
+    "address": None,
+    "num_cpus": None,
+    "num_gpus": None,
+    "resources": None,
+    "object_store_memory": None,
+    "runtime_env": None,
+    "namespace": None,
+    "include_dashboard": None,
+    "log_to_driver": True,
+}
+
+
 @dataclass
 class RaySettings:
     """Where Ray runs. `init` goes to `ray.init` (address, num_cpus, num_gpus, runtime_env, …)."""
 
     # address: null or "" = start a local Ray for this sweep; "auto", "host:port" or "ray://host:10001"
-    # = join a cluster. Local Ray only: num_cpus / num_gpus to offer (null = all).
-    init: dict[str, Any] = field(default_factory=lambda: {"address": None, "log_to_driver": True})
+    # = join a cluster. Local Ray only: num_cpus / num_gpus to offer (null = all). Every key listed in
+    # RAY_INIT_KEYS can be set without `+`; a null one is not passed; other ray.init arguments need `+`.
+    init: dict[str, Any] = field(default_factory=lambda: dict(RAY_INIT_KEYS))
     forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV))  # copied to actors when set
     connect_timeout_s: float = 60.0  # give up joining an address that does not answer after this long
 

@@ -346,13 +346,15 @@ def train_into(cfg: ToyConfig, out: Path, command: str) -> dict[str, Any]:
     """Train and evaluate in a sibling temporary folder, then swap it into `out`: a crash never
     leaves a half-written weights folder behind."""
     import shutil
-    import tempfile
+
+    from mmflow.files import apply_umask, make_temp_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = make_temp_dir(out.parent, f".{out.name}.")
     try:
         record = train(cfg, work, command)
         record["heldout_accuracy"] = _finish_record(work, load_toy(work), cfg.eval_per_task)
+        apply_umask(work)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
