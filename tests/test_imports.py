@@ -9,7 +9,11 @@ still couple the layers) but not for cycles (they never run).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mmflow", "hydra_plugins")
@@ -123,3 +127,22 @@ def test_no_import_cycle():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("analysis", ["knockout", "answer_tracking", "patching"])
+def test_resolving_a_cell_does_not_import_transformers(analysis: str, tmp_path: Path) -> None:
+    """The sweep driver resolves and ids every cell before any worker starts: it needs the analyses'
+    config rules, not the model code (importing transformers costs seconds per launch)."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_module\n"
+        "from mmflow.cli import cell_config\n"
+        "from mmflow.store import cell_id\n"
+        "with initialize_config_module(config_module='mmflow.conf', version_base='1.3'):\n"
+        f"    cfg = compose('config', overrides=['analysis={analysis}', 'results_dir={tmp_path}'])\n"
+        "print(cell_id(cell_config(cfg)), 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cell, imported = out.stdout.split()
+    assert len(cell) == 16 and imported == "False"

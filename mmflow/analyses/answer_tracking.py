@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,10 +27,12 @@ from mmflow.analyses.curves import curve_stats
 from mmflow.checks import check_choice
 from mmflow.data.sample import CHOOSE_TASKS, Sample
 from mmflow.groups import GroupError, TokenGroups
-from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.prompts import build_prompt
-from mmflow.models.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from mmflow.knockout.reference import CleanPass
+    from mmflow.models.registry import LoadedModel
 
 LENSES = ("norm", "raw")
 TOP_K = 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -19,8 +19,10 @@ from mmflow.analyses.curves import curve_stats
 from mmflow.checks import CellConfigError, check_choice, check_window
 from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
-from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
+
+if TYPE_CHECKING:
+    from mmflow.knockout.reference import CleanPass
 
 RESULT_COLUMNS = [
     "question_id",

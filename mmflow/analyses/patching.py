@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -25,11 +25,13 @@ from mmflow.analyses.curves import curve_stats
 from mmflow.checks import check_choice, check_int, check_window
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
-from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
-from mmflow.models.registry import LoadedModel
 from mmflow.patching.corrupt import CORRUPTIONS, embedding_std, make_corruption, pair_counterfactuals
-from mmflow.patching.restore import RestoreJob, make_patcher
+
+if TYPE_CHECKING:
+    from mmflow.knockout.reference import CleanPass
+    from mmflow.models.registry import LoadedModel
+    from mmflow.patching.restore import RestoreJob
 
 RESULT_COLUMNS = [
     "question_id",
@@ -118,6 +120,8 @@ class PatchingAnalysis(Analysis):
 
     def bind(self, loaded: LoadedModel) -> PatchingAnalysis:
         engine = self.config["engine"]
+        from mmflow.patching.restore import make_patcher  # transformers: only where a model runs
+
         self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.n_layers = loaded.n_layers
         for centre in range(self.n_layers):
@@ -181,6 +185,8 @@ class PatchingAnalysis(Analysis):
 
     def restore_jobs(self, positions: dict[str, torch.Tensor]) -> list[RestoreJob]:
         """One job per group and centre layer, group-major."""
+        from mmflow.patching.restore import RestoreJob
+
         return [
             RestoreJob(positions[name], window_layers(centre, self.width, self.n_layers))
             for name in self.groups
