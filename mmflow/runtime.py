@@ -1,6 +1,6 @@
 """Run a cell batch on one loaded model: the same code for `launch.py` and for Ray actors.
 
-The cells of a cell batch share model, data, task, samples and engine (`SHARED_KEYS`) and are
+The cells of a cell batch share model, data, task, samples and engine (`mmflow.store.SHARED_KEYS`) and are
 computed sample by sample: each sample is encoded, split into token groups and run clean once, then
 every cell's jobs of that sample go to the engine together. Each cell keeps its own folder, resumes
 at sample granularity, and fails alone. A cell is computed by one process at a time
@@ -10,7 +10,6 @@ record from start to ending (`cell.json`, its `runs` list) is `mmflow.cell`'s.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,16 +29,8 @@ from mmflow.locks import CellLock, describe, lock_wait_s
 from mmflow.models.registry import LoadedModel
 from mmflow.pipeline import Stages, prefetch
 from mmflow.prepare import SAMPLE_ERROR, prepare_or_skip
-from mmflow.store import CellStore
+from mmflow.store import CellStore, batch_key
 from mmflow.validate import validate_cell
-
-# Keys whose values must agree for cells to share samples and clean passes.
-SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", "engine", "max_new_tokens")
-
-
-def batch_key(config: dict) -> str:
-    """What cells of one cell batch share: the values of `SHARED_KEYS`, as a string."""
-    return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
 
 
 def load_samples(config: dict) -> list[Sample | Skip]:

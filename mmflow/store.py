@@ -37,6 +37,15 @@ IMPLIED_KEYS: dict[str, Any] = {"seed": 0}
 FILES = ("samples.parquet", "results.parquet")
 
 
+# Keys whose values must agree for cells to share samples and clean passes (one cell batch).
+SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", "engine", "max_new_tokens")
+
+
+def batch_key(config: Mapping[str, Any]) -> str:
+    """What the cells of one cell batch share: the values of `SHARED_KEYS`, as a string."""
+    return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
+
+
 def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a cell computes: the config without where/how-shown keys, as its cell id hashes it.
 

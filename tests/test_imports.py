@@ -130,9 +130,9 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize("analysis", ["knockout", "answer_tracking", "patching"])
-def test_resolving_a_cell_does_not_import_transformers(analysis: str, tmp_path: Path) -> None:
-    """The sweep driver resolves and ids every cell before any worker starts: it needs the analyses'
-    config rules, not the model code (importing transformers costs seconds per launch)."""
+def test_resolving_and_planning_cells_does_not_import_transformers(analysis: str, tmp_path: Path) -> None:
+    """The sweep driver resolves, ids and plans every cell before any worker starts: it needs the
+    analyses' config rules, not the model code (importing transformers costs seconds per launch)."""
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_module\n"
@@ -140,7 +140,11 @@ def test_resolving_a_cell_does_not_import_transformers(analysis: str, tmp_path: 
         "from mmflow.store import cell_id\n"
         "with initialize_config_module(config_module='mmflow.conf', version_base='1.3'):\n"
         f"    cfg = compose('config', overrides=['analysis={analysis}', 'results_dir={tmp_path}'])\n"
-        "print(cell_id(cell_config(cfg)), 'transformers' in sys.modules)\n"
+        "from mmflow.sweep.plan import plan_models\n"
+        "from mmflow.sweep.settings import SweepSettings\n"
+        "cell = cell_config(cfg)\n"
+        "(plan,) = plan_models({cell_id(cell): cell}, SweepSettings())\n"
+        "print(plan.queue[0].cell_ids[0], 'transformers' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -84,7 +84,7 @@ class ModelWorker:
     def run(
         self, configs: list[dict], context: RunContext, on_sample: Callable[[int], None] | None = None
     ) -> list[dict[str, Any]]:
-        """Compute a cell batch (cells sharing `runtime.SHARED_KEYS`); one outcome dict per cell."""
+        """Compute a cell batch (cells sharing `store.SHARED_KEYS`); one outcome dict per cell."""
         from mmflow.models.registry import LOAD_COUNT, get_model
         from mmflow.runtime import run_cells
         from mmflow.wandb_logger import cell_logger

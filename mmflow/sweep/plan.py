@@ -1,7 +1,7 @@
 """Planning: the cells to compute per model, then in cell batches that share samples.
 
 A *cell batch* is the set of cells one worker computes together: they share model, data, task and
-samples (`mmflow.runtime.batch_key`), so each sample gets one clean pass for all of them. A model
+samples (`mmflow.store.batch_key`), so each sample gets one clean pass for all of them. A model
 plan holds a model's config, the worker options the executor chose, and its queue of batches.
 """
 
@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmflow.store import batch_key
 from mmflow.sweep.settings import SweepSettings
 
 
@@ -56,8 +57,6 @@ def model_key(cell: dict[str, Any]) -> str:
 
 def plan_models(cells: dict[str, dict[str, Any]], settings: SweepSettings) -> list[ModelPlan]:
     """Model plans, each with its queue of cell batches, in the order of `cells` (cell id -> config)."""
-    from mmflow.runtime import batch_key
-
     plans: dict[str, ModelPlan] = {}
     batches: dict[tuple[str, str], CellBatch] = {}
     for cell_id, cell in cells.items():
