@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,25 @@ from mmflow.data.sample import Box, Sample
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_config(name: str) -> dict:
+def model_config(name: str, resolve: bool = True) -> dict:
+    """conf/model/<name>.yaml as plain data (interpolations left as written with resolve=False)."""
     path = ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=resolve)
+
+
+def tiny_tokenizer(name: str):
+    """The tokenizer `mmflow.models.tiny` builds for the tiny model `name` (corpus built once)."""
+    from mmflow.models import tiny
+
+    spec = tiny.TINY_SPECS[name]
+    return tiny.build_tokenizer(spec.tokenizer_style, spec.vocab_size, list(_tiny_corpus()))
+
+
+@cache
+def _tiny_corpus() -> tuple[str, ...]:
+    from mmflow.models.tiny import tokenizer_corpus
+
+    return tuple(tokenizer_corpus())
 
 
 def cell_config(folder: Path, model: str = "tiny-llava", **changes) -> dict:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model_configs.json"
 TINY = ("tiny-llava", "tiny-llava-next")
@@ -42,13 +42,6 @@ def fingerprint(model) -> dict[str, list[float]]:
     }
 
 
-@cache
-def _corpus() -> tuple[str, ...]:
-    from mmflow.models.tiny import tokenizer_corpus
-
-    return tuple(tokenizer_corpus())
-
-
 def build(case: str):
     """(config dict, weight fingerprint or None) of one case, from the public builders."""
     kind, name = case.split("/")
@@ -56,7 +49,7 @@ def build(case: str):
         from mmflow.models import tiny
 
         spec = tiny.TINY_SPECS[name]
-        tokenizer = tiny.build_tokenizer(spec.tokenizer_style, spec.vocab_size, list(_corpus()))
+        tokenizer = tiny_tokenizer(name)
         model = tiny.build_model(spec, tokenizer)
     elif kind == "series":
         from mmflow.models import tiny_series

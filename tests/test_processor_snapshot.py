@@ -14,33 +14,20 @@ import hashlib
 import json
 import sys
 import tempfile
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import model_config, tiny_tokenizer
 from PIL import Image
 
 FIXTURE = Path(__file__).parent / "fixtures" / "processors.json"
 TINY = ("tiny-llava", "tiny-llava-next")
 SERIES = ("tiny-llava-1.6-mistral", "tiny-llava-1.6-34b", "tiny-llava-onevision", "tiny-qwen2.5-vl")
 REPLICAS = ("llava-1.5-7b", "llava-1.5-13b", "llava-1.6-vicuna-7b", "llama3-llava-next-8b")
-REPLICA_FORMATS = {
-    "llava-1.5-7b": "vicuna_v1",
-    "llava-1.5-13b": "vicuna_v1",
-    "llava-1.6-vicuna-7b": "vicuna_v1",
-    "llama3-llava-next-8b": "llama3",
-}  # conf/model/<name>.yaml prompt_format
 CASES = [f"tiny/{n}" for n in TINY] + [f"series/{n}" for n in SERIES] + ["toy/toy-llava"]
 CASES += [f"replica/{n}" for n in REPLICAS]
 QUESTION = "Is the red circle left or right of the square?"
-
-
-@cache
-def _corpus() -> tuple[str, ...]:
-    from mmflow.models.tiny import tokenizer_corpus
-
-    return tuple(tokenizer_corpus())
 
 
 def build(case: str):
@@ -50,7 +37,7 @@ def build(case: str):
         from mmflow.models import tiny
 
         spec = tiny.TINY_SPECS[name]
-        tokenizer = tiny.build_tokenizer(spec.tokenizer_style, spec.vocab_size, list(_corpus()))
+        tokenizer = tiny_tokenizer(name)
         return tiny.build_processor(spec, tokenizer), spec.prompt_format
     if kind == "series":
         from mmflow.models import tiny_series
@@ -68,7 +55,8 @@ def build(case: str):
     from mmflow.models import replica
 
     spec = replica.REPLICA_SPECS[name]
-    return replica.build_processor(spec, replica.build_tokenizer(spec)), REPLICA_FORMATS[name]
+    prompt_format = model_config(name, resolve=False)["prompt_format"]
+    return replica.build_processor(spec, replica.build_tokenizer(spec)), prompt_format
 
 
 def image() -> Image.Image:
