@@ -1,10 +1,16 @@
 """Every model mmflow builds keeps its config and seeded weights: tiny, series, toy, GPU check, replicas.
 
-The fixture `fixtures/model_configs.json` was written from the builders as they were before the LLaVA-family
-configs were built in one place (`mmflow.models.builder`): `config.to_dict()` of each model (the replicas at
-CPU and at full size, the GPU check's models at dry-run and, on the meta device, at full size), and for
-the models with weights a per-tensor fingerprint (sum and sum of absolute values, float64) of the seeded
-random initialisation. Rewrite it only for an intended change: `python tests/test_model_configs.py --write`.
+The fixture `fixtures/model_configs.json` was first written from the builders as they were before the
+LLaVA-family configs were built in one place (`mmflow.models.builder`). It holds, for each model (the
+replicas at CPU and at full size, the GPU check's models at dry-run and, on the meta device, at full size),
+the config fields that decide what the model computes (`semantic_fields`: architecture, widths and depths,
+heads, token ids, rope, norms, vision geometry, dtype) and, for the models with weights, a per-tensor
+fingerprint (sum and sum of absolute values, float64) of the seeded random initialisation.
+
+Bookkeeping that `transformers` adds, drops or reorders from one release to the next (its version string,
+`_name_or_path`, output flags, label maps) is not part of the snapshot, so a new transformers release passes
+as long as the model it builds is the same. Rewrite the fixture only for an intended change:
+`python tests/test_model_configs.py --write`.
 """
 
 from __future__ import annotations
@@ -83,8 +89,40 @@ def build(case: str):
     return model.config.to_dict(), (fingerprint(model) or None)
 
 
+# The config fields that decide what a model computes, at the top level and inside its text and vision
+# configs: everything `mmflow.models.builder` sets, and the architecture defaults it relies on.
+MODEL_FIELDS = {
+    "model_type", "dtype", "tie_word_embeddings", "image_token_index", "image_token_id", "video_token_id",
+    "video_token_index", "vision_start_token_id", "vision_end_token_id", "projector_hidden_act",
+    "multimodal_projector_bias", "vision_feature_layer", "vision_feature_select_strategy",
+    "image_grid_pinpoints", "image_seq_length", "vision_aspect_ratio", "pad_token_id",
+}  # fmt: skip
+TEXT_FIELDS = {
+    "model_type", "dtype", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_parameters",
+    "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+    "max_window_layers", "layer_types", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id",
+}  # fmt: skip
+VISION_FIELDS = {
+    "model_type", "dtype", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "depth", "num_heads", "image_size", "patch_size", "projection_dim", "hidden_act", "layer_norm_eps",
+    "num_channels", "in_channels", "vision_use_head", "out_hidden_size", "fullatt_block_indexes",
+    "window_size", "spatial_merge_size", "temporal_patch_size", "tokens_per_second", "rope_parameters",
+}  # fmt: skip
+
+
 def _normal(value):
     return json.loads(json.dumps(value, default=str))
+
+
+def semantic_fields(config: dict) -> dict:
+    """The fields of `config.to_dict()` that decide the computation (JSON-normal; absent keys left out)."""
+    out = {k: v for k, v in config.items() if k in MODEL_FIELDS}
+    for part, fields in (("text_config", TEXT_FIELDS), ("vision_config", VISION_FIELDS)):
+        if isinstance(config.get(part), dict):
+            out[part] = {k: v for k, v in config[part].items() if k in fields}
+    return _normal(out)
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +134,48 @@ def expected() -> dict:
 def test_config_and_weights_unchanged(case: str, expected: dict) -> None:
     config, weights = build(case)
     want = expected[case]
-    assert _normal(config) == want["config"]
+    assert semantic_fields(config) == want["config"]
     if want["weights"] is None:
         assert weights is None
         return
-    assert sorted(weights) == sorted(want["weights"])
-    for name, (total, absolute) in want["weights"].items():
-        assert weights[name] == pytest.approx([total, absolute], rel=1e-9, abs=1e-9), name
+    assert_same_weights(weights, want["weights"])
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name, (total, absolute) in want.items():
+        assert got[name] == pytest.approx([total, absolute], rel=1e-9, abs=1e-9), name
+
+
+def test_snapshot_ignores_library_bookkeeping_but_not_a_real_field(expected: dict) -> None:
+    """A new transformers' version string or added/dropped bookkeeping keys pass; one real field or one
+    weight changed fails."""
+    config, weights = build("tiny/tiny-llava")
+    want = expected["tiny/tiny-llava"]
+    noisy = {**config, "transformers_version": "99.0.0", "_name_or_path": "x", "brand_new_flag": True}
+    noisy.pop("output_attentions", None)
+    noisy["text_config"] = {**config["text_config"], "transformers_version": "99.0.0"}
+    assert semantic_fields(noisy) == want["config"]
+    for part, key in (
+        ("text_config", "num_hidden_layers"),
+        ("vision_config", "patch_size"),
+        (None, "image_token_index"),
+    ):
+        changed = json.loads(json.dumps(config, default=str))
+        target = changed[part] if part else changed
+        target[key] = target[key] + 1
+        assert semantic_fields(changed) != want["config"], key
+    name = next(iter(weights))
+    nudged = {**weights, name: [weights[name][0] + 1e-3, weights[name][1] + 1e-3]}
+    with pytest.raises(AssertionError):
+        assert_same_weights(nudged, want["weights"])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     out = {}
     for case in CASES:
         config, weights = build(case)
-        out[case] = {"config": _normal(config), "weights": weights}
+        out[case] = {"config": semantic_fields(config), "weights": weights}
         print(case, flush=True)
     FIXTURE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
 

@@ -5,6 +5,9 @@ built in one place: for each model, the files `processor.save_pretrained` writes
 chat template as they are; `tokenizer.json` as a digest), its special tokens, and what the processor
 gives for one fixed question and image in the model's own prompt format (`build_prompt`): the input
 ids (run-length coded, so the image-token runs stay short) and every other tensor's shape and sums.
+The saved JSON files are compared on what they recorded: every recorded key must keep its value, while
+keys a new `transformers` adds and its bookkeeping (`LIBRARY_KEYS`) do not count, so a new release passes
+as long as the processor it saves and what it computes are the same.
 Rewrite it only for an intended change: `python tests/test_processor_snapshot.py --write`.
 """
 
@@ -115,8 +118,26 @@ def snapshot(case: str) -> dict:
     return {"class": type(processor).__name__, "files": files, "special": special, "outputs": outputs}
 
 
+# Keys `transformers` writes for its own bookkeeping, not settings of the processor.
+LIBRARY_KEYS = {"transformers_version", "_name_or_path", "backend"}
+
+
 def _normal(value):
     return json.loads(json.dumps(value, default=str))
+
+
+def recorded(got, want):
+    """`got` cut to the keys `want` recorded (recursively), library bookkeeping left out of both."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        keys = [k for k in want if k not in LIBRARY_KEYS]
+        return {k: recorded(got.get(k, "<missing>"), want[k]) for k in keys}
+    return got
+
+
+def without_library_keys(value):
+    if isinstance(value, dict):
+        return {k: without_library_keys(v) for k, v in value.items() if k not in LIBRARY_KEYS}
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +149,9 @@ def expected() -> dict:
 def test_processor_unchanged(case: str, expected: dict) -> None:
     got, want = _normal(snapshot(case)), expected[case]
     assert got["class"] == want["class"]
-    assert got["files"] == want["files"]
+    assert sorted(got["files"]) == sorted(want["files"])
+    for name, content in want["files"].items():
+        assert recorded(got["files"][name], content) == without_library_keys(content), name
     assert got["special"] == want["special"]
     assert got["outputs"]["input_ids"] == want["outputs"]["input_ids"]
     for key, value in want["outputs"].items():
@@ -140,6 +163,16 @@ def test_processor_unchanged(case: str, expected: dict) -> None:
         else:
             assert got["outputs"][key] == value, key
     assert sorted(got["outputs"]) == sorted(want["outputs"])
+
+
+def test_files_check_ignores_added_keys_but_not_a_changed_setting(expected: dict) -> None:
+    want = expected["tiny/tiny-llava"]["files"]["processor_config.json"]
+    added = {**want, "transformers_version": "99.0", "a_new_library_field": 1}
+    assert recorded(added, want) == without_library_keys(want)
+    changed = {**want, "patch_size": want["patch_size"] + 1}
+    assert recorded(changed, want) != without_library_keys(want)
+    dropped = {k: v for k, v in want.items() if k != "patch_size"}
+    assert recorded(dropped, want) != without_library_keys(want)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
