@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmflow.models.anatomy import Anatomy, anatomy_of
+from mmflow.models.placement import load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,21 @@ def load_model(cfg: Any) -> LoadedModel:
     device = pick_device(cfg.get("device", "auto"))
     trust = bool(cfg.get("trust_remote_code", False))
     revision = cfg.get("revision")
-    device_map = cfg.get("device_map")  # e.g. "auto": split a model too large for one GPU (LLaVA-1.6-34B)
+    # a model over several GPUs (resources.gpus > 1 or a device_map): mmflow.models.placement
+    resources = cfg.get("resources") or {}
+    placement = load_kwargs(cfg.get("device_map"), resources.get("gpus"))
     model = getattr(transformers, cfg.model_class).from_pretrained(
         path,
         dtype=DTYPES[cfg.dtype],
         use_safetensors=True,
         trust_remote_code=trust,
         revision=revision,
-        **({"device_map": device_map} if device_map else {}),
+        **placement,
     )
-    if device_map:
+    if placement:
         device = model.get_input_embeddings().weight.device  # inputs go where the embeddings are
+        devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {"": device}).values()})
+        log.info("%s placed by device map on %s", cfg.name, ", ".join(devices))
     else:
         model = model.to(device)
     model.eval()
