@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every Ray these tests start (test clusters, `ray start`, sweeps in subprocesses) listens on 127.0.0.1:
+# Ray's single-machine mode, which must be chosen before Ray is imported (mmflow.sweep.ray_executor).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 from functools import cache
 from pathlib import Path
 
@@ -102,12 +108,21 @@ def noise_sample(
     )
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def add_loopback_node(cluster, **node_args):
+    """A worker node of a test cluster, on loopback like its head."""
+    return cluster.add_node(**node_args)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray cluster for the whole session (starting one costs seconds); tests may add nodes to it.
 
-    A `ray.cluster_utils.Cluster` whose head offers 2 logical CPUs; drivers (e.g. `launch.py -m` in a
-    subprocess) join it with `hydra.launcher.ray.init.address=<cluster.address>`. Shut down at the end.
+    A `ray.cluster_utils.Cluster` on 127.0.0.1 whose head offers 2 logical CPUs; drivers (e.g.
+    `launch.py -m` in a subprocess) join it with `hydra.launcher.ray.init.address=<cluster.address>`; add
+    nodes with `add_loopback_node`. Shut down at the end.
     """
     from ray.cluster_utils import Cluster
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import add_loopback_node
 from hydra import compose, initialize_config_dir, initialize_config_module
+
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 8  # both tiny models
@@ -230,7 +233,7 @@ def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) ->
     happens whatever the timing: six samples a cell keep the head's two actors busy well past the
     worker's start, so the worker always gets a batch.
     """
-    worker = ray_cluster.add_node(num_cpus=1)
+    worker = add_loopback_node(ray_cluster, num_cpus=1)
     ray_cluster.wait_for_nodes()
     head_id, worker_id = ray_cluster.head_node.node_id, worker.node_id
     results, n_samples = tmp_path / "results", 6

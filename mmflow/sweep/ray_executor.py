@@ -14,7 +14,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +30,17 @@ from mmflow.sweep.settings import RaySettings, SweepSettings
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+# A Ray that mmflow starts itself listens on loopback only (`loopback_only`).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class ModelActor:
     """A Ray actor around a `ModelWorker`; answers `progress` while `run_batch` works."""
 
     def __init__(self, model: dict[str, Any], backend: str) -> None:
+        assigned = len(ray.get_gpu_ids())  # a model given several GPUs is spread over them (placement)
+        if assigned > 1:
+            model = {**model, "resources": {**(model.get("resources") or {}), "gpus": assigned}}
         self.worker = ModelWorker(model, backend)
         self.token = ""
         self.batch_samples = 0
@@ -229,7 +234,7 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     if env:
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
     kwargs: dict[str, Any] = {"log_to_driver": True, **init, "runtime_env": runtime_env or None}
-    if address is None:  # a local Ray for this sweep only
+    if address is None:  # a local Ray for this sweep only: on loopback, no dashboard
         kwargs.setdefault("include_dashboard", False)
     else:
         for local_only in ("num_cpus", "num_gpus"):
@@ -238,11 +243,36 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     if address is not None:
         check_reachable(address, float(settings.connect_timeout_s or 60))
     # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
-    ray.init(address=address or "local", **kwargs)
+    with loopback_only() if address is None else nullcontext():
+        ray.init(address=address or "local", **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Start Ray's processes on 127.0.0.1 only (nothing outside this machine can reach them).
+
+    Ray replaces a node address of 127.0.0.1 with the machine's network address
+    (`ray._private.services.resolve_ip_for_localhost`) unless it runs in its single-machine mode,
+    which the variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 selects: the processes Ray starts read the
+    variable, this process reads `ray_constants.ENABLE_RAY_CLUSTER` (set here while Ray starts).
+    """
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(LOOPBACK_ENV)
+    before_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before_env
 
 
 def check_reachable(address: str, timeout_s: float) -> None:

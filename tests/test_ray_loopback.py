@@ -1,0 +1,50 @@
+"""Every Ray node mmflow or its tests start listens on 127.0.0.1, with no dashboard."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import LOOPBACK, add_loopback_node
+
+pytestmark = pytest.mark.ray
+
+
+def _node_addresses(ray) -> list[str]:
+    return [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+
+
+def test_a_local_sweep_starts_ray_on_loopback_without_dashboard(monkeypatch) -> None:
+    import ray
+    from ray._private import ray_constants
+
+    from mmflow.sweep.ray_executor import LOOPBACK_ENV, ray_session
+    from mmflow.sweep.settings import RaySettings
+
+    # as in a user's process: Ray in its normal mode (the tests' conftest chose loopback for all)
+    monkeypatch.delenv(LOOPBACK_ENV)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+
+    with ray_session(RaySettings(init={"num_cpus": 1})):
+        addresses = _node_addresses(ray)
+        context = ray.get_runtime_context()
+        assert context.gcs_address.startswith(f"{LOOPBACK}:")
+        assert not ray._private.worker.global_worker.node.webui_url  # dashboard off
+    assert addresses == [LOOPBACK]
+    assert LOOPBACK_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER  # left as it was
+
+
+def test_test_clusters_put_every_node_on_loopback(ray_cluster) -> None:
+    import ray
+
+    node = add_loopback_node(ray_cluster, num_cpus=1)
+    try:
+        ray.init(address=ray_cluster.address)
+        try:
+            addresses = _node_addresses(ray)
+        finally:
+            ray.shutdown()
+    finally:
+        ray_cluster.remove_node(node)
+    assert len(addresses) == 2 and set(addresses) == {LOOPBACK}
+    assert ray_cluster.address.startswith(f"{LOOPBACK}:")
