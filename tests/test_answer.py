@@ -40,6 +40,7 @@ def samples_for(loaded, tmp_path, n: int):
     return [noise_sample(tmp_path, rng, question=questions[i % 2]) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_llava", "tiny_llava_next", "toy_llava"])
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 def test_cached_answer_equals_generate(model, engine, request, tmp_path):
@@ -72,6 +73,7 @@ def test_cached_answer_equals_generate(model, engine, request, tmp_path):
     assert checked["full"] == 2 and checked["early"] >= 2
 
 
+@pytest.mark.slow
 def test_toy_answers_end_at_eos_and_text_matches(toy_llava, tmp_path):
     """The trained toy answers in a word and stops: same text as `generate`, fewer than 8 tokens."""
     engine = make_engine("fast", toy_llava)
@@ -98,6 +100,7 @@ def test_fast_engine_caches_survive_decoding(tiny_llava, tmp_path):
         assert torch.equal(before, after) and after.shape[-2] == inputs.length
 
 
+@pytest.mark.slow
 def test_generation_config_that_changes_greedy_steps_uses_generate(tiny_llava, tmp_path):
     inputs = encode(tiny_llava, samples_for(tiny_llava, tmp_path, 1)[0])
     config = tiny_llava.model.generation_config

@@ -139,6 +139,7 @@ def _interrupted_cell(tiny_llava, config, after: int = 2) -> Path:
     return Path(config["results_dir"]) / cell_id(config)
 
 
+@pytest.mark.slow
 def test_damaged_state_never_counts_as_done(tiny_llava, tmp_path, caplog):
     config = cell_config(tmp_path, n_samples=3)
     cell = _interrupted_cell(tiny_llava, config)
@@ -219,6 +220,7 @@ def test_secrets_are_redacted_in_everything_mmflow_writes(tiny_llava, tmp_path):
 # ------------------------------------------------------------------ 4, 5. W&B
 
 
+@pytest.mark.slow
 def test_interrupted_cell_leaves_one_offline_run_to_upload(tiny_llava, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)

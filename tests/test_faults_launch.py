@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 8  # tiny-llava
 SECRET = "hf_N0tForF1les"

@@ -13,6 +13,8 @@ from conftest import ROOT
 
 from mmflow.gpu_check import GRID_SAMPLES_PER_MODEL, grid_hours
 
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
+
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_prints_one_json_line_per_check(tmp_path):

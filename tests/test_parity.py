@@ -72,6 +72,7 @@ def original_pixels(image: Image.Image, aspect: str, processor=None) -> torch.Te
 # ---------------------------------------------------------------- anyres tile choice
 
 
+@pytest.mark.slow
 @needs_oracle
 @pytest.mark.parametrize("name", NEXT_MODELS)
 def test_image_token_counts(name: str) -> None:
@@ -267,6 +268,7 @@ def test_bad_parity_value_is_refused() -> None:
         effective_parity(cell_config(Path("/tmp/x"), parity="papers"))
 
 
+@pytest.mark.slow
 def test_paper_cell_on_a_replica(tmp_path: Path) -> None:
     """A whole cell in paper mode on the LLaMA-3 replica: parity in cell.json, fast engine = reference."""
     import json

@@ -68,6 +68,7 @@ def test_report_has_patching_beside_knockout_and_head_heat_map(cells):
     assert top["rel_change_pct"].iloc[0] == pytest.approx(np.nanmin(table.to_numpy()))
 
 
+@pytest.mark.slow
 def test_wandb_logs_recovered_fraction_per_group_and_per_head_table(cells):
     root, outcomes = cells["tmp"] / "wb", cells["outcomes"]
     (run_dir,) = run_dirs(root, outcomes[1].cell_id)

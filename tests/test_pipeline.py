@@ -53,6 +53,7 @@ def _frames(outcome) -> tuple[pd.DataFrame, pd.DataFrame]:
     return tuple(pd.read_parquet(f"{outcome.path}/{name}.parquet") for name in ("samples", "results"))
 
 
+@pytest.mark.slow
 def test_prefetched_cells_same_rows_and_a_failing_sample_is_a_skip(tiny_llava, tmp_path, monkeypatch):
     load_image = prepare.load_image  # samples are read in mmflow.prepare (issue 15)
 

@@ -186,6 +186,7 @@ def assert_figure_files(report: Path, index_html: str) -> list[Path]:
     return images
 
 
+@pytest.mark.slow
 def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict) -> None:
     root = fabricated[("m8", "image_to_question")].parent
     unknown = fabricate_cell(root, "m8", curve_values(2, 9, 0.0), analysis="no_such_analysis")
@@ -233,6 +234,7 @@ def tracking_cell(root: Path, p_lower: np.ndarray) -> Path:
     return cell_dir
 
 
+@pytest.mark.slow
 def test_report_draws_answer_tracking_through_its_analysis(fabricated: dict) -> None:
     root = fabricated[("m8", "image_to_question")].parent
     p_lower = np.array([[0.1, 0.5, 0.9], [0.3, 0.7, 0.5]])
@@ -261,6 +263,7 @@ def test_sweep_folder_reports_the_cells_its_sweep_json_lists(fabricated: dict, t
     assert set(table_rows(index.read_text())) == {mine[0].name}
 
 
+@pytest.mark.slow
 def test_cli_writes_the_report(fabricated: dict, tmp_path: Path) -> None:
     root = fabricated[("m8", "image_to_question")].parent
     out = subprocess.run(
@@ -274,6 +277,7 @@ def test_cli_writes_the_report(fabricated: dict, tmp_path: Path) -> None:
     assert len(table_rows((tmp_path / "r" / "index.html").read_text())) == 4
 
 
+@pytest.mark.slow
 def test_report_of_really_computed_cells(tmp_path: Path) -> None:
     """Two knockouts of the tiny LLaVA through the runtime, then the report from their folders."""
     from mmflow.models.registry import get_model

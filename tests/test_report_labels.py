@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mmflow.analyses.knockout_figures import plot_cross_model, plot_model_overview, plot_model_task
 from mmflow.analyses.patching_figures import plot_necessity_sufficiency
@@ -104,6 +105,7 @@ def test_two_table_files_are_told_apart_by_digest(tmp_path):
     assert got == ["Image ↛ Question (data.sha256=abababab)", "Image ↛ Question (data.sha256=cdcdcdcd)"]
 
 
+@pytest.mark.slow
 def test_the_usual_sweep_keeps_its_labels(tmp_path):
     for task in ("ChooseAttr", "QueryAttr"):
         for model in ("m8", "m12"):

@@ -108,6 +108,7 @@ def table_cell(tmp_path: Path, table: Path) -> dict:
     return cell_config(tmp_path / "results", data=data, n_samples=8)
 
 
+@pytest.mark.slow
 def test_a_changed_answer_is_a_new_cell_computed_again(tiny_llava, tmp_path):
     table = write_table(tmp_path)
     first = run_cells(tiny_llava, [table_cell(tmp_path, table)])[0]

@@ -24,6 +24,8 @@ from mmflow.models.toy import (
 from mmflow.models.toy_training.train import load_toy
 from mmflow.runtime import generate_answer, normalise_answer
 
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
+
 N_PER_TASK = (
     100  # held-out questions per family (data seed 0, as training.json's heldout: never used in training)
 )

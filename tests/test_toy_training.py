@@ -39,6 +39,8 @@ from mmflow.models.toy_training.data import (
 from mmflow.models.toy_training.probes import GroundingHead, decoder_states
 from mmflow.models.toy_training.train import load_toy
 
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def recipe():

@@ -19,6 +19,8 @@ from mmflow import wandb_logger
 from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
 from mmflow.wandb_logger import WandbCellLogger, cell_logger, log_sweep, logger_config, resolve_mode
 
+pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 WANDB = str(Path(sys.executable).parent / "wandb")
 FAKE_KEY = "fake0key0" + "9f3c1a" * 5  # never a real key; must appear in no file
