@@ -33,7 +33,10 @@ def write_specs(sweep_dir: str | Path, cells: Sequence[Any], info: SweepInfo) ->
     sweep_dir = Path(sweep_dir)
     info_dict = dataclasses.asdict(info)
     paths = (sweep_dir / WORKSPACE_FILE, sweep_dir / REPORT_FILE)
-    for path, built in zip(paths, (build_workspace(cells, info), build_report(cells, info)), strict=True):
+    # No entity in the specs: a report's run set with one asks the server for the project's id.
+    unplaced = dataclasses.replace(info, entity="")
+    specs = (build_workspace(cells, unplaced), build_report(cells, unplaced))
+    for path, built in zip(paths, specs, strict=True):
         model = built._to_model()
         spec = model.model_dump(mode="json", by_alias=True, exclude_none=True)
         atomic_write_json(path, {"format": FORMAT, "info": info_dict, "spec": spec})
@@ -65,11 +68,12 @@ def load_report(path: str | Path) -> Any:
     return wr.Report._from_model(internal.ReportViewspec.model_validate(_read(Path(path))["spec"]))
 
 
-def _set_entity(report: Any, entity: str) -> None:
-    report.entity = entity
+def _place(report: Any, entity: str, project: str) -> None:
+    """Put the report and its run sets in `entity/project` (the specs hold no entity)."""
+    report.entity, report.project = entity, project
     for block in report.blocks:
         for runset in getattr(block, "runsets", None) or []:
-            runset.entity = runset.entity or entity
+            runset.entity, runset.project = entity, project
 
 
 def publish(sweep_dir: str | Path, entity: str | None = None, project: str | None = None) -> dict[str, Any]:
@@ -91,8 +95,7 @@ def publish(sweep_dir: str | Path, entity: str | None = None, project: str | Non
     published = json.loads(path.read_text()) if path.exists() else {}
     same_place = published.get("entity") == entity and published.get("project") == project
     workspace.entity, workspace.project = entity, project
-    report.project = project
-    _set_entity(report, entity)
+    _place(report, entity, project)
     if same_place and published.get("workspace"):  # update the same view, not a new copy
         workspace._internal_name = published["workspace"]["name"]
         workspace._internal_id = published["workspace"]["id"]
