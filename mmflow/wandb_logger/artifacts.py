@@ -6,11 +6,11 @@
 - `figures-<sweep run id>` (type `figures`): the sweep's comparison figures (PNG), logged by the
   sweep run; its metadata lists the cells (`cell-<id>`).
 
-Online, the inputs are declared with `run.use_artifact` (the data and model artifacts hold a JSON
-file describing them, so the same input is the same artifact version), and W&B's lineage view
-leads from a figure to its cells and their inputs. W&B refuses `use_artifact` in offline runs: there
-the inputs are in the artifacts' metadata and `mmflow wandb publish` declares them after
-`wandb sync` (`mmflow.wandb_logger.publish.link_inputs`).
+The data and model artifacts hold one JSON file describing the input, so the same input is the same
+artifact version. An online cell run declares them with `run.use_artifact`; W&B refuses that in
+offline runs, so there the inputs are in the metadata and `mmflow wandb publish` declares them after
+`wandb sync` (`mmflow.wandb_logger.lineage`), as it declares the cells inputs of the sweep run. Then
+W&B's lineage view leads from a figure to its cells and their inputs.
 """
 
 from __future__ import annotations
@@ -73,19 +73,14 @@ def log_cell_artifact(wandb: Any, run: Any, config: Mapping[str, Any], cell_dir:
     return run.log_artifact(artifact, aliases=["latest"])
 
 
-def log_figures_artifact(
-    wandb: Any, run: Any, figures: Mapping[str, bytes], cells: list[str], online: bool
-) -> Any | None:
+def log_figures_artifact(wandb: Any, run: Any, figures: Mapping[str, bytes], cells: list[str]) -> Any | None:
     """Log the sweep's figures (PNG bytes by file stem) as `figures-<run id>`, built from `cells`.
 
-    Online, each cell's artifact is declared an input of the sweep run first (the lineage edge from
-    the figures back to the cells); offline the metadata lists them.
+    The metadata lists the cells' artifacts; publishing declares them inputs of the sweep run
+    (`mmflow.wandb_logger.lineage`), online and offline alike.
     """
     if not figures:
         return None
-    if online:
-        for cell in cells:
-            run.use_artifact(f"{cell_artifact_name(cell)}:latest")
     artifact = wandb.Artifact(f"figures-{run.id}", type="figures")
     artifact.metadata.update(cells=[cell_artifact_name(c) for c in cells], figures=sorted(figures))
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmflow.store import atomic_write_json
+from mmflow.wandb_logger.lineage import lineage_record, link_inputs
 from mmflow.wandb_logger.report_spec import build_report
 from mmflow.wandb_logger.specs import SweepInfo, build_workspace, import_workspaces
 
@@ -36,10 +37,11 @@ def write_specs(sweep_dir: str | Path, cells: Sequence[Any], info: SweepInfo) ->
     # No entity in the specs: a report's run set with one asks the server for the project's id.
     unplaced = dataclasses.replace(info, entity="")
     specs = (build_workspace(cells, unplaced), build_report(cells, unplaced))
+    lineage = lineage_record(list(cells), info.sweep_run)
     for path, built in zip(paths, specs, strict=True):
         model = built._to_model()
         spec = model.model_dump(mode="json", by_alias=True, exclude_none=True)
-        atomic_write_json(path, {"format": FORMAT, "info": info_dict, "spec": spec})
+        atomic_write_json(path, {"format": FORMAT, "info": info_dict, "lineage": lineage, "spec": spec})
     return paths
 
 
@@ -109,8 +111,18 @@ def publish(sweep_dir: str | Path, entity: str | None = None, project: str | Non
         "workspace": {"id": workspace._internal_id, "name": workspace._internal_name, "url": workspace.url},
         "report": {"id": report.id, "url": report.url},
     }
+    atomic_write_json(path, record)  # the views exist: a lineage failure must not lose their ids
+    try:
+        record["lineage"] = {"added": link_inputs(wandb.Api(), entity, project, info_lineage(sweep_dir))}
+    except Exception as exc:  # noqa: BLE001 - the views are saved; say what is missing
+        record["lineage"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[mmflow] W&B lineage not declared ({record['lineage']['error']}); publish again to retry")
     atomic_write_json(path, record)
     return record
+
+
+def info_lineage(sweep_dir: Path) -> dict[str, Any]:
+    return _read(sweep_dir / WORKSPACE_FILE)["lineage"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def log_sweep(
     try:
         if compared:
             _log_comparisons(run, compared)
-        paper = _log_paper_figures(run, cells, online)
+        paper = _log_paper_figures(run, cells)
         run.finish(exit_code=0)
     except BaseException:
         run.finish(exit_code=1)
@@ -79,7 +79,7 @@ def log_sweep(
     return Path(run.dir).parent
 
 
-def _log_paper_figures(run: Any, cells: list, online: bool) -> dict[str, list[str]]:
+def _log_paper_figures(run: Any, cells: list) -> dict[str, list[str]]:
     """Each analysis's report figures as images (`paper_figure/<stem>`) and as the `figures` artifact."""
     from mmflow.report.figures import png_bytes
 
@@ -93,7 +93,7 @@ def _log_paper_figures(run: Any, cells: list, online: bool) -> dict[str, list[st
                 pngs[spec.stem] = png_bytes(spec.figure)
                 run.log({key: image(wandb, spec.figure, spec.caption)})
                 keys.setdefault(title, []).append(key)
-    log_figures_artifact(wandb, run, pngs, [c.cell_id for c in cells], online)
+    log_figures_artifact(wandb, run, pngs, [c.cell_id for c in cells])
     return keys
 
 
