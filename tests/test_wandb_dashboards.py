@@ -137,6 +137,7 @@ def panels_of(workspace, report) -> list:
     return panels + [p for b in report.blocks for p in (getattr(b, "panels", None) or [])]
 
 
+@pytest.mark.slow  # the smoke sweep: 8 cells, ~40 s on a shared machine
 def test_smoke_workspace_sections_and_panels(smoke: dict) -> None:
     workspace = load_workspace(smoke["sweep_dir"] / WORKSPACE_FILE)  # validated by wandb-workspaces' models
     titles = ["ChooseAttr — window 1", "ChooseAttr — window 3"]
@@ -159,6 +160,7 @@ def test_smoke_workspace_sections_and_panels(smoke: dict) -> None:
     ]
 
 
+@pytest.mark.slow  # the smoke sweep: 8 cells, ~40 s on a shared machine
 def test_every_panel_names_a_key_its_runs_logged(smoke: dict, mixed: dict) -> None:
     for sweep in (smoke, mixed):
         workspace = load_workspace(sweep["sweep_dir"] / WORKSPACE_FILE)
@@ -182,6 +184,7 @@ def test_every_panel_names_a_key_its_runs_logged(smoke: dict, mixed: dict) -> No
         assert checked >= 8
 
 
+@pytest.mark.slow  # the smoke sweep: 8 cells, ~40 s on a shared machine
 def test_facet_keys_carry_the_cells_curves(smoke: dict) -> None:
     cell_id = smoke["ids"][0]
     results = pd.read_parquet(smoke["tmp"] / "results" / cell_id / "results.parquet")
