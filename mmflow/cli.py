@@ -4,6 +4,7 @@ mmflow run [overrides]           one cell (a sweep of one cell, computed in this
 mmflow run -m [overrides]        a sweep: every combination of comma-separated values
 mmflow run experiment=smoke      a named sweep (mmflow/conf/experiment/*.yaml)
 mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
+mmflow wandb publish SWEEP_DIR   create/update the sweep's W&B workspace and report (after `wandb sync`)
 mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
 mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy)
 """
@@ -130,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmflow.report.__main__ import main as report_main
 
         return report_main(rest)
+    if command == "wandb":
+        from mmflow.wandb_logger.publish import main as wandb_main
+
+        return wandb_main(rest)
     if command == "bench":
         from mmflow.bench import main as bench_main
 

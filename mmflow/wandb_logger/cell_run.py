@@ -20,6 +20,8 @@ from mmflow.analyses import Analysis, analysis_for
 from mmflow.analyses.curves import curve_minimum
 from mmflow.secrets import redact
 from mmflow.store import cell_id
+from mmflow.wandb_logger.artifacts import log_cell_artifact, use_inputs
+from mmflow.wandb_logger.keys import facet_key, heads_key
 from mmflow.wandb_logger.settings import (
     image,
     import_wandb,
@@ -97,9 +99,10 @@ class WandbCellLogger:
     def _open(self) -> Any:
         labels = self.analysis.labels
         root = run_root(self.cfg, self.config["results_dir"])
-        if resolve_mode(self.cfg["mode"]) == "offline":
+        self.online = resolve_mode(self.cfg["mode"]) == "online"
+        if not self.online:
             supersede_offline_runs(root, self.id)
-        return init_run(
+        run = init_run(
             self.cfg,
             root,
             id=self.id,
@@ -109,6 +112,11 @@ class WandbCellLogger:
             tags=list(labels.tags),
             config=redact(self.config),
         )
+        try:
+            use_inputs(import_wandb(), run, self.config, self.online)
+        except Exception as exc:  # lineage is a nicety: the run still logs the cell
+            log.warning("W&B inputs of cell %s not declared: %s: %s", self.id, type(exc).__name__, exc)
+        return run
 
     def _seed_from_parts(self) -> None:
         """On resume, count the samples an earlier, interrupted run already recorded."""
@@ -197,19 +205,23 @@ class WandbCellLogger:
         table = per_layer_table(self.analysis, results, self.n_layers)
         rows: dict[int, dict[str, Any]] = {}  # one history row per layer (every curve of the analysis)
         for row in table.to_dict("records"):
-            rows.setdefault(int(row["layer"]), {}).update(curve_payload(row))
+            payload = curve_payload(row)
+            payload[facet_key(self.config, str(row["value"]))] = float(row["mean"])  # the dashboards' key
+            rows.setdefault(int(row["layer"]), {}).update(payload)
         for layer in sorted(rows):
             self.run.log(rows[layer])
         wandb = import_wandb()
         self.run.log({"per_layer": wandb.Table(dataframe=table)})
         if "head" in results:  # knockout.heads: each: the heat map's numbers, layer x head
             means = results.groupby(["layer", "head"])["rel_change_pct"].mean().reset_index()
-            self.run.log({"per_layer_head": wandb.Table(dataframe=means)})
+            heads = wandb.Table(dataframe=means)
+            self.run.log({"per_layer_head": heads, heads_key(self.config): heads})
         self.run.summary.update(self._summary(table, summary))
         figure = self._figure(results)
         if figure is not None:
             caption = f"{self.config['model']['name']} — {self.config['task']}"
             self.run.log({"figure": image(wandb, figure, caption)})
+        log_cell_artifact(wandb, self.run, self.config, Path(self.config["results_dir"]) / self.id)
 
     def _summary(self, table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, Any]:
         counts = dict(summary.get("counts", {}))

@@ -33,6 +33,7 @@ STEP_METRICS = {
     "running_curve/*": "samples_done",
     "curve/*": "layer",
     "depth/*": "rel_depth",
+    "flow/*": "rel_depth",  # the facet keys the built workspace and report draw (wandb_logger.keys)
 }
 
 
