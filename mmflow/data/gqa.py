@@ -126,14 +126,21 @@ def _object(row: dict[str, str], prefix: str, where: str) -> tuple[str, Box | No
 
 
 def _fit_box(box: Box, width: int, height: int, prefix: str, where: str) -> Box:
-    """Clip a box that overflows the image by at most BOX_TOLERANCE_PX; reject worse ones."""
+    """Clip a box that overflows any edge of the image by at most BOX_TOLERANCE_PX; reject worse ones.
+
+    The same tolerance holds on all four edges (x or y of -1 or -2, or a box ending a pixel or two past
+    the right or bottom edge); the kept box is the part inside the image.
+    """
     tol = BOX_TOLERANCE_PX
-    if not box.inside(width + tol, height + tol):
+    overflow = max(-box.x, -box.y, box.x + box.w - width, box.y + box.h - height)
+    if box.w <= 0 or box.h <= 0 or overflow > tol + 1e-6:
         raise _RowError(
             BOX_OUTSIDE_IMAGE,
             f"{where}: {prefix} box {box} is outside the {width}x{height} image (tolerance {tol} px)",
         )
-    clipped = Box(box.x, box.y, min(box.w, width - box.x), min(box.h, height - box.y))
+    x0, y0 = max(box.x, 0.0), max(box.y, 0.0)
+    x1, y1 = min(box.x + box.w, float(width)), min(box.y + box.h, float(height))
+    clipped = Box(x0, y0, x1 - x0, y1 - y0)
     if not clipped.inside(width, height):
         raise _RowError(BOX_OUTSIDE_IMAGE, f"{where}: {prefix} box {box} is empty inside the image")
     return clipped
