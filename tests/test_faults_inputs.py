@@ -34,7 +34,7 @@ def one_row(tmp_path: Path, row: dict[str, str]) -> Sample:
 )
 def test_boxes_within_tolerance_on_every_edge_are_clipped(tmp_path: Path, xywh, kept: Box) -> None:
     row = query_row(**{f"central object {k}": str(v) for k, v in zip("xywh", xywh, strict=True)})
-    (sample,) = one_row(tmp_path, row)
+    sample = one_row(tmp_path, row)
     assert isinstance(sample, Sample) and sample.box_issue is None
     assert sample.object_boxes == (kept,)
 
@@ -43,6 +43,6 @@ def test_boxes_within_tolerance_on_every_edge_are_clipped(tmp_path: Path, xywh, 
 def test_boxes_beyond_tolerance_are_skipped_with_the_reason(tmp_path: Path, xywh) -> None:
     assert BOX_TOLERANCE_PX == 2
     row = query_row(**{f"central object {k}": str(v) for k, v in zip("xywh", xywh, strict=True)})
-    (sample,) = one_row(tmp_path, row)
+    sample = one_row(tmp_path, row)
     assert sample.object_boxes == () and sample.box_issue[0] == "box_outside_image"
     assert "tolerance 2 px" in sample.box_issue[1]
