@@ -53,12 +53,14 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """A single run: one cell through the sweep core, in this process (`sweep.json`, summary, curve)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mmflow.secrets import redact_argv
     from mmflow.sweep.core import CellJob, Sweep
     from mmflow.sweep.curve import print_cell_curve, print_unscored
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
     redact_hydra_output()
+    redact_argv()  # Hydra has parsed it; W&B and Ray record the command line
     hydra_cfg = HydraConfig.get()
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
     settings = SweepSettings.from_dict({**launcher, "executor": "local"})

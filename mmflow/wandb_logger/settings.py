@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmflow.secrets import redacted_argv
+
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
@@ -139,16 +141,17 @@ def init_run(cfg: Mapping[str, Any], root: Path, **kwargs: Any) -> Any:
     """`wandb.init` of a new, independent run (never reusing another) that resumes its id if it exists."""
     wandb = import_wandb()
     root.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=cfg["project"],
-        entity=cfg.get("entity"),
-        dir=str(root),
-        mode=resolve_mode(cfg["mode"]),
-        resume="allow",
-        reinit="create_new",
-        settings=_settings(wandb),
-        **kwargs,
-    )
+    with redacted_argv():  # wandb saves sys.argv in the run's files: `+logger.api_key=…` stays out
+        run = wandb.init(
+            project=cfg["project"],
+            entity=cfg.get("entity"),
+            dir=str(root),
+            mode=resolve_mode(cfg["mode"]),
+            resume="allow",
+            reinit="create_new",
+            settings=_settings(wandb),
+            **kwargs,
+        )
     for step in sorted(set(STEP_METRICS.values())):
         run.define_metric(step, hidden=True, summary="none")
     for pattern, step in STEP_METRICS.items():
