@@ -36,6 +36,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 
     from mmflow.analyses import canonical_config
     from mmflow.data import resolve_data
+    from mmflow.paths import expand_path
 
     if "ray" in cfg:
         raise ValueError(
@@ -44,7 +45,8 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
         )
     config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
-    config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
+    results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset variable: refused
+    config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
     config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
     return config
 

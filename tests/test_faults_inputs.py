@@ -3,6 +3,10 @@ the model's context, paths with `~` or variables, images of every PIL mode."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,12 +15,19 @@ import pytest
 from test_data import QUERY_HEADER, query_row, write_csv
 from test_faults import meta_of, table_config, write_table
 
-from mmflow.data import read_table
+from mmflow.data import load_table, read_table, resolve_data
 from mmflow.data.gqa import BOX_TOLERANCE_PX, read_task_csv
 from mmflow.data.sample import Box, Sample, Skip
+from mmflow.locks import ConfigError, exclusive_dir
+from mmflow.models.registry import resolve_checkpoint
+from mmflow.paths import PathConfigError, expand_path
 from mmflow.prepare import PROMPT_TOO_LONG, prepare_or_skip
 from mmflow.runtime import run_cells
 from mmflow.validate import CellConfigError, validate_cell
+from mmflow.wandb_logger.settings import run_root
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS_1 = [("000000", "Is the jar full or empty?", "empty", "full")]
 
 # ------------------------------------------------------------------ boxes
 
@@ -85,3 +96,69 @@ def test_a_configured_max_tokens_skips_longer_samples_and_keeps_the_rest(tiny_ll
     assert "model.max_tokens=700" in samples.loc["000001", "skip_detail"]
     with pytest.raises(CellConfigError, match="model.max_tokens"):
         validate_cell({**config, "model": {**config["model"], "max_tokens": 0}})
+
+
+# ------------------------------------------------------------------ paths
+
+
+def test_path_keys_expand_home_and_variables_or_refuse_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMF_ROOT", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MMF_UNSET", raising=False)
+    assert expand_path("$MMF_ROOT/r", "results_dir") == f"{tmp_path}/r"
+    assert expand_path("${MMF_ROOT}/r", "results_dir") == f"{tmp_path}/r"
+    assert expand_path("~/r", "results_dir") == f"{tmp_path}/home/r"
+    with pytest.raises(
+        PathConfigError, match=r"^data.image_dir='\$MMF_UNSET/img': environment variable MMF_UNSET"
+    ):
+        expand_path("$MMF_UNSET/img", "data.image_dir")
+    assert exclusive_dir("$MMF_ROOT/res/_hydra/runs/now") == f"{tmp_path}/res/_hydra/runs/now"
+    with pytest.raises(ConfigError) as refused:
+        exclusive_dir("${MMF_UNSET}/res/_hydra/runs/now")
+    assert "MMF_UNSET is not set" in refused.value.message and "\n" not in refused.value.message
+    assert not list(Path.cwd().glob("$*")) and not list(tmp_path.glob("$*"))
+
+    table = write_table(tmp_path / "t", QUESTIONS_1)
+    data = resolve_data({"name": "table", "path": "$MMF_ROOT/t/vqa.csv", "image_dir": "~/../t/images"})
+    assert data["path"] == str(table) and data["image_dir"] == str(table.parent / "images")
+    assert Path(resolve_checkpoint("$MMF_ROOT/ckpt")) == tmp_path / "ckpt"
+    assert run_root({"dir": "~/wb"}, tmp_path) == tmp_path / "home" / "wb"
+
+
+def test_table_images_stay_inside_the_image_folder_unless_allowed(tmp_path):
+    table = write_table(tmp_path, QUESTIONS_1)
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copy(tmp_path / "images" / "img000000.jpg", outside)
+    frame = pd.read_csv(table, dtype=str)
+    frame = pd.concat([frame] * 3, ignore_index=True)
+    frame["question_id"] = ["a", "b", "c"]
+    frame["image"] = ["img000000.jpg", "../elsewhere.jpg", str(outside)]
+    frame.to_csv(table, index=False)
+    data = resolve_data({"name": "table", "path": str(table), "image_dir": str(tmp_path / "images")})
+    rows = load_table(data, "ChooseAttr")
+    assert isinstance(rows[0], Sample)
+    assert [r.reason for r in rows[1:]] == ["image_outside_image_dir"] * 2
+    assert "data.allow_images_outside=true" in rows[1].detail
+    allowed = load_table({**data, "allow_images_outside": True}, "ChooseAttr")
+    assert all(isinstance(r, Sample) for r in allowed) and allowed[1].image_path.resolve() == outside
+
+
+@pytest.mark.slow
+def test_launch_expands_results_dir_variables_and_refuses_unset_ones(tmp_path):
+    env = {**os.environ, "MMF_RES": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("MMF_UNSET", None)
+    base = [sys.executable, "launch.py", "model=tiny-llava", "n_samples=1", "logger=none"]
+    run = subprocess.run(
+        [*base, "results_dir=$MMF_RES/res"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert len(list((tmp_path / "res").glob("*/cell.json"))) == 1
+    assert not list(ROOT.glob("$*"))  # no folder named `$MMF_RES`
+    refused = subprocess.run(
+        [*base, "results_dir=$MMF_UNSET/res"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert refused.returncode == 2 and not list(ROOT.glob("$*"))
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "[mmflow] error: results_dir='$MMF_UNSET/res': environment variable MMF_UNSET is not set "
+        "(export it, or write the path out)"
+    )

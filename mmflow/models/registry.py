@@ -74,6 +74,10 @@ def resolve_checkpoint(checkpoint: str) -> str:
         from mmflow.models.toy import ensure_toy_model
 
         return str(ensure_toy_model(checkpoint.removeprefix("toy:")))
+    if checkpoint.startswith("~") or "$" in checkpoint:  # a local folder written with `~` or a variable
+        from mmflow.paths import expand_path
+
+        return expand_path(checkpoint, "model.checkpoint")
     return checkpoint
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmflow.paths import expand_path
 from mmflow.secrets import redacted_argv
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def sweep_name(config: Mapping[str, Any]) -> str:
 
 def run_root(cfg: Mapping[str, Any], default: str | Path) -> Path:
     """The folder wandb writes into (`<it>/wandb/...`): `logger.dir`, else `$WANDB_DIR`, else `default`."""
-    return Path(cfg.get("dir") or os.environ.get("WANDB_DIR") or default).resolve()
+    return Path(expand_path(cfg.get("dir") or os.environ.get("WANDB_DIR") or default, "logger.dir")).resolve()
 
 
 SUPERSEDED = "wandb-superseded"
