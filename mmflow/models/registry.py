@@ -41,6 +41,7 @@ class LoadedModel:
     image_preprocess: str
     device: torch.device
     parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
+    remote_code: dict[str, Any] | None = None  # trust_remote_code: the checkpoint's Python files that ran
 
     @property
     def tokenizer(self):
@@ -143,6 +144,12 @@ def load_model(cfg: Any) -> LoadedModel:
     trust = bool(cfg.get("trust_remote_code", False))
     revision = cfg.get("revision")
     device_map = cfg.get("device_map")  # e.g. "auto": split a model too large for one GPU (LLaVA-1.6-34B)
+    remote = None
+    if trust:  # said before any of the checkpoint's code runs, when its files are already here
+        from mmflow.models.remote_code import local_folder, report_remote_code
+
+        if local_folder(path, revision) is not None:
+            remote = report_remote_code(cfg.name, path, revision)
     model = getattr(transformers, cfg.model_class).from_pretrained(
         path,
         dtype=DTYPES[cfg.dtype],
@@ -171,6 +178,9 @@ def load_model(cfg: Any) -> LoadedModel:
         device=device,
         parity=cfg.get("parity"),
     )
+    if trust and remote is None:  # a hub checkpoint: its files are known once downloaded
+        remote = report_remote_code(cfg.name, path, revision)
+    loaded.remote_code = remote
     check_depth(cfg, loaded)
     return loaded
 
