@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GroupError, TokenGroups, build_token_groups
+from mmflow.images import ImageModeError
 from mmflow.inputs import ModelInputs, encode, load_image
 from mmflow.models.registry import LoadedModel
 
@@ -89,6 +90,8 @@ def prepare_or_skip(
         return inputs, build_token_groups(loaded, inputs, sample)
     except GroupError as exc:
         return Skip(sample.question_id, exc.reason, exc.detail)
+    except ImageModeError as exc:  # the file's own content: a 32-bit or unknown PIL mode
+        return Skip(sample.question_id, exc.reason, str(exc))
     except OSError as exc:
         return Skip(sample.question_id, UNREADABLE_IMAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - one sample's problem, recorded as its skip
