@@ -15,6 +15,7 @@ import pytest
 from test_data import QUERY_HEADER, query_row, write_csv
 from test_faults import meta_of, table_config, write_table
 
+from mmflow.cli import refuse_env_interpolation
 from mmflow.data import load_table, read_table, resolve_data
 from mmflow.data.gqa import BOX_TOLERANCE_PX, read_task_csv
 from mmflow.data.sample import Box, Sample, Skip
@@ -162,3 +163,19 @@ def test_launch_expands_results_dir_variables_and_refuses_unset_ones(tmp_path):
         "[mmflow] error: results_dir='$MMF_UNSET/res': environment variable MMF_UNSET is not set "
         "(export it, or write the path out)"
     )
+
+
+def test_a_braced_variable_on_the_command_line_is_refused_in_one_line():
+    """`results_dir='${HOME}/x'` is Hydra's interpolation of a key HOME: Hydra failed with a traceback."""
+    with pytest.raises(ConfigError) as refused:
+        refuse_env_interpolation("results_dir=${MMF_RES}/x")
+    assert refused.value.message == (
+        "results_dir: ${MMF_RES} is Hydra's interpolation of a config key, and there is no key MMF_RES; "
+        "for the environment variable write $MMF_RES or ${oc.env:MMF_RES}"
+    )
+    for fine in (
+        "results_dir=$MMF_RES/x",
+        "results_dir=${oc.env:MMF_RES}/x",
+        "window=${model.default_window}",
+    ):
+        refuse_env_interpolation(fine)
