@@ -82,8 +82,7 @@ def palette_transparent(rgb: Image.Image) -> Image.Image:
 
 
 def grey_alpha(rgb: Image.Image) -> Image.Image:
-    la = transparent(rgb).convert("LA")
-    return la
+    return transparent(rgb).convert("LA")
 
 
 # mode -> (the image in that mode, the plain 8-bit RGB image of the same scene)
