@@ -4,9 +4,9 @@ Values of environment variables (any `env_vars` mapping, e.g. `ray.runtime_env.e
 of keys named like secrets (`HF_TOKEN`, `WANDB_API_KEY`, `password`, ...) are replaced by `REDACTED`
 in `cell.json`, W&B configs, `sweep.json`, `multirun.yaml` and Hydra's `.hydra/*.yaml`. The command
 line is redacted in place once Hydra has parsed it (`redact_argv`), since W&B saves `sys.argv` in its
-run files and Ray its driver's command line. Secret-named `runtime_env.env_vars` of a local Ray reach
-the workers through the environment Ray inherits (`secret_env_vars_to_environ`), not through Ray's
-runtime_env, whose values Ray writes to its logs (docs/faults.md, "Secrets").
+run files and Ray its driver's command line. The `runtime_env.env_vars` of a local Ray reach the
+workers through the environment Ray inherits (`env_vars_to_environ`), not through Ray's runtime_env,
+whose values Ray writes to its logs (docs/faults.md, "Secrets").
 """
 
 from __future__ import annotations
@@ -158,23 +158,20 @@ def redacted_argv() -> Iterator[None]:
 
 
 @contextmanager
-def secret_env_vars_to_environ(runtime_env: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Move secret-named `env_vars` of a *local* Ray's runtime_env into this process's environment.
+def env_vars_to_environ(runtime_env: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Move the `env_vars` of a *local* Ray's runtime_env into this process's environment.
 
     A local Ray (and every worker it starts) inherits the driver's environment, so the actors see the
-    variables while Ray's runtime_env agent, which logs runtime_env values, never gets them. Yields
-    the runtime_env without them; the environment is restored on exit.
+    variables while Ray's runtime_env agent, which logs runtime_env values, never gets them (mmflow
+    treats every `env_vars` value as a secret, as `redact` does). Yields the runtime_env without
+    them; the environment is restored on exit.
     """
-    env_vars = dict(runtime_env.get(ENV_VARS_KEY) or {})
-    secret = {k: str(v) for k, v in env_vars.items() if is_secret_name(k)}
-    rest = {k: v for k, v in env_vars.items() if k not in secret}
+    moved = {str(k): str(v) for k, v in (runtime_env.get(ENV_VARS_KEY) or {}).items()}
     clean = {k: v for k, v in runtime_env.items() if k != ENV_VARS_KEY}
-    if rest:
-        clean[ENV_VARS_KEY] = rest
-    saved = {k: os.environ.get(k) for k in secret}
-    os.environ.update(secret)
-    if secret:
-        names = ", ".join(secret)
+    saved = {k: os.environ.get(k) for k in moved}
+    os.environ.update(moved)
+    if moved:
+        names = ", ".join(sorted(moved))
         log.info("Ray: %s passed to the local Ray through its environment, not runtime_env", names)
     try:
         yield clean

@@ -68,14 +68,15 @@ def test_wandb_run_files_hold_no_secret_from_the_command_line(tmp_path, monkeypa
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_local_ray_gets_runtime_env_secrets_without_logging_them(short_tmp, monkeypatch):
-    """The actors see `runtime_env.env_vars.HF_TOKEN`; Ray's runtime_env agent log never does."""
+    """The actors see `runtime_env.env_vars`; Ray's runtime_env agent log never does."""
     import ray
 
     from mmflow.sweep.ray_executor import ray_session
     from mmflow.sweep.settings import RaySettings
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    env_vars = {"HF_TOKEN": "hf_RayS3cretF", "MMFLOW_PLAIN": "plain"}
+    monkeypatch.delenv("MMFLOW_PLAIN", raising=False)
+    env_vars = {"HF_TOKEN": "hf_RayS3cretF", "MMFLOW_PLAIN": "pl41nValue"}
     init = {"num_cpus": 1, "_temp_dir": str(short_tmp / "ray"), "runtime_env": {"env_vars": env_vars}}
 
     @ray.remote
@@ -83,10 +84,10 @@ def test_a_local_ray_gets_runtime_env_secrets_without_logging_them(short_tmp, mo
         return os.environ.get("HF_TOKEN"), os.environ.get("MMFLOW_PLAIN")
 
     with ray_session(RaySettings(init=init, forward_env=[])):
-        assert ray.get(seen.remote(), timeout=120) == ("hf_RayS3cretF", "plain")
-    assert "HF_TOKEN" not in os.environ  # the driver's environment is given back
+        assert ray.get(seen.remote(), timeout=120) == ("hf_RayS3cretF", "pl41nValue")
+    assert "HF_TOKEN" not in os.environ and "MMFLOW_PLAIN" not in os.environ  # given back
     assert list((short_tmp / "ray").glob("session_*/logs/*"))
-    assert leaks(short_tmp / "ray", ["hf_RayS3cretF"]) == []
+    assert leaks(short_tmp / "ray", ["hf_RayS3cretF", "pl41nValue"]) == []
 
 
 @pytest.mark.ray

@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from mmflow.context import RunContext
-from mmflow.secrets import forwarded_env, secret_env_vars_to_environ, warn_runtime_env_secrets
+from mmflow.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import RaySettings, SweepSettings
@@ -240,8 +240,8 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
         check_reachable(address, float(settings.connect_timeout_s or 60))
     # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
     with ExitStack() as stack:
-        if address is None and kwargs["runtime_env"]:  # secrets reach a local Ray through its environment
-            clean = stack.enter_context(secret_env_vars_to_environ(kwargs["runtime_env"]))
+        if address is None and kwargs["runtime_env"]:  # env_vars reach a local Ray through its environment
+            clean = stack.enter_context(env_vars_to_environ(kwargs["runtime_env"]))
             kwargs["runtime_env"] = clean or None
         ray.init(address=address or "local", **kwargs)
         try:
