@@ -171,3 +171,11 @@ def test_modes_without_a_nominal_range_are_skipped_with_the_reason(toy, scene, m
     skip = prepare_or_skip(toy, replace(sample, image_path=tmp_path / "x.tiff"))
     assert isinstance(skip, Skip) and skip.reason == UNSUPPORTED_IMAGE_MODE
     assert f"image mode {mode!r}" in skip.detail and "no nominal range" in skip.detail
+
+
+def test_an_i_image_from_a_sixteen_bit_file_is_scaled_as_sixteen_bit(scene):
+    """Pillow before 10.? opens a 16-bit grey PNG as `I`, not `I;16`: it is still 16 bits, scaled by 1/257."""
+    _, rgb = scene
+    image = grey16(rgb, "I;16").convert("I")
+    image.format = "PNG"  # as such a Pillow reads the file
+    assert np.array_equal(np.asarray(to_rgb(image).convert("L")), np.asarray(rgb.convert("L")))
