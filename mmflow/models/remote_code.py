@@ -2,8 +2,9 @@
 
 A checkpoint's JSON configs (`config.json`, `processor_config.json`, `tokenizer_config.json`, ...) name
 their code in `auto_map` (`"AutoProcessor": "processing_x.XProcessor"`); with trust_remote_code those
-modules are imported by transformers. `remote_code_files` lists them with their sha256, the load prints
-one line per file and `cell.json` records them under `remote_code` (docs/faults.md, "Remote code").
+modules are imported by transformers (all but `AutoModel*` ones: mmflow names the model class
+itself). `remote_code_files` lists them with their sha256 (null for a file named but absent), the
+load prints them in one line and `cell.json` records them under `remote_code` (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def _references(value: Any) -> Iterator[str]:
         for item in value:
             yield from _references(item)
     elif isinstance(value, dict):
-        for item in value.values():
-            yield from _references(item)
+        for key, item in value.items():
+            if not str(key).startswith("AutoModel"):  # mmflow loads an explicit model class, never these
+                yield from _references(item)
 
 
 def _auto_maps(data: Any) -> Iterator[Any]:
