@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import cell_config, model_config
 
 from mmflow.models.registry import _Attr, load_model, resolve_checkpoint
+from mmflow.models.remote_code import remote_code_files
 from mmflow.runtime import run_cells
 
 CUSTOM = '''from pathlib import Path
@@ -73,3 +74,22 @@ def test_trust_without_code_says_nothing_runs_and_untrusted_records_null(tmp_pat
     assert plain.remote_code is None and "trust_remote_code" not in capsys.readouterr().out
     (outcome,) = run_cells(plain, [cell_config(tmp_path, n_samples=1)])
     assert json.loads((Path(outcome.path) / "cell.json").read_text())["remote_code"] is None
+
+
+def test_auto_map_entries_are_listed_from_every_config_except_automodel(tmp_path):
+    """`AutoModel*` entries never run (mmflow loads an explicit model class); AutoConfig's and the
+    tokenizer's do; a named file the folder lacks is listed with sha256 null."""
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    tokenizer = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    (tmp_path / "configuration_x.py").write_text("X = 1\n")
+    (tmp_path / "modeling_x.py").write_text("X = 2\n")
+    assert remote_code_files(tmp_path) == [
+        {
+            "file": "configuration_x.py",
+            "sha256": hashlib.sha256(b"X = 1\n").hexdigest(),
+            "named_by": ["config.json"],
+        },
+        {"file": "tokenization_x.py", "sha256": None, "named_by": ["tokenizer_config.json"]},
+    ]
