@@ -117,7 +117,10 @@ def start(cell: Cell, loaded: LoadedModel, context: dict) -> None:
         for run in (meta.get("runs") or [])[-1:]:
             run.setdefault("ended", "unrecorded (process gone; stale 'running' record)")
     runs = [*(meta.get("runs") or []), {**this_process(), **context}]
-    cell.store.write_meta(status="running", error=None, model_path=loaded.path, runs=runs, **context)
+    remote = getattr(loaded, "remote_code", None)  # the checkpoint's Python that ran (trust_remote_code)
+    cell.store.write_meta(
+        status="running", error=None, model_path=loaded.path, remote_code=remote, runs=runs, **context
+    )
 
 
 def record_ending(cells: list[Cell], outcomes: dict, exc: BaseException, context: dict) -> None:

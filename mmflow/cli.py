@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from mmflow.locks import register_resolvers
 
@@ -37,6 +38,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 
     from mmflow.analyses import canonical_config
     from mmflow.data import resolve_data
+    from mmflow.paths import expand_path
 
     if "ray" in cfg:
         raise ValueError(
@@ -45,7 +47,8 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
         )
     config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     config.pop("hydra", None)
-    config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
+    results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset variable: refused
+    config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
     config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
     return config
 
@@ -54,12 +57,14 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """A single run: one cell through the sweep core, in this process (`sweep.json`, summary, curve)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mmflow.secrets import redact_argv
     from mmflow.sweep.core import CellJob, Sweep
     from mmflow.sweep.curve import print_cell_curve, print_unscored
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
     redact_hydra_output()
+    redact_argv()  # Hydra has parsed it; W&B and Ray record the command line
     hydra_cfg = HydraConfig.get()
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
     settings = SweepSettings.from_dict({**launcher, "executor": "local"})
@@ -101,6 +106,37 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     return run_from_hydra(cfg)
 
 
+def interpolation_hint(exc: Exception) -> str:
+    """One line for `${NAME}` that names no config key; the environment-variable spelling when it is one."""
+    import os
+    import re
+
+    where = getattr(exc, "full_key", None) or "config"
+    match = re.search(r"Interpolation key '([^']+)' not found", str(exc))
+    name = match.group(1) if match else "?"
+    line = f"{where}: ${{{name}}} names no config key"
+    if re.fullmatch(r"[A-Za-z_]\w*", name) and (name in os.environ or name.isupper()):
+        line += f"; for the environment variable write ${name} or ${{oc.env:{name}}}"
+    return line
+
+
+def refuse_env_interpolation(override: str) -> None:
+    """ConfigError for `key=${NAME}/...` with an all-caps NAME: Hydra would look for a config key NAME
+    (mmflow's keys are lower case) and fail with a traceback; the shell's `$NAME` was meant."""
+    import re
+
+    from mmflow.locks import ConfigError
+
+    key, sep, value = override.partition("=")
+    match = re.search(r"\$\{([A-Z_][A-Z0-9_]*)\}", value) if sep else None
+    if match:
+        name = match.group(1)
+        raise ConfigError(
+            f"{key.lstrip('+~')}: ${{{name}}} is Hydra's interpolation of a config key, and there is no "
+            f"key {name}; for the environment variable write ${name} or ${{oc.env:{name}}}"
+        )
+
+
 def run_hydra() -> int:
     """`hydra_main` as a command: Ctrl-C / SIGTERM end with one line and 130 / 143, a config it
     cannot start with (`ConfigError`) with one line and 2; no traceback."""
@@ -109,9 +145,14 @@ def run_hydra() -> int:
     from mmflow.locks import ConfigError
 
     try:
+        for override in sys.argv[1:]:
+            refuse_env_interpolation(override)
         hydra_main()
     except ConfigError as exc:
         print(f"[mmflow] error: {exc.message}", file=sys.stderr)
+        return 2
+    except InterpolationKeyError as exc:  # e.g. results_dir='${HOME}/x': Hydra's syntax, not the shell's
+        print(f"[mmflow] error: {interpolation_hint(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         if not getattr(exc, "mmflow_reported", False):

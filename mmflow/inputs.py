@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mmflow.data.sample import Sample
+from mmflow.images import to_rgb
 from mmflow.models.prompts import IMAGE_PLACEHOLDER, Prompt, build_prompt
 from mmflow.models.registry import LoadedModel
 
@@ -44,8 +45,10 @@ class ModelInputs:
 
 
 def load_image(sample: Sample) -> Image.Image:
+    """The sample's image as 8-bit RGB, whatever its PIL mode (`mmflow.images.to_rgb`; raises
+    `ImageModeError` for a mode that cannot be converted faithfully)."""
     with Image.open(sample.image_path) as image:
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def _model_tensors(loaded: LoadedModel, encoded) -> dict[str, torch.Tensor]:

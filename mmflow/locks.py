@@ -132,7 +132,13 @@ def exclusive_dir(base: str) -> str:
     Two launches that name their folder by the same one-second timestamp get two folders.
     Registered as the OmegaConf resolver `mmflow.unique_dir` (see `register_resolvers`).
     """
-    root = Path(base)
+    from mmflow.paths import PathConfigError, expand_path
+
+    results, sep, rest = str(base).partition("/_hydra/")
+    try:  # `~/x`, `$HOME/x`: never a folder named `$HOME`
+        root = Path(expand_path(results, "results_dir") + sep + rest)
+    except PathConfigError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):

@@ -175,7 +175,11 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         bar.update(len(samples) - len(wanted))
         if on_sample is not None:
             on_sample(len(samples) - len(wanted))
-    ahead = prefetch(wanted, lambda pair: prepare_sample(loaded, pair[1], stages), depth)
+    limits = {
+        "max_tokens": first["model"].get("max_tokens"),
+        "new_tokens": int(first.get("max_new_tokens") or 0),
+    }
+    ahead = prefetch(wanted, lambda pair: prepare_sample(loaded, pair[1], stages, **limits), depth)
     try:  # closed before an interrupt's message, so that message is the last line
         for (order, sample), prepared in ahead:
             todo = _todo(cells, sample)
@@ -196,7 +200,11 @@ def _todo(cells: list[Cell], sample: Sample | Skip) -> list[Cell]:
 
 
 def prepare_sample(
-    loaded: LoadedModel, sample: Sample | Skip, stages: Stages
+    loaded: LoadedModel,
+    sample: Sample | Skip,
+    stages: Stages,
+    max_tokens: int | None = None,
+    new_tokens: int = 0,
 ) -> tuple[ModelInputs, TokenGroups] | Skip | None:
     """Read, preprocess and encode one sample and find its token groups (None for a sample the data
     already skipped).
@@ -206,7 +214,7 @@ def prepare_sample(
     if isinstance(sample, Skip):
         return None
     with stages.timed("prepare"):
-        return prepare_or_skip(loaded, sample)
+        return prepare_or_skip(loaded, sample, max_tokens, new_tokens)
 
 
 def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_passes, stages) -> None:

@@ -2,16 +2,21 @@
 
 Values of environment variables (any `env_vars` mapping, e.g. `ray.runtime_env.env_vars`) and values
 of keys named like secrets (`HF_TOKEN`, `WANDB_API_KEY`, `password`, ...) are replaced by `REDACTED`
-in `cell.json`, W&B configs, `sweep.json`, `multirun.yaml` and Hydra's `.hydra/*.yaml`. Pass secrets
-to actors through the environment of the processes that start them, never through the config
-(README, "Secrets").
+in `cell.json`, W&B configs, `sweep.json`, `multirun.yaml` and Hydra's `.hydra/*.yaml`. The command
+line is redacted in place once Hydra has parsed it (`redact_argv`), since W&B saves `sys.argv` in its
+run files and Ray its driver's command line. The `runtime_env.env_vars` of a local Ray reach the
+workers through the environment Ray inherits (`env_vars_to_environ`), not through Ray's runtime_env,
+whose values Ray writes to its logs (docs/faults.md, "Secrets").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +134,50 @@ def warn_runtime_env_secrets(runtime_env: Mapping[str, Any]) -> None:
             "redacts them in its own files only. Pass secrets through the environment instead.",
             ", ".join(names),
         )
+
+
+def redact_argv(argv: list[str] | None = None) -> list[str]:
+    """Redact secret overrides in `argv` (default `sys.argv`) in place; call once Hydra has parsed it.
+
+    W&B saves the program's arguments in its run files and Ray records its driver's command line.
+    """
+    argv = sys.argv if argv is None else argv
+    argv[:] = [redact_override(a) for a in argv]
+    return argv
+
+
+@contextmanager
+def redacted_argv() -> Iterator[None]:
+    """`sys.argv` redacted for the duration (for `wandb.init`, which records it)."""
+    saved = list(sys.argv)
+    redact_argv()
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
+
+
+@contextmanager
+def env_vars_to_environ(runtime_env: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Move the `env_vars` of a *local* Ray's runtime_env into this process's environment.
+
+    A local Ray (and every worker it starts) inherits the driver's environment, so the actors see the
+    variables while Ray's runtime_env agent, which logs runtime_env values, never gets them (mmflow
+    treats every `env_vars` value as a secret, as `redact` does). Yields the runtime_env without
+    them; the environment is restored on exit.
+    """
+    moved = {str(k): str(v) for k, v in (runtime_env.get(ENV_VARS_KEY) or {}).items()}
+    clean = {k: v for k, v in runtime_env.items() if k != ENV_VARS_KEY}
+    saved = {k: os.environ.get(k) for k in moved}
+    os.environ.update(moved)
+    if moved:
+        names = ", ".join(sorted(moved))
+        log.info("Ray: %s passed to the local Ray through its environment, not runtime_env", names)
+    try:
+        yield clean
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -23,8 +23,9 @@ ATTENTIONS = ("sdpa", "eager")
 def validate_cell(config: Mapping[str, Any]) -> None:
     """Raise `CellConfigError` (naming the key and allowed values) unless `config` is computable.
 
-    Checks: task, analysis, data source, engine, n_samples >= 1, max_new_tokens >= 1, then the
-    analysis's own keys (e.g. the knockout's groups and window, the lens, patching's corruption).
+    Checks: task, analysis, data source, engine, n_samples >= 1, max_new_tokens >= 1, model.max_tokens
+    (null or >= 2), then the analysis's own keys (e.g. the knockout's groups and window, the lens,
+    patching's corruption).
     """
     check_choice("task", config.get("task"), TASKS)
     analysis = config.get("analysis", DEFAULT_ANALYSIS)
@@ -40,4 +41,7 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     check_choice("engine.attention", engine.get("attention", "sdpa"), ATTENTIONS)
     check_int(config, "n_samples", 1)
     check_int(config, "max_new_tokens", 1)
+    model = config.get("model") or {}
+    if isinstance(model, Mapping) and model.get("max_tokens") is not None:  # caps each sample's sequence
+        check_int({"model.max_tokens": model["max_tokens"]}, "model.max_tokens", 2)
     kind.validate(config)

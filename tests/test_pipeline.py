@@ -96,9 +96,9 @@ def test_resumed_cell_does_not_prepare_samples_it_has(tiny_llava, tmp_path, monk
     prepared: list[str] = []
     prepare = runtime.prepare_sample
 
-    def spy(loaded, sample, stages):
+    def spy(loaded, sample, stages, **limits):
         prepared.append(sample.question_id)
-        return prepare(loaded, sample, stages)
+        return prepare(loaded, sample, stages, **limits)
 
     monkeypatch.setattr(runtime, "prepare_sample", spy)
 

@@ -51,10 +51,11 @@ class MmflowLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
 
-        from mmflow.secrets import redact_hydra_files
+        from mmflow.secrets import redact_argv, redact_hydra_files
         from mmflow.sweep.core import Sweep
 
         assert self.config is not None and self.hydra_context is not None, "setup() was not called"
+        redact_argv()  # Hydra has parsed it; W&B and Ray record the driver's command line
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         composed = [self.compose(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Box, Sample, Skip
+from mmflow.paths import expand_path, inside
 
 GQA_TASKS_DIR = Path(__file__).parent / "gqa_tasks"
 
@@ -27,6 +28,7 @@ MALFORMED_ROW = "malformed_row"
 MISSING_BOX = "missing_box"
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 MISSING_IMAGE = "missing_image"
+IMAGE_OUTSIDE_IMAGE_DIR = "image_outside_image_dir"
 UNREADABLE_IMAGE = "unreadable_image"
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"
 SKIP_REASONS: tuple[str, ...] = (
@@ -34,6 +36,7 @@ SKIP_REASONS: tuple[str, ...] = (
     MISSING_BOX,
     BOX_OUTSIDE_IMAGE,
     MISSING_IMAGE,
+    IMAGE_OUTSIDE_IMAGE_DIR,
     UNREADABLE_IMAGE,
     IMAGE_SIZE_MISMATCH,
 )
@@ -126,14 +129,21 @@ def _object(row: dict[str, str], prefix: str, where: str) -> tuple[str, Box | No
 
 
 def _fit_box(box: Box, width: int, height: int, prefix: str, where: str) -> Box:
-    """Clip a box that overflows the image by at most BOX_TOLERANCE_PX; reject worse ones."""
+    """Clip a box that overflows any edge of the image by at most BOX_TOLERANCE_PX; reject worse ones.
+
+    The same tolerance holds on all four edges (x or y of -1 or -2, or a box ending a pixel or two past
+    the right or bottom edge); the kept box is the part inside the image.
+    """
     tol = BOX_TOLERANCE_PX
-    if not box.inside(width + tol, height + tol):
+    overflow = max(-box.x, -box.y, box.x + box.w - width, box.y + box.h - height)
+    if box.w <= 0 or box.h <= 0 or overflow > tol + 1e-6:
         raise _RowError(
             BOX_OUTSIDE_IMAGE,
             f"{where}: {prefix} box {box} is outside the {width}x{height} image (tolerance {tol} px)",
         )
-    clipped = Box(box.x, box.y, min(box.w, width - box.x), min(box.h, height - box.y))
+    x0, y0 = max(box.x, 0.0), max(box.y, 0.0)
+    x1, y1 = min(box.x + box.w, float(width)), min(box.y + box.h, float(height))
+    clipped = Box(x0, y0, x1 - x0, y1 - y0)
     if not clipped.inside(width, height):
         raise _RowError(BOX_OUTSIDE_IMAGE, f"{where}: {prefix} box {box} is empty inside the image")
     return clipped
@@ -159,7 +169,23 @@ def _check_image(path: Path, size: tuple[int, int], where: str) -> None:
         )
 
 
-def _row_to_sample(row: dict[str, str], task: str, image_dir: Path, where: str, check_images: bool) -> Sample:
+def _image_path(row: dict[str, str], img_id: str, image_dir: Path, where: str, anywhere: bool) -> Path:
+    """The row's image file: `image_file` (or `<img_id>.jpg`) relative to `image_dir`, which it may not
+    leave (`..`, an absolute path) unless `data.allow_images_outside` is true."""
+    written = row.get("image_file") or f"{img_id}.jpg"
+    path = (image_dir / written).absolute()
+    if not anywhere and not inside(path, image_dir.absolute()):
+        raise _RowError(
+            IMAGE_OUTSIDE_IMAGE_DIR,
+            f"{where}: image {written!r} is outside data.image_dir {str(image_dir)!r} "
+            "(set data.allow_images_outside=true to allow it)",
+        )
+    return path
+
+
+def _row_to_sample(
+    row: dict[str, str], task: str, image_dir: Path, where: str, check_images: bool, anywhere: bool = False
+) -> Sample:
     qid = row["question_id"].strip()
     img_id = _text(row, "img_id", where).strip()
     question = _text(row, "question", where)
@@ -170,7 +196,7 @@ def _row_to_sample(row: dict[str, str], task: str, image_dir: Path, where: str, 
     objects = [(prefix, *_object(row, prefix, where)) for prefix in object_prefixes(task)]
     present = [(prefix, name, box) for prefix, name, box in objects if box is not None]
     boxes, box_issue = _usable_boxes(present, size, where)
-    image_path = (image_dir / (row.get("image_file") or f"{img_id}.jpg")).absolute()
+    image_path = _image_path(row, img_id, image_dir, where, anywhere)
     if check_images:
         _check_image(image_path, size, where)
     extra: dict = {"img_id": img_id}
@@ -256,10 +282,13 @@ def check_unique_ids(rows: list[Sample | Skip], wheres: list[str]) -> None:
         first[row.question_id] = where
 
 
-def parse_row(row: dict, task: str, image_dir: Path, where: str, check_images: bool) -> Sample | Skip:
+def parse_row(
+    row: dict, task: str, image_dir: Path, where: str, check_images: bool, images_anywhere: bool = False
+) -> Sample | Skip:
     """One row (GQA column names, string values) -> `Sample`, or `Skip` with reason and detail.
 
-    An optional `image_file` entry names the image relative to `image_dir` (default `<img_id>.jpg`).
+    An optional `image_file` entry names the image relative to `image_dir` (default `<img_id>.jpg`);
+    one outside `image_dir` is an `image_outside_image_dir` skip unless `images_anywhere`.
     A row without a question id is skipped under the id `(no id: <where>)`, so no two rows share one.
     """
     qid = (row.get("question_id") or "").strip()
@@ -268,7 +297,7 @@ def parse_row(row: dict, task: str, image_dir: Path, where: str, check_images: b
     if not qid:
         return Skip(f"(no id: {where})", MALFORMED_ROW, f"{where}: column 'question_id' is empty")
     try:
-        return _row_to_sample(row, task, image_dir, where, check_images)
+        return _row_to_sample(row, task, image_dir, where, check_images, images_anywhere)
     except _RowError as err:
         return Skip(qid, err.reason, err.detail)
 
@@ -287,7 +316,7 @@ def load_gqa(
         raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if n_samples is not None and n_samples < 0:
         raise DataError(f"n_samples must be >= 0 or None, got {n_samples}")
-    image_dir = Path(image_dir).expanduser() if image_dir else None
+    image_dir = Path(expand_path(image_dir, "data.image_dir")) if image_dir else None
     if image_dir is None or not image_dir.is_dir():
         raise DataError(
             f"GQA image folder not found: {image_dir}. Download GQA's images.zip "

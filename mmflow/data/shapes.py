@@ -31,6 +31,7 @@ from mmflow.data.scenes import (
     unique,
 )
 from mmflow.files import make_temp_dir
+from mmflow.paths import expand_path
 
 JPEG_QUALITY = 95
 CSV_NAME = "questions.csv"
@@ -300,5 +301,6 @@ def load_shapes(
     task: str, n_samples: int, seed: int = 0, cache_dir: str | Path | None = None
 ) -> list[Sample | Skip]:
     """Generate (cached) and read a synthetic set through the GQA parser."""
-    folder = generate_shapes(Path(cache_dir) if cache_dir else default_cache_dir(), task, n_samples, seed)
+    root = Path(expand_path(cache_dir, "data.cache_dir")) if cache_dir else default_cache_dir()
+    folder = generate_shapes(root, task, n_samples, seed)
     return read_task_csv(folder / CSV_NAME, task, folder / IMAGES_DIR)

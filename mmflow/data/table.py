@@ -4,7 +4,8 @@ Each row is translated to the GQA loader's row and parsed by the same code (`gqa
 every validation and skip rule is the GQA loader's. mmflow's column names (rename yours with
 `data.columns: {your_name: mmflow_name}`):
 
-- `question_id` (unique), `image` (file relative to `data.image_dir`), `question`, `answer`
+- `question_id` (unique), `image` (file relative to `data.image_dir`, which it may not leave unless
+  `data.allow_images_outside: true`), `question`, `answer`
 - `image_w`, `image_h`: the image size in pixels (checked against the file)
 - `objects`: JSON list of `{"name": ..., "box": [x, y, w, h]}` (GQA pixels; `box: null` for an
   object named in the question but absent from the image): one for ChooseAttr/ChooseCat/QueryAttr,
@@ -40,6 +41,7 @@ from mmflow.data.gqa import (
     parse_row,
 )
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Sample, Skip
+from mmflow.paths import expand_path
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 BASE = ("question_id", "image", "question", "answer", "image_w", "image_h", "objects")
@@ -90,7 +92,7 @@ def resolve_data(data: Mapping[str, Any], base: str | Path | None = None) -> dic
     for key in ("path", "image_dir"):
         if not data.get(key):
             raise DataError(f"data.{key} is required for data=table")
-        data[key] = str((base / Path(str(data[key])).expanduser()).resolve())
+        data[key] = str((base / expand_path(data[key], f"data.{key}")).resolve())
     path = Path(data["path"])
     if not path.is_file():
         raise DataError(f"data.path: table file not found: {path}")
@@ -168,6 +170,7 @@ def read_table(
     limit: int | None = None,
     check_images: bool = True,
     sha256: str | None = None,
+    images_anywhere: bool = False,
 ) -> list[Sample | Skip]:
     """The rows of `path` for `task` (first `limit`), each a `Sample` or a `Skip`, in file order.
 
@@ -175,7 +178,7 @@ def read_table(
     question id used twice (both rows named) or, given `sha256`, a file whose bytes have another
     digest (it changed after the cell was resolved: its rows must not join that cell).
     """
-    path, image_dir = Path(path).expanduser(), Path(image_dir).expanduser()
+    path, image_dir = Path(expand_path(path, "data.path")), Path(expand_path(image_dir, "data.image_dir"))
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if not path.is_file():
@@ -208,7 +211,7 @@ def read_table(
         out.append(
             row
             if isinstance(row, Skip)
-            else _table_names(parse_row(row, task, image_dir, where, check_images))
+            else _table_names(parse_row(row, task, image_dir, where, check_images, images_anywhere))
         )
         wheres.append(where)
     check_unique_ids(out, wheres)
@@ -229,4 +232,5 @@ def load_table(data: Mapping[str, Any], task: str, n_samples: int | None = None)
         data.get("format"),
         limit=n_samples,
         sha256=data.get("sha256"),
+        images_anywhere=bool(data.get("allow_images_outside", False)),
     )

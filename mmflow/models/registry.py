@@ -42,6 +42,7 @@ class LoadedModel:
     image_preprocess: str
     device: torch.device
     parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
+    remote_code: dict[str, Any] | None = None  # trust_remote_code: the checkpoint's Python files that ran
 
     @property
     def tokenizer(self):
@@ -75,6 +76,10 @@ def resolve_checkpoint(checkpoint: str) -> str:
         from mmflow.models.toy import ensure_toy_model
 
         return str(ensure_toy_model(checkpoint.removeprefix("toy:")))
+    if checkpoint.startswith("~") or "$" in checkpoint:  # a local folder written with `~` or a variable
+        from mmflow.paths import expand_path
+
+        return expand_path(checkpoint, "model.checkpoint")
     return checkpoint
 
 
@@ -142,6 +147,12 @@ def load_model(cfg: Any) -> LoadedModel:
     # a model over several GPUs (resources.gpus > 1 or a device_map): mmflow.models.placement
     resources = cfg.get("resources") or {}
     placement = load_kwargs(cfg.get("device_map"), resources.get("gpus"))
+    remote = None
+    if trust:  # said before any of the checkpoint's code runs, when its files are already here
+        from mmflow.models.remote_code import local_folder, report_remote_code
+
+        if local_folder(path, revision) is not None:
+            remote = report_remote_code(cfg.name, path, revision)
     model = getattr(transformers, cfg.model_class).from_pretrained(
         path,
         dtype=DTYPES[cfg.dtype],
@@ -172,6 +183,9 @@ def load_model(cfg: Any) -> LoadedModel:
         device=device,
         parity=cfg.get("parity"),
     )
+    if trust and remote is None:  # a hub checkpoint: its files are known once downloaded
+        remote = report_remote_code(cfg.name, path, revision)
+    loaded.remote_code = remote
     check_depth(cfg, loaded)
     return loaded
 

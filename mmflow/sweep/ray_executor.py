@@ -14,7 +14,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from mmflow.context import RunContext
-from mmflow.secrets import forwarded_env, warn_runtime_env_secrets
+from mmflow.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import RaySettings, SweepSettings
@@ -230,7 +230,8 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     address = str(init.pop("address", None) or "").strip() or None
     env = forwarded_env(settings.forward_env or [], os.environ)  # never secret-named variables
     runtime_env = init.pop("runtime_env", None) or {}
-    warn_runtime_env_secrets(runtime_env)
+    if address is not None:
+        warn_runtime_env_secrets(runtime_env)
     if env:
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
     kwargs: dict[str, Any] = {"log_to_driver": True, **init, "runtime_env": runtime_env or None}
@@ -243,12 +244,17 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     if address is not None:
         check_reachable(address, float(settings.connect_timeout_s or 60))
     # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
-    with loopback_only() if address is None else nullcontext():
+    with ExitStack() as stack:
+        if address is None:  # a local Ray: on loopback; env_vars reach it through its environment
+            stack.enter_context(loopback_only())
+            if kwargs["runtime_env"]:
+                clean = stack.enter_context(env_vars_to_environ(kwargs["runtime_env"]))
+                kwargs["runtime_env"] = clean or None
         ray.init(address=address or "local", **kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @contextmanager

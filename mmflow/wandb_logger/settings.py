@@ -16,6 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmflow.paths import expand_path
+from mmflow.secrets import redacted_argv
+
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
@@ -78,7 +81,7 @@ def sweep_name(config: Mapping[str, Any]) -> str:
 
 def run_root(cfg: Mapping[str, Any], default: str | Path) -> Path:
     """The folder wandb writes into (`<it>/wandb/...`): `logger.dir`, else `$WANDB_DIR`, else `default`."""
-    return Path(cfg.get("dir") or os.environ.get("WANDB_DIR") or default).resolve()
+    return Path(expand_path(cfg.get("dir") or os.environ.get("WANDB_DIR") or default, "logger.dir")).resolve()
 
 
 SUPERSEDED = "wandb-superseded"
@@ -140,16 +143,17 @@ def init_run(cfg: Mapping[str, Any], root: Path, **kwargs: Any) -> Any:
     """`wandb.init` of a new, independent run (never reusing another) that resumes its id if it exists."""
     wandb = import_wandb()
     root.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=cfg["project"],
-        entity=cfg.get("entity"),
-        dir=str(root),
-        mode=resolve_mode(cfg["mode"]),
-        resume="allow",
-        reinit="create_new",
-        settings=_settings(wandb),
-        **kwargs,
-    )
+    with redacted_argv():  # wandb saves sys.argv in the run's files: `+logger.api_key=…` stays out
+        run = wandb.init(
+            project=cfg["project"],
+            entity=cfg.get("entity"),
+            dir=str(root),
+            mode=resolve_mode(cfg["mode"]),
+            resume="allow",
+            reinit="create_new",
+            settings=_settings(wandb),
+            **kwargs,
+        )
     for step in sorted(set(STEP_METRICS.values())):
         run.define_metric(step, hidden=True, summary="none")
     for pattern, step in STEP_METRICS.items():
