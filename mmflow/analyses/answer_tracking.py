@@ -198,6 +198,7 @@ class AnswerTrackingAnalysis(Analysis):
     """
 
     name = "answer_tracking"
+    curve_role = "lens"
     config_keys = ("lens",)
     result_columns = RESULT_COLUMNS
     value_columns = tuple(f"p_{form}" for form in FORMS)

@@ -52,6 +52,7 @@ class Labels:
     tags: tuple[str, ...]
     order: tuple = ()
     window: int | None = None
+    heads: str | None = None  # head-resolved cells: "each", or the chosen heads joined by "_"
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Analysis(ABC):
     sort_by: ClassVar[list[str]] = ["question_id", "layer"]
     value_columns: ClassVar[tuple[str, ...]] = ()  # result columns the per-layer curve is made of
     minimum_of: ClassVar[str | None] = None  # the curve value whose minimum is the headline, if any
+    # What its curves are, for dashboards that group analyses (mmflow.wandb_logger.specs): "effect"
+    # (change of p(answer) under an intervention), "recovery" (restored share), "lens" (per-layer readout).
+    curve_role: ClassVar[str] = "effect"
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         missing = [k for k in self.config_keys if k not in config]

@@ -219,6 +219,7 @@ class KnockoutAnalysis(Analysis):
             tags=(str(self.config["model"]["name"]), str(self.config["task"]), f"window={self.width}"),
             order=(knockout_order(self.spec.name), self.width),
             window=self.width,
+            heads=None if self.heads is None else _heads_label(self.heads),
         )
 
     def figure(self, cell: Any):
@@ -276,3 +277,8 @@ def _by(cells: Sequence[Any], *keys: str) -> dict[tuple, list]:
     for cell in cells:
         groups[tuple(getattr(cell, k) for k in keys)].append(cell)
     return groups
+
+
+def _heads_label(heads: Any) -> str:
+    """ "each", or the chosen heads joined by "_" (a key-safe name of a head selection)."""
+    return "_".join(map(str, heads)) if isinstance(heads, (list, tuple)) else str(heads)

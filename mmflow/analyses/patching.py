@@ -84,6 +84,7 @@ class PatchingAnalysis(Analysis):
     """
 
     name = "patching"
+    curve_role = "recovery"
     config_keys = ("window",)
     result_columns = RESULT_COLUMNS
     sort_by = ["question_id", "group", "layer"]

@@ -37,9 +37,8 @@ def facet_prefix(config: Mapping[str, Any]) -> str:
     parts = [FACET, config["task"], labels.variant, config["model"]["name"]]
     if labels.window is not None:
         parts.append(f"w{labels.window}")
-    heads = (config.get("knockout") or {}).get("heads") if config.get("analysis") == "knockout" else None
-    if heads is not None:  # per-head cells beside the all-heads cell of the same knockout and window
-        parts.append("heads=" + ("_".join(map(str, heads)) if isinstance(heads, list) else str(heads)))
+    if labels.heads is not None:  # per-head cells beside the all-heads cell of the same knockout and window
+        parts.append(f"heads={labels.heads}")
     return "/".join(safe(p) for p in parts)
 
 

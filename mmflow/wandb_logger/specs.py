@@ -87,7 +87,7 @@ def sections(cells: Sequence[Any]) -> list[tuple[str, list[Any]]]:
     out: list[tuple[str, list[Any]]] = []
     compared: dict[str, list] = defaultdict(list)
     for cell in cells:
-        if cell.kind == "knockout" and cell.analysis.comparison_key() is not None:
+        if cell.analysis.curve_role == "effect" and cell.analysis.comparison_key() is not None:
             compared[cell.analysis.comparison_key()].append(cell)
     for same in compared.values():
         facets: dict[tuple, list] = defaultdict(list)
@@ -102,7 +102,7 @@ def sections(cells: Sequence[Any]) -> list[tuple[str, list[Any]]]:
             panels.append(_line_plot(wr, title, "relative change of p(answer) (%)", lines, cells))
         out.append((f"Knockout: {same[0].label}", panels))
     out += _patching(wr, cells, compared)
-    tracking = [c for c in cells if c.kind == "answer_tracking"]
+    tracking = [c for c in cells if c.analysis.curve_role == "lens"]
     if tracking:
         panels = [
             _line_plot(
@@ -125,7 +125,7 @@ def _patching(wr: Any, cells: list, compared: dict[str, list]) -> list[tuple[str
     """Per model and task: the knockout curves of that model and task, then each patching cell."""
     knockouts = [c for same in compared.values() for c in same]
     by_pair: dict[tuple[str, str], list] = defaultdict(list)
-    for cell in (c for c in cells if c.kind == "patching"):
+    for cell in (c for c in cells if c.analysis.curve_role == "recovery"):
         by_pair[(cell.model, cell.task)].append(cell)
     panels = []
     for (model, task), patched in by_pair.items():
