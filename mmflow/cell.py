@@ -17,6 +17,7 @@ from mmflow.analyses import make_analysis
 from mmflow.data.sample import Sample, Skip
 from mmflow.locks import CellLock, describe, this_process
 from mmflow.models.registry import LoadedModel
+from mmflow.schema import SAMPLE_TYPES, arrow_schema
 from mmflow.store import CellStore
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def finish(
         store.write_meta(status="failed", error=cell.error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
     try:
-        samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
+        schemas = arrow_schema(SAMPLE_COLUMNS, SAMPLE_TYPES), cell.analysis.result_schema
+        samples, results = store.finish(*schemas, cell.analysis.sort_by)
         missing = expected - set(samples["question_id"].astype(str))
         if missing:  # never mark done what lacks samples
             raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")

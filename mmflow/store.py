@@ -200,8 +200,15 @@ class CellStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
-    def finish(self, sample_columns: list[str], result_columns: list[str], sort_by: list[str]) -> tuple:
-        """Merge parts into the two parquet files, dropping results of unfinished samples."""
+    def finish(self, sample_schema: Any, result_schema: Any, sort_by: list[str]) -> tuple:
+        """Merge parts into the two parquet files, dropping results of unfinished samples.
+
+        `sample_schema`, `result_schema`: the files' `pyarrow.Schema`s, written whether rows exist or
+        not (`mmflow.schema`), so a cell without scored samples reads like any other; a plain list
+        of column names writes the types pandas infers.
+        """
+        sample_schema, sample_columns = _schema_and_columns(sample_schema)
+        result_schema, result_columns = _schema_and_columns(result_schema)
         samples = self._merge("samples", sample_columns)
         results = self._merge("results", result_columns)
         results = (
@@ -211,8 +218,8 @@ class CellStore:
         results = (
             results.sort_values(sort_by, kind="stable").reset_index(drop=True) if len(results) else results
         )
-        atomic_write_parquet(self.dir / "samples.parquet", samples)
-        atomic_write_parquet(self.dir / "results.parquet", results)
+        atomic_write_parquet(self.dir / "samples.parquet", samples, sample_schema)
+        atomic_write_parquet(self.dir / "results.parquet", results, result_schema)
         return samples, results
 
     def clear_parts(self) -> None:
@@ -220,3 +227,10 @@ class CellStore:
             part.unlink()
         if self.parts.exists():
             self.parts.rmdir()
+
+
+def _schema_and_columns(spec: Any) -> tuple[Any, list[str]]:
+    """(schema or None, column names) of a `pyarrow.Schema` or a list of column names."""
+    if isinstance(spec, list | tuple):
+        return None, list(spec)
+    return spec, list(spec.names)

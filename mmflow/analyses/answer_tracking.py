@@ -58,6 +58,22 @@ RESULT_COLUMNS = [
     "model",
     "task",
 ]
+RESULT_TYPES = {
+    "question_id": "string",
+    "layer": "int64",
+    "lens": "string",
+    **{f"p_{form}": "float64" for form in FORMS},
+    **{f"token_id_{form}": "int64" for form in FORMS},
+    **{f"token_{form}": "string" for form in FORMS},
+    "gold_rank": "int64",
+    "capital_rank": "int64",
+    "top5_ids": "list<int64>",
+    "top5_tokens": "list<string>",
+    "top5_text": "list<string>",
+    "top5_probs": "list<float64>",
+    "model": "string",
+    "task": "string",
+}
 
 
 # ---------------------------------------------------------------- answer token forms
@@ -200,6 +216,7 @@ class AnswerTrackingAnalysis(Analysis):
     name = "answer_tracking"
     config_keys = ("lens",)
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     value_columns = tuple(f"p_{form}" for form in FORMS)
 
     @classmethod

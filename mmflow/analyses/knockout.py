@@ -37,6 +37,21 @@ RESULT_COLUMNS = [
     "knockout",
     "window",
 ]
+RESULT_TYPES = {
+    "question_id": "string",
+    "layer": "int64",
+    "head": "int64",  # knockout.heads: each
+    "heads": "string",  # knockout.heads: a list, e.g. "0,2"
+    "p_base": "float64",
+    "p_new": "float64",
+    "rel_change_pct": "float64",
+    "logp_change": "float64",
+    "top1_changed": "bool",
+    "model": "string",
+    "task": "string",
+    "knockout": "string",
+    "window": "int64",
+}
 
 
 def head_sets(heads: str | int | Sequence[int] | None, n_heads: int) -> list[tuple[int, ...] | None]:
@@ -90,6 +105,7 @@ class KnockoutAnalysis(Analysis):
     name = "knockout"
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     value_columns = ("rel_change_pct",)
     minimum_of = "rel_change_pct"
 

@@ -50,6 +50,15 @@ RESULT_COLUMNS = [
     "model",
     "task",
 ]
+RESULT_TYPES = {
+    **{c: "string" for c in ("question_id", "group", "corruption", "corrupt_source", "model", "task")},
+    "layer": "int64",
+    "window": "int64",
+    **{c: "float64" for c in ("p_clean", "p_corrupt", "p_patched", "recovered_frac")},
+    "logp_corrupt_change": "float64",
+    "logp_patched_change": "float64",
+    "top1_patched": "bool",
+}
 ALL = "all"  # every position of the sequence (restoring it at layer 0 gives the clean run)
 
 
@@ -86,6 +95,7 @@ class PatchingAnalysis(Analysis):
     name = "patching"
     config_keys = ("window",)
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     sort_by = ["question_id", "group", "layer"]
     value_columns = ()  # per restored group: logged at the end, no running mean over groups
 
