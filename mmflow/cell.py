@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmflow.analyses import make_analysis
-from mmflow.data.sample import Sample, Skip
+from mmflow.data.sample import ERRORED, Sample, Skip
 from mmflow.locks import CellLock, describe, this_process
 from mmflow.models.registry import LoadedModel
 from mmflow.schema import SAMPLE_TYPES, arrow_schema
@@ -60,6 +60,7 @@ class Cell:
         self.store = CellStore(config["results_dir"], config)
         self.done_ids: set[str] = set()
         self.error: str | None = None
+        self.errored: dict[str, str] = {}  # question id -> its error ("TypeError: ..."), this run
         self.analysis = make_analysis(config, loaded)
         self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
         self.lock = CellLock(self.store.dir)
@@ -70,8 +71,14 @@ class Cell:
         if self.logger is not None:
             self.logger.sample(row, result_rows)
 
-    def skip(self, order: int, sample: Sample | Skip, reason: str, detail: str, **fields: Any) -> None:
-        """Record `sample` as skipped for this cell (no result rows)."""
+    def skip(
+        self, order: int, sample: Sample | Skip, reason: str, detail: str, error: bool = False, **fields: Any
+    ) -> None:
+        """Record `sample` as skipped for this cell (no result rows); `error=True`: as `errored`, an
+        exception from code, config or environment, which keeps the cell from being done."""
+        if error:
+            fields["status"] = ERRORED
+            self.errored[sample.question_id] = detail or reason
         self.write(
             sample.question_id,
             sample_row(order, sample, skip_reason=reason, skip_detail=detail, **fields),
@@ -152,6 +159,8 @@ def finish(
     `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have.
     """
     store = cell.store
+    if cell.error is None and cell.errored:
+        cell.error = errored_error(cell.errored, len(expected))
     if cell.error is not None:
         end_run(cell, "failed")
         store.write_meta(status="failed", error=cell.error, **context)
@@ -184,6 +193,20 @@ def finish(
         end_run(cell, "failed")
         store.write_meta(status="failed", error=error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=error)
+
+
+def errored_error(errored: dict[str, str], total: int) -> str:
+    """The error of a cell whose samples were stopped by exceptions (not skipped for their content):
+    the exception itself when every sample failed the same way, else how many failed with what."""
+    kinds = Counter(errored.values())
+    if len(errored) == total and len(kinds) == 1:
+        return f"every sample ({total}) failed with {next(iter(kinds))}"
+    listed = "; ".join(f"{error} (x{n})" for error, n in kinds.most_common(3))
+    more = f"; and {len(kinds) - 3} other errors" if len(kinds) > 3 else ""
+    return (
+        f"{len(errored)} of {total} samples failed with an error ({listed}{more}); the cell is not done, "
+        "and the next run computes them again (the other samples are kept)"
+    )
 
 
 def summarise(samples, results, analysis) -> dict:

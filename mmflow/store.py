@@ -163,7 +163,8 @@ class CellStore:
         return meta
 
     def done_question_ids(self) -> set[str]:
-        """Samples already recorded in part files (the resume point).
+        """Samples already recorded in part files (the resume point); `errored` samples (stopped by an
+        exception, `mmflow.data.sample.Skip.error`) are not, so they are computed again.
 
         A sample whose part (or results part) cannot be read is moved to `damaged/` with a warning
         and is not counted, so it is computed again.
@@ -172,7 +173,10 @@ class CellStore:
         for part in sorted(self.parts.glob("samples-*.parquet")):
             results = part.with_name(part.name.replace("samples-", "results-", 1))
             try:
-                ids = pd.read_parquet(part, columns=["question_id"])["question_id"].astype(str)
+                rows = pd.read_parquet(part)
+                if "status" in rows:
+                    rows = rows[rows["status"] != "errored"]
+                ids = rows["question_id"].astype(str)
                 if results.exists():
                     pd.read_parquet(results, columns=["question_id"])
             except Exception as exc:  # noqa: BLE001 - truncated or garbage part

@@ -35,6 +35,13 @@ def headline_text(headline: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def cell_headline(meta: dict[str, Any]) -> str:
+    """The summary table's headline of a finished cell; why, for a cell with no scored sample."""
+    from mmflow.sweep.curve import nothing_scored
+
+    return nothing_scored(meta) or headline_text(meta.get("headline") or {})
+
+
 def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str, Any]:
     """The content of `sweep.json`: the sweep's state, settings, counts and every cell with its jobs."""
     from dataclasses import asdict
@@ -98,7 +105,7 @@ def print_summary(sweep: Sweep) -> None:
             str(row["window"] if row["window"] is not None else "-"),
             f"[{styles.get(status, 'yellow')}]{status}[/]",
             f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
-            headline_text(meta.get("headline") or {}) if status in ("done", "cached") else "-",
+            cell_headline(meta) if status in ("done", "cached") else "-",
             str(meta.get("node_id") or "-")[:8],
         )
     console.print(table)

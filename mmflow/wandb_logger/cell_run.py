@@ -18,6 +18,7 @@ import pandas as pd
 
 from mmflow.analyses import Analysis, analysis_for
 from mmflow.analyses.curves import curve_minimum
+from mmflow.data.sample import ERRORED
 from mmflow.secrets import redact
 from mmflow.store import cell_id
 from mmflow.wandb_logger.settings import (
@@ -115,7 +116,8 @@ class WandbCellLogger:
         parts = Path(self.config["results_dir"]) / self.id / "parts"
         for path in sorted(parts.glob("samples-*.parquet")):
             for row in pd.read_parquet(path).to_dict("records"):
-                self._count(row)
+                if row.get("status") != ERRORED:  # computed again in this run, counted then
+                    self._count(row)
         for path in sorted(parts.glob("results-*.parquet")):
             self._accumulate(pd.read_parquet(path).to_dict("records"))
 
