@@ -125,7 +125,15 @@ def start(cell: Cell, loaded: LoadedModel, context: dict) -> None:
         for run in (meta.get("runs") or [])[-1:]:
             run.setdefault("ended", "unrecorded (process gone; stale 'running' record)")
     runs = [*(meta.get("runs") or []), {**this_process(), **context}]
-    cell.store.write_meta(status="running", error=None, model_path=loaded.path, runs=runs, **context)
+    cell.store.write_meta(
+        status="running",
+        error=None,
+        model_path=loaded.path,
+        model_info=loaded.info,  # the real depth; replica and random weights marked (issue 23)
+        window_used=cell.analysis.labels.window,  # checked against the loaded depth
+        runs=runs,
+        **context,
+    )
 
 
 def record_ending(cells: list[Cell], outcomes: dict, exc: BaseException, context: dict) -> None:

@@ -115,7 +115,13 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
                 store.write_meta(status="failed", error=error, **context)
                 outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
                 continue
-            cell = Cell(config, loaded)
+            try:
+                cell = Cell(config, loaded)  # its analysis checks its keys against the loaded model
+            except ValueError as exc:  # e.g. a window deeper than the loaded model: this cell only
+                error = f"{type(exc).__name__}: {exc}"
+                store.write_meta(status="failed", error=error, model_info=loaded.info, **context)
+                outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
+                continue
             if not cell.lock.acquire(wait_s):
                 busy.append(config)
                 continue

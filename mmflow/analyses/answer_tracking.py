@@ -295,7 +295,7 @@ class AnswerTrackingAnalysis(Analysis):
         from mmflow.analyses.plots import new_figure
 
         figure, ax = new_figure()
-        title = f"{cell.model} — {cell.task}: answer tracking (lens = {self.lens})"
+        title = f"{cell.model_title} — {cell.task}: answer tracking (lens = {self.lens})"
         plot_answer_tracking(cell.results, ax=ax, title=title)
         return figure
 

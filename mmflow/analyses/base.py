@@ -177,7 +177,7 @@ class Analysis(ABC):
             figure = cell.analysis.figure(cell)
             if figure is not None:
                 stem = "__".join((cls.name, cell.model, cell.task, cell.cell_id))
-                figures.append(FigureSpec(stem, f"{cell.model} — {cell.task}", figure))
+                figures.append(FigureSpec(stem, f"{cell.model_title} — {cell.task}", figure))
         return [(cls.title(), figures)] if figures else []
 
     @classmethod

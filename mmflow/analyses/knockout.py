@@ -16,7 +16,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import CellConfigError, check_choice, check_window
+from mmflow.checks import CellConfigError, check_choice, check_window, window_for_depth
 from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
@@ -148,8 +148,8 @@ class KnockoutAnalysis(Analysis):
     # ------------------------------------------------------------ compute side
 
     def bind(self, loaded) -> KnockoutAnalysis:
-        for centre in range(loaded.n_layers):
-            window_layers(centre, self.width, loaded.n_layers)  # validates the width early
+        """Check the window against the loaded depth (`window_for_depth`: a shrunk replica's own)."""
+        self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)
         self.head_sets = head_sets(self.heads, int(loaded.model.config.get_text_config().num_attention_heads))
         return super().bind(loaded)
 

@@ -22,7 +22,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import check_choice, check_int, check_window
+from mmflow.checks import check_choice, check_int, check_window, window_for_depth
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
@@ -134,8 +134,7 @@ class PatchingAnalysis(Analysis):
 
         self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.n_layers = loaded.n_layers
-        for centre in range(self.n_layers):
-            window_layers(centre, self.width, self.n_layers)  # validates width early
+        self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)  # the loaded depth
         return super().bind(loaded)
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmflow.models.anatomy import Anatomy, anatomy_of
+from mmflow.models.provenance import weights_info
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ class LoadedModel:
     image_preprocess: str
     device: torch.device
     parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
+    weights: dict[str, Any] = field(default_factory=dict)  # mmflow.models.provenance.weights_info
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was really loaded (`cell.json`'s `model_info`): depth, path, replica, random weights."""
+        return {**self.weights, "n_layers": self.n_layers, "path": str(self.path)}
 
     @property
     def tokenizer(self):
@@ -166,6 +173,7 @@ def load_model(cfg: Any) -> LoadedModel:
         image_preprocess=cfg.image_preprocess,
         device=device,
         parity=cfg.get("parity"),
+        weights=weights_info(cfg.checkpoint, path, cfg.get("n_layers")),
     )
     check_depth(cfg, loaded)
     return loaded

@@ -95,8 +95,25 @@ class WandbCellLogger:
             except Exception:  # already broken
                 pass
 
+    def _loaded(self) -> dict[str, Any]:
+        """What `cell.json` records of the model as loaded: `model_info` and `window_used`."""
+        from mmflow.store import CellStore
+
+        meta = CellStore(self.config["results_dir"], self.config).read_meta()
+        return {k: meta[k] for k in ("model_info", "window_used") if meta.get(k) is not None}
+
     def _open(self) -> Any:
+        from mmflow.models.provenance import is_shrunk
+
         labels = self.analysis.labels
+        loaded = self._loaded()
+        tags = list(labels.tags)
+        if labels.window is not None and "window_used" in loaded:  # the window the cell ran with
+            tags = [f"window={loaded['window_used']}" if t == f"window={labels.window}" else t for t in tags]
+        info = loaded.get("model_info") or {}
+        if info.get("weights") == "random":
+            tags.append("shrunk-replica" if is_shrunk(info) else "replica" if info.get("replica_of") else "")
+            tags = [t for t in tags if t] + ["random-weights"]
         root = run_root(self.cfg, self.config["results_dir"])
         if resolve_mode(self.cfg["mode"]) == "offline":
             supersede_offline_runs(root, self.id)
@@ -107,8 +124,8 @@ class WandbCellLogger:
             name="/".join(labels.tags),
             group=sweep_name(self.config),
             job_type=labels.variant,
-            tags=list(labels.tags),
-            config=redact(self.config),
+            tags=tags,
+            config=redact({**self.config, **loaded}),
         )
 
     def _seed_from_parts(self) -> None:
@@ -232,7 +249,7 @@ class WandbCellLogger:
     def _figure(self, results: pd.DataFrame) -> Any:
         from mmflow.report.cells import CellData
 
-        meta = {"config": self.config, "cell_id": self.id, "status": "done"}
+        meta = {"config": self.config, "cell_id": self.id, "status": "done", **self._loaded()}
         return self.analysis.figure(CellData(Path(self.config["results_dir"]) / self.id, meta, results))
 
 
