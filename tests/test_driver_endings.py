@@ -109,3 +109,29 @@ def test_a_reused_pid_does_not_keep_a_dead_drivers_record_running(tmp_path) -> N
     assert record["status"] == "interrupted" and "another process" in record["stale"]
     for name in ("alive", "old"):
         assert json.loads((tmp_path / name / "sweep.json").read_text())["status"] == "running"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_in_a_ray_sweep_records_the_running_cells(ray_cluster, tmp_path) -> None:
+    """The issue's case through the public command: `launch.py -m` on a Ray cluster, then SIGINT."""
+    import signal
+
+    from test_faults_launch import cell_dirs, finish, start, wait_for
+
+    results = tmp_path / "results"
+    address = f"hydra.launcher.ray.init.address={ray_cluster.address}"
+    proc = start(results, "-m", address, "hydra.launcher.progress=log", "n_samples=40", "window=1,3")
+    wait_for(lambda: any(results.glob("*/parts/samples-*.parquet")), 300, "a finished sample", proc)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc)
+    assert proc.returncode == 130, out[-3000:]
+    cells = cell_dirs(results)
+    assert len(cells) == 2  # one cell batch: both cells were running on the actor
+    for cell in cells:
+        meta = json.loads((cell / "cell.json").read_text())
+        assert meta["status"] == "interrupted", out[-3000:]
+        assert meta["runs"][-1]["ended"].startswith("interrupted: the sweep driver stopped")
+    (record,) = [json.loads(p.read_text()) for p in results.glob("_hydra/sweeps/*/sweep.json")]
+    assert record["status"] == "interrupted"
+    assert {c["status"] for c in record["cells"]} == {"interrupted"}
