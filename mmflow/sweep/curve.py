@@ -120,7 +120,7 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     else:
         title = f"{cell.label}: per layer"
         columns = ["layer", "value", "mean", "95% band"]
-    view = Table(title=f"{cell.model} · {cell.task} · {title}")
+    view = Table(title=f"{cell.model_title} · {cell.task} · {title}")
     for column in columns:
         view.add_column(column, justify="right" if column not in ("value",) else "left")
     for _, row in table.iterrows():

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmflow.models.provenance import weights_note
 from mmflow.secrets import redact
 from mmflow.store import CellStore, atomic_write_json
 
@@ -97,12 +98,14 @@ def print_summary(sweep: Sweep) -> None:
             "batch_seconds", timings.get("group_seconds")
         )  # cells written before the rename
         row = labels(cell)
+        window = meta.get("window_used", row["window"])  # the window it ran with, on the loaded depth
+        note = weights_note(meta.get("model_info"))
         table.add_row(
             cell_id,
-            row["model"],
+            f"{row['model']} [{note}]" if note else row["model"],
             str(row["task"]),
             str(row["variant"]),
-            str(row["window"] if row["window"] is not None else "-"),
+            str(window if window is not None else "-"),
             f"[{styles.get(status, 'yellow')}]{status}[/]",
             f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
             cell_headline(meta) if status in ("done", "cached") else "-",
