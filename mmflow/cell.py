@@ -130,7 +130,7 @@ def start(cell: Cell, loaded: LoadedModel, context: dict) -> None:
         error=None,
         model_path=loaded.path,
         model_info=loaded.info,  # the real depth; replica and random weights marked (issue 23)
-        window_used=cell.analysis.labels.window,  # checked against the loaded depth
+        window_used=getattr(cell.analysis, "width", None),  # checked against the loaded depth on bind
         runs=runs,
         **context,
     )
