@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmflow.analyses import make_analysis
-from mmflow.data.sample import Sample, Skip
+from mmflow.data.sample import ERRORED, Sample, Skip
 from mmflow.locks import CellLock, describe, this_process
 from mmflow.models.registry import LoadedModel
+from mmflow.schema import SAMPLE_TYPES, arrow_schema
 from mmflow.store import CellStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Cell:
         self.store = CellStore(config["results_dir"], config)
         self.done_ids: set[str] = set()
         self.error: str | None = None
+        self.errored: dict[str, str] = {}  # question id -> its error ("TypeError: ..."), this run
         self.analysis = make_analysis(config, loaded)
         self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
         self.lock = CellLock(self.store.dir)
@@ -69,8 +71,14 @@ class Cell:
         if self.logger is not None:
             self.logger.sample(row, result_rows)
 
-    def skip(self, order: int, sample: Sample | Skip, reason: str, detail: str, **fields: Any) -> None:
-        """Record `sample` as skipped for this cell (no result rows)."""
+    def skip(
+        self, order: int, sample: Sample | Skip, reason: str, detail: str, error: bool = False, **fields: Any
+    ) -> None:
+        """Record `sample` as skipped for this cell (no result rows); `error=True`: as `errored`, an
+        exception from code, config or environment, which keeps the cell from being done."""
+        if error:
+            fields["status"] = ERRORED
+            self.errored[sample.question_id] = detail or reason
         self.write(
             sample.question_id,
             sample_row(order, sample, skip_reason=reason, skip_detail=detail, **fields),
@@ -117,9 +125,15 @@ def start(cell: Cell, loaded: LoadedModel, context: dict) -> None:
         for run in (meta.get("runs") or [])[-1:]:
             run.setdefault("ended", "unrecorded (process gone; stale 'running' record)")
     runs = [*(meta.get("runs") or []), {**this_process(), **context}]
-    remote = getattr(loaded, "remote_code", None)  # the checkpoint's Python that ran (trust_remote_code)
     cell.store.write_meta(
-        status="running", error=None, model_path=loaded.path, remote_code=remote, runs=runs, **context
+        status="running",
+        error=None,
+        model_path=loaded.path,
+        model_info=loaded.info,  # the real depth; replica and random weights marked (issue 23)
+        window_used=getattr(cell.analysis, "width", None),  # checked against the loaded depth on bind
+        remote_code=getattr(loaded, "remote_code", None),  # the checkpoint's Python that ran
+        runs=runs,
+        **context,
     )
 
 
@@ -154,12 +168,15 @@ def finish(
     `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have.
     """
     store = cell.store
+    if cell.error is None and cell.errored:
+        cell.error = errored_error(cell.errored, len(expected))
     if cell.error is not None:
         end_run(cell, "failed")
         store.write_meta(status="failed", error=cell.error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=cell.error)
     try:
-        samples, results = store.finish(SAMPLE_COLUMNS, cell.analysis.result_columns, cell.analysis.sort_by)
+        schemas = arrow_schema(SAMPLE_COLUMNS, SAMPLE_TYPES), cell.analysis.result_schema
+        samples, results = store.finish(*schemas, cell.analysis.sort_by)
         missing = expected - set(samples["question_id"].astype(str))
         if missing:  # never mark done what lacks samples
             raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
@@ -185,6 +202,20 @@ def finish(
         end_run(cell, "failed")
         store.write_meta(status="failed", error=error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=error)
+
+
+def errored_error(errored: dict[str, str], total: int) -> str:
+    """The error of a cell whose samples were stopped by exceptions (not skipped for their content):
+    the exception itself when every sample failed the same way, else how many failed with what."""
+    kinds = Counter(errored.values())
+    if len(errored) == total and len(kinds) == 1:
+        return f"every sample ({total}) failed with {next(iter(kinds))}"
+    listed = "; ".join(f"{error} (x{n})" for error, n in kinds.most_common(3))
+    more = f"; and {len(kinds) - 3} other errors" if len(kinds) > 3 else ""
+    return (
+        f"{len(errored)} of {total} samples failed with an error ({listed}{more}); the cell is not done, "
+        "and the next run computes them again (the other samples are kept)"
+    )
 
 
 def summarise(samples, results, analysis) -> dict:

@@ -59,7 +59,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
 
     from mmflow.secrets import redact_argv
     from mmflow.sweep.core import CellJob, Sweep
-    from mmflow.sweep.curve import print_cell_curve, print_unscored
+    from mmflow.sweep.curve import nothing_scored, print_cell_curve, print_unscored, read_meta, status_line
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
@@ -77,9 +77,10 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     sweep.run()
     status = sweep.status[job.cell_id]
     path = Path(job.cell["results_dir"]) / job.cell_id
-    print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
+    print(status_line(job.cell_id, status, path))  # with why, when no sample was scored
     if status in ("done", "cached"):
-        print_unscored(path)
+        if not nothing_scored(read_meta(path)):
+            print_unscored(path)
         try:
             print_cell_curve(path, sweep.sweep_dir / "figures")
         except Exception as exc:  # a view of results already on disk: never fails the run

@@ -73,9 +73,18 @@ def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+def atomic_write_parquet(path: Path, frame: pd.DataFrame, schema: Any = None) -> None:
+    """Write `frame` atomically; with a `pyarrow.Schema`, exactly those columns and types (an empty
+    frame too: `mmflow.schema`)."""
     import io
 
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    if schema is None:
+        frame.to_parquet(buffer, index=False)
+    else:
+        import pyarrow.parquet as pq
+
+        from mmflow.schema import to_table
+
+        pq.write_table(to_table(frame, schema), buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -4,6 +4,9 @@ A cell is computed by one process at a time: `CellLock` holds an OS file lock (`
 `<cell>/.lock` while the cell runs; the OS releases it when the process dies, so a lock left by a
 killed process is recovered by the next run. The owner (host, pid, start time) is recorded next to
 it in `<cell>/.lock.owner.json` for messages and for file systems where OS locks are unreliable.
+
+A recorded owner is the process with that pid *and* that start time (`started_at`, from psutil): a pid
+the OS later gave to another process does not keep a dead owner's record alive.
 """
 
 from __future__ import annotations
@@ -35,25 +38,56 @@ def lock_wait_s() -> float:
     return float(os.environ.get("MMFLOW_LOCK_WAIT_S", DEFAULT_LOCK_WAIT_S))
 
 
+# Two readings of one process's start time differ by less than this (seconds); psutil derives it
+# from boot time and clock ticks.
+START_TIME_TOLERANCE_S = 1.0
+
+
+def process_started_at(pid: int) -> float | None:
+    """The OS's start time of process `pid` (seconds since the epoch), None if there is none."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
 def this_process() -> dict[str, Any]:
-    """Host, pid and start time of this process (recorded as the owner of what it writes)."""
+    """Host, pid and start time of this process (recorded as the owner of what it writes).
+
+    `since`: when this record was made, for people; `started_at`: the OS's start time of the process,
+    which with the pid identifies it (`process_alive`).
+    """
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "started_at": process_started_at(os.getpid()),
         "since": datetime.now().isoformat(timespec="seconds"),
     }
 
 
 def process_alive(owner: dict[str, Any] | None) -> bool | None:
-    """Whether the recorded process still runs: None when it is on another host (cannot tell)."""
+    """Whether the recorded process still runs: None when it is on another host (cannot tell).
+
+    A live process with the recorded pid but another start time is a different process (the pid was
+    reused): the recorded one is gone. Records without `started_at` (older ones) are judged by pid.
+    """
     if not owner or owner.get("host") != socket.gethostname() or not owner.get("pid"):
         return None
+    pid = int(owner["pid"])
     try:
-        os.kill(int(owner["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    recorded = owner.get("started_at")
+    if isinstance(recorded, int | float):
+        actual = process_started_at(pid)
+        if actual is None:
+            return False
+        return abs(actual - float(recorded)) <= START_TIME_TOLERANCE_S
     return True
 
 
@@ -191,7 +225,9 @@ def stale_running(record: dict[str, Any], owner_key: str = "owner") -> str | Non
     owner = record.get(owner_key)
     alive = process_alive(owner)
     if alive is False:
-        return f"left 'running' by {describe(owner)}, which is no longer running"
+        reused = process_started_at(int(owner["pid"])) is not None
+        gone = "whose pid now belongs to another process" if reused else "which is no longer running"
+        return f"left 'running' by {describe(owner)}, {gone}"
     return None
 
 

@@ -1,7 +1,9 @@
 """One sample -> model inputs and token groups, or that sample's `Skip`: never a cell's failure.
 
-Anything that goes wrong while preparing one sample (reading its image, the processor, grouping, the
-model's own checks of that input) becomes a recorded skip with the exception's type and message.
+What is wrong with the row itself (its image cannot be read, a token group is empty, its text holds
+special tokens) is a final skip with its reason. Any other exception while preparing it (the processor,
+a config, the environment) is the sample's error (`Skip(..., error=True)`, reason `sample_error` with
+the exception's type and message): recorded, but the cell is not done and the sample is retried.
 Text that the tokenizer would read as a special token (e.g. a scraped question containing the
 literal `<image>`) is skipped with reason `special_token_in_text`: rewriting the question would
 change what is asked, and passing it on makes the processor count a second image.
@@ -19,7 +21,7 @@ from mmflow.models.registry import LoadedModel
 
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 UNREADABLE_IMAGE = "unreadable_image"
-SAMPLE_ERROR = "sample_error"  # any other exception while preparing the sample
+SAMPLE_ERROR = "sample_error"  # any other exception while preparing the sample: an error, not a skip
 PROMPT_TOO_LONG = "prompt_too_long"
 
 
@@ -94,5 +96,10 @@ def prepare_or_skip(
         return Skip(sample.question_id, exc.reason, str(exc))
     except OSError as exc:
         return Skip(sample.question_id, UNREADABLE_IMAGE, str(exc))
-    except Exception as exc:  # noqa: BLE001 - one sample's problem, recorded as its skip
-        return Skip(sample.question_id, SAMPLE_ERROR, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - code, config or environment: recorded as the sample's error
+        return sample_error(sample.question_id, exc)
+
+
+def sample_error(question_id: str, exc: BaseException, reason: str = SAMPLE_ERROR) -> Skip:
+    """The error (not a skip) of one sample stopped by `exc`: its cell is not done, the sample retried."""
+    return Skip(question_id, reason, f"{type(exc).__name__}: {exc}".strip(), error=True)

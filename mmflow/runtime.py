@@ -28,7 +28,7 @@ from mmflow.knockout import make_engine
 from mmflow.locks import CellLock, describe, lock_wait_s
 from mmflow.models.registry import LoadedModel
 from mmflow.pipeline import Stages, prefetch
-from mmflow.prepare import SAMPLE_ERROR, prepare_or_skip
+from mmflow.prepare import prepare_or_skip, sample_error
 from mmflow.store import CellStore, batch_key
 from mmflow.validate import validate_cell
 
@@ -51,6 +51,7 @@ def load_samples(config: dict) -> list[Sample | Skip]:
 
 __all__ = ["generate_answer", "normalise_answer", "run_cells"]  # generate_answer: the reference answer
 PREFETCH_DEPTH = 2  # samples prepared ahead of the model (mmflow.pipeline)
+OOM = "out_of_memory"  # a sample the accelerator had no memory for: an error (retried), not a skip
 
 
 def normalise_answer(text: str) -> str:
@@ -114,7 +115,13 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
                 store.write_meta(status="failed", error=error, **context)
                 outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
                 continue
-            cell = Cell(config, loaded)
+            try:
+                cell = Cell(config, loaded)  # its analysis checks its keys against the loaded model
+            except ValueError as exc:  # e.g. a window deeper than the loaded model: this cell only
+                error = f"{type(exc).__name__}: {exc}"
+                store.write_meta(status="failed", error=error, model_info=loaded.info, **context)
+                outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
+                continue
             if not cell.lock.acquire(wait_s):
                 busy.append(config)
                 continue
@@ -225,14 +232,14 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
     if not cells:
         return None
     if isinstance(sample, Skip):
-        return _skip_all(cells, order, sample, sample.reason, sample.detail)
+        return _skip_all(cells, order, sample, sample.reason, sample.detail, sample.error)
     try:
         with stages.timed("wait_for_prepare"):
             ready = prepared.result()
-    except Exception as exc:  # the prefetch itself failed: still this sample's skip
-        ready = Skip(sample.question_id, SAMPLE_ERROR, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # the prefetch itself failed: this sample's error
+        ready = sample_error(sample.question_id, exc)
     if isinstance(ready, Skip):
-        return _skip_all(cells, order, sample, ready.reason, ready.detail)
+        return _skip_all(cells, order, sample, ready.reason, ready.detail, ready.error)
     inputs, groups = ready
     planned, skipped = [], []
     for cell in cells:
@@ -252,8 +259,8 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         clean_passes[sample.question_id] += 1
         with stages.timed("answer"):
             predicted = answer_from_clean(loaded, clean, int(config["max_new_tokens"]))
-    except torch.cuda.OutOfMemoryError as exc:
-        return _skip_all(cells, order, sample, "out_of_memory", str(exc).splitlines()[0])
+    except torch.cuda.OutOfMemoryError as exc:  # the environment, not the row: retried next run
+        return _skip_all(cells, order, sample, OOM, str(exc).splitlines()[0], error=True)
     correct = normalise_answer(predicted) == normalise_answer(sample.answer)
     token_id = clean.top1
     base = dict(
@@ -274,7 +281,7 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         with stages.timed("knockouts"):
             logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
     except torch.cuda.OutOfMemoryError as exc:
-        return _skip_all([c for c, _ in planned], order, sample, "out_of_memory", str(exc).splitlines()[0])
+        return _skip_all([c for c, _ in planned], order, sample, OOM, str(exc).splitlines()[0], error=True)
     start = 0
     for cell, jobs in planned:
         new = logprobs[start : start + len(jobs)]
@@ -282,15 +289,17 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         with stages.timed("rows_and_writes"):
             try:
                 rows = cell.analysis.rows(sample, clean, token_id, new)
-            except (GroupError, torch.cuda.OutOfMemoryError) as exc:  # e.g. patching: a too weak corruption
-                reason, detail = (
-                    (exc.reason, exc.detail) if isinstance(exc, GroupError) else ("out_of_memory", str(exc))
-                )
-                cell.skip(order, sample, reason, detail, **base)
+            except GroupError as exc:  # e.g. patching: a too weak corruption
+                cell.skip(order, sample, exc.reason, exc.detail, **base)
+                continue
+            except torch.cuda.OutOfMemoryError as exc:
+                cell.skip(order, sample, OOM, str(exc).splitlines()[0], error=True, **base)
                 continue
             cell.write(sample.question_id, sample_row(order, sample, status="scored", **base), rows)
 
 
-def _skip_all(cells: list[Cell], order: int, sample: Sample | Skip, reason: str, detail: str) -> None:
+def _skip_all(
+    cells: list[Cell], order: int, sample: Sample | Skip, reason: str, detail: str, error: bool = False
+) -> None:
     for cell in cells:
-        cell.skip(order, sample, reason, detail)
+        cell.skip(order, sample, reason, detail, error=error)

@@ -163,7 +163,8 @@ class CellStore:
         return meta
 
     def done_question_ids(self) -> set[str]:
-        """Samples already recorded in part files (the resume point).
+        """Samples already recorded in part files (the resume point); `errored` samples (stopped by an
+        exception, `mmflow.data.sample.Skip.error`) are not, so they are computed again.
 
         A sample whose part (or results part) cannot be read is moved to `damaged/` with a warning
         and is not counted, so it is computed again.
@@ -172,7 +173,10 @@ class CellStore:
         for part in sorted(self.parts.glob("samples-*.parquet")):
             results = part.with_name(part.name.replace("samples-", "results-", 1))
             try:
-                ids = pd.read_parquet(part, columns=["question_id"])["question_id"].astype(str)
+                rows = pd.read_parquet(part)
+                if "status" in rows:
+                    rows = rows[rows["status"] != "errored"]
+                ids = rows["question_id"].astype(str)
                 if results.exists():
                     pd.read_parquet(results, columns=["question_id"])
             except Exception as exc:  # noqa: BLE001 - truncated or garbage part
@@ -200,8 +204,15 @@ class CellStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
-    def finish(self, sample_columns: list[str], result_columns: list[str], sort_by: list[str]) -> tuple:
-        """Merge parts into the two parquet files, dropping results of unfinished samples."""
+    def finish(self, sample_schema: Any, result_schema: Any, sort_by: list[str]) -> tuple:
+        """Merge parts into the two parquet files, dropping results of unfinished samples.
+
+        `sample_schema`, `result_schema`: the files' `pyarrow.Schema`s, written whether rows exist or
+        not (`mmflow.schema`), so a cell without scored samples reads like any other; a plain list
+        of column names writes the types pandas infers.
+        """
+        sample_schema, sample_columns = _schema_and_columns(sample_schema)
+        result_schema, result_columns = _schema_and_columns(result_schema)
         samples = self._merge("samples", sample_columns)
         results = self._merge("results", result_columns)
         results = (
@@ -211,8 +222,8 @@ class CellStore:
         results = (
             results.sort_values(sort_by, kind="stable").reset_index(drop=True) if len(results) else results
         )
-        atomic_write_parquet(self.dir / "samples.parquet", samples)
-        atomic_write_parquet(self.dir / "results.parquet", results)
+        atomic_write_parquet(self.dir / "samples.parquet", samples, sample_schema)
+        atomic_write_parquet(self.dir / "results.parquet", results, result_schema)
         return samples, results
 
     def clear_parts(self) -> None:
@@ -220,3 +231,10 @@ class CellStore:
             part.unlink()
         if self.parts.exists():
             self.parts.rmdir()
+
+
+def _schema_and_columns(spec: Any) -> tuple[Any, list[str]]:
+    """(schema or None, column names) of a `pyarrow.Schema` or a list of column names."""
+    if isinstance(spec, list | tuple):
+        return None, list(spec)
+    return spec, list(spec.names)

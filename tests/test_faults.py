@@ -88,7 +88,9 @@ def test_text_that_breaks_the_processor_is_a_recorded_skip(tiny_llava, tmp_path)
     assert "'<image>'" in samples.loc["000001", "skip_detail"]
 
 
-def test_any_exception_while_preparing_a_sample_is_its_skip(tiny_llava, tmp_path):
+def test_any_exception_while_preparing_a_sample_is_its_recorded_error(tiny_llava, tmp_path):
+    """Not a skip for the row's content: an error (issue 23 item 3), which keeps the cell from done."""
+
     class BrokenProcessor:
         tokenizer = tiny_llava.processor.tokenizer
         image_token = "<image>"
@@ -98,7 +100,7 @@ def test_any_exception_while_preparing_a_sample_is_its_skip(tiny_llava, tmp_path
 
     (sample,) = read_table(write_table(tmp_path, QUESTIONS[:1]), "ChooseAttr", tmp_path / "images")
     skip = prepare_or_skip(replace(tiny_llava, processor=BrokenProcessor()), sample)
-    assert skip == Skip("000000", "sample_error", "IndexError: position 9 out of range")
+    assert skip == Skip("000000", "sample_error", "IndexError: position 9 out of range", error=True)
 
 
 # ------------------------------------------------------------------ 2. duplicate question ids

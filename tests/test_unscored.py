@@ -70,6 +70,6 @@ def test_a_single_run_prints_why_its_samples_were_skipped(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     status = next(i for i, x in enumerate(lines) if x.startswith("[mmflow] cell"))
-    expected = "[mmflow] no sample scored: skipped 3 of 3 samples: missing_image x3 (see samples.parquet)"
-    assert lines[status + 1] == expected, proc.stdout[-3000:]
-    assert lines[status + 2].startswith("[mmflow] no scored samples in "), proc.stdout[-3000:]
+    why = "no sample scored: skipped 3 of 3 samples: missing_image x3 (see samples.parquet)"
+    assert lines[status].endswith(f": done ({why}) -> {tmp_path / 'r' / lines[status].split()[2][:-1]}")
+    assert lines[status + 1].startswith("[mmflow] no scored samples in "), proc.stdout[-3000:]

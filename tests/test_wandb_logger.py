@@ -103,7 +103,8 @@ def test_each_cell_has_its_own_run_with_its_own_numbers(computed: dict) -> None:
         (run,) = of_type(records, "run")
         assert run["run_id"] == outcome.cell_id == cell_id(config)
         assert run["run_group"] == "wbtest" and run["job_type"] == config["knockout"]["name"]
-        assert run["tags"] == ["tiny-llava", "ChooseAttr", "window=3"] and run["resume"] is True
+        tags = ["tiny-llava", "ChooseAttr", "window=3", "random-weights"]  # tiny models: random weights
+        assert run["tags"] == tags and run["resume"] is True
         assert summary["config"]["model"]["name"] == "tiny-llava" and summary["config"]["window"] == 3
         assert summary["state"] == "finished" and summary["exit_code"] == 0
 

@@ -58,6 +58,22 @@ RESULT_COLUMNS = [
     "model",
     "task",
 ]
+RESULT_TYPES = {
+    "question_id": "string",
+    "layer": "int64",
+    "lens": "string",
+    **{f"p_{form}": "float64" for form in FORMS},
+    **{f"token_id_{form}": "int64" for form in FORMS},
+    **{f"token_{form}": "string" for form in FORMS},
+    "gold_rank": "int64",
+    "capital_rank": "int64",
+    "top5_ids": "list<int64>",
+    "top5_tokens": "list<string>",
+    "top5_text": "list<string>",
+    "top5_probs": "list<float64>",
+    "model": "string",
+    "task": "string",
+}
 
 
 # ---------------------------------------------------------------- answer token forms
@@ -201,6 +217,7 @@ class AnswerTrackingAnalysis(Analysis):
     curve_role = "lens"
     config_keys = ("lens",)
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     value_columns = tuple(f"p_{form}" for form in FORMS)
 
     @classmethod
@@ -279,7 +296,7 @@ class AnswerTrackingAnalysis(Analysis):
         from mmflow.analyses.plots import new_figure
 
         figure, ax = new_figure()
-        title = f"{cell.model} — {cell.task}: answer tracking (lens = {self.lens})"
+        title = f"{cell.model_title} — {cell.task}: answer tracking (lens = {self.lens})"
         plot_answer_tracking(cell.results, ax=ax, title=title)
         return figure
 

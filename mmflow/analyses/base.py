@@ -79,6 +79,7 @@ class Analysis(ABC):
     name: ClassVar[str]
     config_keys: ClassVar[tuple[str, ...]] = ()  # top-level keys this analysis reads (its YAML sets them)
     result_columns: ClassVar[list[str]]
+    result_types: ClassVar[dict[str, str]]  # column -> type name (`mmflow.schema`), for every column
     sort_by: ClassVar[list[str]] = ["question_id", "layer"]
     value_columns: ClassVar[tuple[str, ...]] = ()  # result columns the per-layer curve is made of
     minimum_of: ClassVar[str | None] = None  # the curve value whose minimum is the headline, if any
@@ -115,6 +116,18 @@ class Analysis(ABC):
         [J, V] (J = len(jobs(...)), V = vocabulary; float32 log-probabilities)."""
 
     # ------------------------------------------------------------ output side
+
+    @property
+    def result_schema(self) -> Any:
+        """The `pyarrow.Schema` of this cell's `results.parquet`, empty or not."""
+        from mmflow.schema import arrow_schema
+
+        types = getattr(self, "result_types", None)
+        if types is None:
+            raise TypeError(
+                f"analysis {self.name!r} declares no result_types (column -> type, mmflow.schema)"
+            )
+        return arrow_schema(self.result_columns, types)
 
     @property
     def row_labels(self) -> dict[str, Any]:
@@ -168,7 +181,7 @@ class Analysis(ABC):
             figure = cell.analysis.figure(cell)
             if figure is not None:
                 stem = "__".join((cls.name, cell.model, cell.task, cell.cell_id))
-                figures.append(FigureSpec(stem, f"{cell.model} — {cell.task}", figure))
+                figures.append(FigureSpec(stem, f"{cell.model_title} — {cell.task}", figure))
         return [(cls.title(), figures)] if figures else []
 
     @classmethod

@@ -16,7 +16,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import CellConfigError, check_choice, check_window
+from mmflow.checks import CellConfigError, check_choice, check_window, window_for_depth
 from mmflow.data.sample import Sample
 from mmflow.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
@@ -37,6 +37,21 @@ RESULT_COLUMNS = [
     "knockout",
     "window",
 ]
+RESULT_TYPES = {
+    "question_id": "string",
+    "layer": "int64",
+    "head": "int64",  # knockout.heads: each
+    "heads": "string",  # knockout.heads: a list, e.g. "0,2"
+    "p_base": "float64",
+    "p_new": "float64",
+    "rel_change_pct": "float64",
+    "logp_change": "float64",
+    "top1_changed": "bool",
+    "model": "string",
+    "task": "string",
+    "knockout": "string",
+    "window": "int64",
+}
 
 
 def head_sets(heads: str | int | Sequence[int] | None, n_heads: int) -> list[tuple[int, ...] | None]:
@@ -90,6 +105,7 @@ class KnockoutAnalysis(Analysis):
     name = "knockout"
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     value_columns = ("rel_change_pct",)
     minimum_of = "rel_change_pct"
 
@@ -132,8 +148,8 @@ class KnockoutAnalysis(Analysis):
     # ------------------------------------------------------------ compute side
 
     def bind(self, loaded) -> KnockoutAnalysis:
-        for centre in range(loaded.n_layers):
-            window_layers(centre, self.width, loaded.n_layers)  # validates the width early
+        """Check the window against the loaded depth (`window_for_depth`: a shrunk replica's own)."""
+        self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)
         self.head_sets = head_sets(self.heads, int(loaded.model.config.get_text_config().num_attention_heads))
         return super().bind(loaded)
 

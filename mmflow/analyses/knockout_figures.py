@@ -84,7 +84,7 @@ def plot_model_task(cells: Sequence[Any]) -> Figure:
         color = knockout_color(cell.variant)
         band(ax, stats["layer"].to_numpy(), stats, color, label, _style(cell.window, windows, note, notes))
     window = f"window k = {first.window}, " if len(windows) == 1 else ""
-    title = f"{first.model} — {first.task}: attention knockout ({window}{_n_text(cells)})"
+    title = f"{first.model_title} — {first.task}: attention knockout ({window}{_n_text(cells)})"
     xlabel = f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)"
     _finish_axes(ax, title, xlabel, "Knockout")
     ax.set_xlim(0, n_layers - 1)
@@ -128,7 +128,7 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
         loc="outside upper center",
         ncols=len(labels),
         fontsize="small",
-        title=f"{first.model}: attention knockout, window k = {first.window} ({BAND_NOTE})",
+        title=f"{first.model_title}: attention knockout, window k = {first.window} ({BAND_NOTE})",
     )
     return figure
 

@@ -22,7 +22,7 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import check_choice, check_int, check_window
+from mmflow.checks import check_choice, check_int, check_window, window_for_depth
 from mmflow.data.sample import Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
@@ -50,6 +50,15 @@ RESULT_COLUMNS = [
     "model",
     "task",
 ]
+RESULT_TYPES = {
+    **{c: "string" for c in ("question_id", "group", "corruption", "corrupt_source", "model", "task")},
+    "layer": "int64",
+    "window": "int64",
+    **{c: "float64" for c in ("p_clean", "p_corrupt", "p_patched", "recovered_frac")},
+    "logp_corrupt_change": "float64",
+    "logp_patched_change": "float64",
+    "top1_patched": "bool",
+}
 ALL = "all"  # every position of the sequence (restoring it at layer 0 gives the clean run)
 
 
@@ -87,6 +96,7 @@ class PatchingAnalysis(Analysis):
     curve_role = "recovery"
     config_keys = ("window",)
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     sort_by = ["question_id", "group", "layer"]
     value_columns = ()  # per restored group: logged at the end, no running mean over groups
 
@@ -125,8 +135,7 @@ class PatchingAnalysis(Analysis):
 
         self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.n_layers = loaded.n_layers
-        for centre in range(self.n_layers):
-            window_layers(centre, self.width, self.n_layers)  # validates width early
+        self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)  # the loaded depth
         return super().bind(loaded)
 
     @property

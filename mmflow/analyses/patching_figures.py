@@ -103,7 +103,8 @@ def plot_necessity_sufficiency(knockouts: Sequence[CellData], patchings: Sequenc
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.supxlabel(f"Centre layer of the window (0–{n_layers - 1} of {n_layers} layers)")
     figure.suptitle(
-        f"{first.model} — {first.task}: necessity (knockout) and sufficiency (patching), k = {first.window}"
+        f"{first.model_title} — {first.task}: necessity (knockout) and sufficiency (patching), "
+        f"k = {first.window}"
     )
     return figure
 
@@ -127,7 +128,7 @@ def plot_head_heatmap(cell: CellData) -> Figure:
     ax.set_ylabel("Centre layer of the window")
     n = int(cell.results.groupby(["layer", "head"]).size().max())
     ax.set_title(
-        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} per head (k = {cell.window}, n = {n})",
+        f"{cell.model_title} — {cell.task}: {cell.analysis.spec.label} per head (k = {cell.window}, n = {n})",
         fontsize=10,
     )
     figure.colorbar(image, ax=ax, label="Mean relative change (%)")
@@ -177,7 +178,7 @@ def head_sections(cells: Sequence[CellData]) -> list[tuple[str, list]]:
 
     entries = []
     for cell in cells:
-        caption = f"{cell.model} — {cell.task}: {cell.label} (k = {cell.window})"
+        caption = f"{cell.model_title} — {cell.task}: {cell.label} (k = {cell.window})"
         stem = "__".join(("heads", cell.model, cell.task, cell.variant, f"k{cell.window}"))
         entries.append(FigureSpec(stem, caption, plot_head_heatmap(cell)))
     return [("Head-resolved knockouts (layer x head)", entries)] if entries else []

@@ -56,10 +56,20 @@ class Sample:
     box_issue: tuple[str, str] | None = None
 
 
+ERRORED = "errored"  # samples.parquet status of a sample an exception stopped (retried by the next run)
+
+
 @dataclass(frozen=True)
 class Skip:
-    """A sample that could not be used, with the reason (recorded, never silently dropped)."""
+    """A sample that could not be used, with the reason (recorded, never silently dropped).
+
+    `error=False`: the row's own content (missing or unreadable image, malformed row, empty group, ...)
+    is the reason; the skip is final. `error=True`: an exception from code, config or environment (a
+    processor config without `patch_size`, out of memory, ...); the sample is recorded as `errored`,
+    its cell is not done, and the next run computes it again.
+    """
 
     question_id: str
     reason: str
     detail: str = ""
+    error: bool = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 
 from mmflow.models.anatomy import Anatomy, anatomy_of
 from mmflow.models.placement import load_kwargs
+from mmflow.models.provenance import weights_info
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ class LoadedModel:
     device: torch.device
     parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
     remote_code: dict[str, Any] | None = None  # trust_remote_code: the checkpoint's Python files that ran
+    weights: dict[str, Any] = field(default_factory=dict)  # mmflow.models.provenance.weights_info
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was really loaded (`cell.json`'s `model_info`): depth, path, replica, random weights."""
+        return {**self.weights, "n_layers": self.n_layers, "path": str(self.path)}
 
     @property
     def tokenizer(self):
@@ -182,6 +189,7 @@ def load_model(cfg: Any) -> LoadedModel:
         image_preprocess=cfg.image_preprocess,
         device=device,
         parity=cfg.get("parity"),
+        weights=weights_info(cfg.checkpoint, path, cfg.get("n_layers")),
     )
     if trust and remote is None:  # a hub checkpoint: its files are known once downloaded
         remote = report_remote_code(cfg.name, path, revision)

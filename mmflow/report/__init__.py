@@ -28,7 +28,7 @@ def cell_row(cell: CellData, out_dir: Path, note: str = "") -> dict[str, object]
     `Analysis.minimum_of`)."""
     counts = cell.counts
     row: dict[str, object] = {
-        "model": cell.model,
+        "model": cell.model_title,
         "task": cell.task,
         "analysis": cell.label + note,
         "window": cell.window if cell.window is not None else "—",

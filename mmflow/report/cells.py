@@ -60,19 +60,41 @@ class CellData:
         return self.analysis.labels.legend
 
     @property
+    def weights_note(self) -> str:
+        """ "" for trained weights, else how they are marked ("shrunk replica, 2 of 32 layers, random
+        weights", "random weights"), from `cell.json`'s `model_info` (`mmflow.models.provenance`)."""
+        from mmflow.models.provenance import weights_note
+
+        return weights_note(self.meta.get("model_info"))
+
+    @property
+    def model_title(self) -> str:
+        """The model's config name, with its weights marked when they are a replica's or random."""
+        return f"{self.model} [{self.weights_note}]" if self.weights_note else self.model
+
+    @property
     def model_legend(self) -> str:
-        """Family and size for legends ("LLaVA-1.6 (Mistral) 7B"), else the model's config name."""
+        """Family and size for legends ("LLaVA-1.6 (Mistral) 7B"), else the model's config name;
+        replicas and random weights marked."""
         model = self.config.get("model", {})
         family, size = model.get("family"), model.get("size")
-        return f"{family} {size}" if family and size else self.model
+        name = f"{family} {size}" if family and size else self.model
+        return f"{name} [{self.weights_note}]" if self.weights_note else name
 
     @property
     def window(self) -> int | None:
-        return self.analysis.labels.window
+        """The window the cell ran with (`cell.json`'s `window_used`, checked against the loaded
+        depth), else its configured one."""
+        used = self.meta.get("window_used")
+        return int(used) if isinstance(used, int) else self.analysis.labels.window
 
     @property
     def n_layers(self) -> int:
-        """The model's depth: `model.n_layers` of the config, else the results' highest layer + 1."""
+        """The depth of the model the cell ran on (`cell.json`'s `model_info`), else `model.n_layers`
+        of the config, else the results' highest layer + 1."""
+        loaded = (self.meta.get("model_info") or {}).get("n_layers")
+        if loaded:
+            return int(loaded)
         configured = self.config.get("model", {}).get("n_layers")
         if configured:
             return int(configured)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmflow.context import RunContext
-from mmflow.locks import mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.locks import CellLock, describe, mark_stale_sweeps, sigterm_as_interrupt, this_process
 from mmflow.secrets import redact_hydra_files
 from mmflow.store import CellStore
 from mmflow.sweep.display import make_display
@@ -30,6 +30,9 @@ from mmflow.sweep.settings import SweepSettings
 log = logging.getLogger("mmflow.sweep")
 
 FINAL = ("done", "cached", "failed")
+# How long a stopping driver waits, in all, for the workers it cancelled to let go of their cells'
+# locks before it records their ending (a killed Ray actor's lock is released when its process exits).
+STOP_WAIT_S = 10.0
 
 
 @dataclass
@@ -137,6 +140,7 @@ class Sweep:
                 self.compute(todo)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
+            self.record_stop(exc)
             write_sweep_json(self, "interrupted" if interrupted else "error", error=short_error(exc))
             log.warning("sweep stopped: re-run the same command to resume (finished samples are kept)")
             if interrupted:
@@ -191,6 +195,40 @@ class Sweep:
             level = logging.WARNING if status == "failed" else logging.DEBUG
             log.log(level, "cell %s %s%s", cell_id, status, f": {error.splitlines()[0]}" if error else "")
             write_sweep_json(self, "running")
+
+    def record_stop(self, exc: BaseException) -> None:
+        """Record in `cell.json` how the cells still running ended when the driver stopped (Ctrl-C,
+        SIGTERM, an error): `interrupted` (or `failed`), with the reason, in their `runs` list too.
+
+        The workers were cancelled (Ray actors killed) before this runs; each cell is recorded once its
+        lock is free (so never while a worker still writes it, waiting `STOP_WAIT_S` in all). A cell
+        that recorded its own ending (a local run, or a batch that just finished) keeps it.
+        """
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        why = f"the sweep driver stopped ({type(exc).__name__}: {short_error(exc, 200)})"
+        deadline = time.monotonic() + STOP_WAIT_S
+        for cell_id in [cid for cid, status in self.status.items() if status == "running"]:
+            cell = self.cells[cell_id]
+            store, lock = CellStore(cell["results_dir"], cell), CellLock(Path(cell["results_dir"]) / cell_id)
+            try:
+                if not lock.acquire(max(0.0, deadline - time.monotonic())):
+                    owner = describe(lock.owner())
+                    log.warning("cell %s is still held by %s; its ending is not recorded", cell_id, owner)
+                    self.status[cell_id] = state
+                    continue
+                try:
+                    meta = store.read_meta()
+                    if meta.get("status") in (None, "running"):
+                        runs = meta.get("runs") or []
+                        if runs and not runs[-1].get("ended"):
+                            runs[-1]["ended"] = f"{state}: {why}"
+                        meta = store.write_meta(status=state, error=why, runs=runs, **self.context.meta())
+                    self.status[cell_id] = str(meta.get("status") or state)
+                finally:
+                    lock.release()
+            except Exception as write_exc:  # noqa: BLE001 - the original ending matters more
+                log.warning("could not record %s for cell %s: %s", state, cell_id, write_exc)
+                self.status[cell_id] = state
 
     def counts(self) -> dict[str, int]:
         values = list(self.status.values())

@@ -63,6 +63,32 @@ def unscored_line(meta: dict[str, Any]) -> str | None:
     return f"{prefix}{'; '.join(parts)} (see samples.parquet)"
 
 
+def read_meta(cell_dir: str | Path) -> dict[str, Any]:
+    """The cell's `cell.json`, or {} when it cannot be read."""
+    try:
+        meta = json.loads((Path(cell_dir) / "cell.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def nothing_scored(meta: dict[str, Any]) -> str | None:
+    """Why a finished cell (`cell.json`) has no scored sample ("no sample scored: ..."), or None when it
+    has one (or is not finished)."""
+    counts = meta.get("counts")
+    if meta.get("status") != "done" or not isinstance(counts, dict) or int(counts.get("scored") or 0):
+        return None
+    if not int(counts.get("samples") or 0):
+        return "no sample scored: the data source has no sample for this cell"
+    return unscored_line(meta)
+
+
+def status_line(cell_id: str, status: str, cell_dir: str | Path) -> str:
+    """The line a single run ends with: the cell's status, and why when it scored no sample."""
+    why = nothing_scored(read_meta(cell_dir)) if status in ("done", "cached") else None
+    return f"[mmflow] cell {cell_id}: {status}{f' ({why})' if why else ''} -> {cell_dir}"
+
+
 def print_unscored(cell_dir: str | Path) -> str | None:
     """Print `unscored_line` of the cell in `cell_dir` (nothing when every sample was scored)."""
     try:
@@ -94,7 +120,7 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     else:
         title = f"{cell.label}: per layer"
         columns = ["layer", "value", "mean", "95% band"]
-    view = Table(title=f"{cell.model} · {cell.task} · {title}")
+    view = Table(title=f"{cell.model_title} · {cell.task} · {title}")
     for column in columns:
         view.add_column(column, justify="right" if column not in ("value",) else "left")
     for _, row in table.iterrows():

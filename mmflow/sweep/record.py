@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmflow.models.provenance import weights_note
 from mmflow.secrets import redact
 from mmflow.store import CellStore, atomic_write_json
 
@@ -33,6 +34,13 @@ def headline_text(headline: dict[str, Any]) -> str:
     for key, value in headline.items():
         parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
+
+
+def cell_headline(meta: dict[str, Any]) -> str:
+    """The summary table's headline of a finished cell; why, for a cell with no scored sample."""
+    from mmflow.sweep.curve import nothing_scored
+
+    return nothing_scored(meta) or headline_text(meta.get("headline") or {})
 
 
 def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str, Any]:
@@ -90,15 +98,17 @@ def print_summary(sweep: Sweep) -> None:
             "batch_seconds", timings.get("group_seconds")
         )  # cells written before the rename
         row = labels(cell)
+        window = meta.get("window_used", row["window"])  # the window it ran with, on the loaded depth
+        note = weights_note(meta.get("model_info"))
         table.add_row(
             cell_id,
-            row["model"],
+            f"{row['model']} [{note}]" if note else row["model"],
             str(row["task"]),
             str(row["variant"]),
-            str(row["window"] if row["window"] is not None else "-"),
+            str(window if window is not None else "-"),
             f"[{styles.get(status, 'yellow')}]{status}[/]",
             f"{seconds:.1f}" if isinstance(seconds, int | float) else "-",
-            headline_text(meta.get("headline") or {}) if status in ("done", "cached") else "-",
+            cell_headline(meta) if status in ("done", "cached") else "-",
             str(meta.get("node_id") or "-")[:8],
         )
     console.print(table)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from mmflow.analyses import Analysis, analysis_for
 from mmflow.analyses.curves import curve_minimum
+from mmflow.data.sample import ERRORED
 from mmflow.secrets import redact
 from mmflow.store import cell_id
 from mmflow.wandb_logger.artifacts import log_cell_artifact, use_inputs
@@ -96,8 +97,25 @@ class WandbCellLogger:
             except Exception:  # already broken
                 pass
 
+    def _loaded(self) -> dict[str, Any]:
+        """What `cell.json` records of the model as loaded: `model_info` and `window_used`."""
+        from mmflow.store import CellStore
+
+        meta = CellStore(self.config["results_dir"], self.config).read_meta()
+        return {k: meta[k] for k in ("model_info", "window_used") if meta.get(k) is not None}
+
     def _open(self) -> Any:
+        from mmflow.models.provenance import is_shrunk
+
         labels = self.analysis.labels
+        loaded = self._loaded()
+        tags = list(labels.tags)
+        if labels.window is not None and "window_used" in loaded:  # the window the cell ran with
+            tags = [f"window={loaded['window_used']}" if t == f"window={labels.window}" else t for t in tags]
+        info = loaded.get("model_info") or {}
+        if info.get("weights") == "random":
+            tags.append("shrunk-replica" if is_shrunk(info) else "replica" if info.get("replica_of") else "")
+            tags = [t for t in tags if t] + ["random-weights"]
         root = run_root(self.cfg, self.config["results_dir"])
         self.online = resolve_mode(self.cfg["mode"]) == "online"
         if not self.online:
@@ -109,8 +127,8 @@ class WandbCellLogger:
             name="/".join(labels.tags),
             group=sweep_name(self.config),
             job_type=labels.variant,
-            tags=list(labels.tags),
-            config=redact(self.config),
+            tags=tags,
+            config=redact({**self.config, **loaded}),
         )
         try:
             use_inputs(import_wandb(), run, self.config, self.online)
@@ -123,7 +141,8 @@ class WandbCellLogger:
         parts = Path(self.config["results_dir"]) / self.id / "parts"
         for path in sorted(parts.glob("samples-*.parquet")):
             for row in pd.read_parquet(path).to_dict("records"):
-                self._count(row)
+                if row.get("status") != ERRORED:  # computed again in this run, counted then
+                    self._count(row)
         for path in sorted(parts.glob("results-*.parquet")):
             self._accumulate(pd.read_parquet(path).to_dict("records"))
 
@@ -242,7 +261,7 @@ class WandbCellLogger:
     def _figure(self, results: pd.DataFrame) -> Any:
         from mmflow.report.cells import CellData
 
-        meta = {"config": self.config, "cell_id": self.id, "status": "done"}
+        meta = {"config": self.config, "cell_id": self.id, "status": "done", **self._loaded()}
         return self.analysis.figure(CellData(Path(self.config["results_dir"]) / self.id, meta, results))
 
 
