@@ -51,7 +51,7 @@ RESULT_COLUMNS = [
 ]
 SOURCES = ("group", "patches")
 IMAGE_GROUPS = ("image", "object", "nonobject")
-DEFAULTS = {"sources": "group", "top_k": 5, "controls": 5}
+DEFAULTS = {"sources": "group", "top_k": 5, "controls": 5, "seed": 0}
 
 
 def settings(config) -> dict[str, Any]:
@@ -77,6 +77,7 @@ class AttributionAnalysis(Analysis):
         check_choice("attribution.sources", values["sources"], SOURCES)
         check_int({"attribution.top_k": values["top_k"]}, "attribution.top_k", 1)
         check_int({"attribution.controls": values["controls"]}, "attribution.controls", 0)
+        check_int({"attribution.seed": values["seed"]}, "attribution.seed", 0)
         source = (config.get("knockout") or {}).get("source")
         if values["sources"] == "patches" and source not in IMAGE_GROUPS:
             raise CellConfigError(
@@ -93,7 +94,7 @@ class AttributionAnalysis(Analysis):
         values = settings(self.config)
         self.patches = values["sources"] == "patches"
         self.top_k, self.controls = int(values["top_k"]), int(values["controls"])
-        self.seed = int(self.config.get("seed", 0))
+        self.seed = int(values["seed"])
         if self.patches:
             self.result_columns = RESULT_COLUMNS[:3] + ["source"] + RESULT_COLUMNS[3:]
             self.sort_by = ["question_id", "layer", "head", "source"]
