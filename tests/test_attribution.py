@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import cell_config, noise_sample
 
+from mmflow.analyses import analysis_for
 from mmflow.analyses.attribution_agreement import agreement
 from mmflow.checks import CellConfigError
 from mmflow.groups import build_token_groups
@@ -147,6 +148,16 @@ def test_verification_rows_equal_a_separate_exact_per_head_cell(tiny_llava, tmp_
     headline = outcome.summary
     assert set(headline) >= {"spearman", "recall_at_k", "control_fn_rate", "n_verified", "min_head"}
     assert headline["n_verified"] == 10 and 0.0 <= headline["recall_at_k"] <= 1.0
+    # the report: the estimate map (verified cells outlined) beside the exact per-head map, agreement in
+    # the caption; W&B's per-layer table reads the same curve
+    from mmflow.report import build_report
+    from mmflow.wandb_logger import per_layer_table
+
+    html = build_report(tmp_path).read_text()
+    assert "Attribution screen" in html and f"Spearman {headline['spearman']:.2f}" in html
+    assert "figures/attribution" in html
+    table = per_layer_table(analysis_for(config), rows, loaded.n_layers)
+    assert len(table) == loaded.n_layers
 
 
 def test_patch_sources_verify_against_the_reference_engine(tiny_llava, tmp_path):
@@ -220,3 +231,27 @@ def test_patches_need_an_image_source(tmp_path):
     config["knockout"] = {"name": "question_to_last", "source": "question", "target": "last"}
     with pytest.raises(CellConfigError, match="image source"):
         validate_cell(config)
+
+
+def test_suffix_run_gives_the_full_runs_gradients(tiny_llava, tmp_path):
+    """From a fast clean pass, only positions from the first target on run with gradients: same
+    log p, same head-output gradients and estimates at the targets as the whole-sequence run."""
+    from mmflow.knockout.fast import FastEngine
+
+    loaded = tiny_llava
+    sample = noise_sample(tmp_path, np.random.default_rng(4), size=(400, 300))
+    inputs = encode(loaded, sample)
+    groups = build_token_groups(loaded, inputs, sample)
+    start = int(groups.question.min())
+    clean = FastEngine(loaded).clean(inputs, first_target=start)
+    suffix = answer_gradients(loaded, inputs, clean.top1, clean)
+    full = answer_gradients(loaded, inputs, clean.top1)
+    assert suffix.layers[0].offset == start and full.layers[0].offset == 0
+    assert suffix.layers[0].query.shape[1] == inputs.length - start
+    assert suffix.logp == pytest.approx(full.logp, abs=1e-5)
+    for a, b in zip(suffix.layers, full.layers, strict=True):
+        assert torch.allclose(a.grad, b.grad[:, start:], atol=1e-5, rtol=1e-4)
+    for patches in (False, True):
+        got = layer_head_estimates(suffix, groups.image, groups.question, patches)
+        want = layer_head_estimates(full, groups.image, groups.question, patches)
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)

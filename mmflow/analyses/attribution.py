@@ -133,7 +133,7 @@ class AttributionAnalysis(Analysis):
         from mmflow.knockout.attribution import answer_gradients, layer_head_estimates, window_sum
 
         edges = self._edges.pop(sample.question_id)
-        gradients = answer_gradients(self.loaded, clean.inputs, token_id)
+        gradients = answer_gradients(self.loaded, clean.inputs, token_id, clean)
         per_layer = layer_head_estimates(gradients, edges.sources, edges.targets, self.patches)
         estimates = window_sum(per_layer, self.windows).cpu()  # [C, H] or [C, H, S]
         shape, flat = tuple(estimates.shape), estimates.flatten().numpy()

@@ -30,7 +30,9 @@ def agreement_text(headline: dict[str, Any]) -> str:
     )
 
 
-def _heatmap(figure, ax, table: pd.DataFrame, label: str, outlined: set | None = None) -> None:
+def _heatmap(figure, ax, table: pd.DataFrame, label: str, outlined: dict | None = None) -> None:
+    """A diverging layer x head map; `outlined` {(layer, head): share of samples verified} is written in
+    each cell, and cells verified in at least half the samples are outlined."""
     values = table.to_numpy(float)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
@@ -41,19 +43,22 @@ def _heatmap(figure, ax, table: pd.DataFrame, label: str, outlined: set | None =
     ax.set_xlabel("Attention head")
     ax.set_ylabel("Centre layer of the window")
     figure.colorbar(image, ax=ax, label=label)
+    if outlined is None:
+        return
     rows, cols = list(table.index), list(table.columns)
-    for layer, head in outlined or ():
-        ax.add_patch(
-            Rectangle((cols.index(head) - 0.5, rows.index(layer) - 0.5), 1, 1, fill=False, lw=1.5, ec="black")
-        )
+    for (layer, head), share in outlined.items():
+        x, y = cols.index(head), rows.index(layer)
+        ax.text(x, y, f"{share:.0%}", ha="center", va="center", fontsize=6)
+        if share >= 0.5:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
 
 
 def plot_attribution(cell: Any, exact: Any | None = None):
     """Mean estimated Δ log p per (layer, head), verified cells outlined; the exact per-head cell beside."""
     results = cell.results
     table = estimate_table(results, "estimate")
-    verified = results[results["verified"].astype(bool)]
-    outlined = set(zip(verified["layer"].astype(int), verified["head"].astype(int), strict=True))
+    per_sample = results.groupby(["question_id", "layer", "head"])["verified"].any()
+    outlined = per_sample.groupby(["layer", "head"]).mean().to_dict()
     panels = 2 if exact is not None else 1
     width = (1.2 + 0.45 * table.shape[1] + 1.5) * panels
     figure = Figure(figsize=(width, 1.6 + 0.3 * table.shape[0]), layout="constrained")
@@ -61,12 +66,16 @@ def plot_attribution(cell: Any, exact: Any | None = None):
     axes = figure.subplots(1, panels, squeeze=False)[0]
     _heatmap(figure, axes[0], table, "Estimated Δ log p(answer)", outlined)
     headline = cell.meta.get("headline") or cell.analysis.headline(results)
-    axes[0].set_title(f"{cell.label}\n{agreement_text(headline)}", fontsize=9)
+    axes[0].set_title(
+        f"Estimate (% of samples verified; outlined: ≥ 50%)\n{agreement_text(headline)}", fontsize=8
+    )
     if exact is not None:
         exact_table = estimate_table(exact.results, "logp_change")
         _heatmap(figure, axes[1], exact_table, "Exact Δ log p(answer)")
-        axes[1].set_title(f"{exact.label}: exact", fontsize=9)
-    figure.suptitle(f"{cell.model} — {cell.task} (k = {cell.window})", fontsize=10)
+        axes[1].set_title("Exact knockout, per head (knockout.heads=each)", fontsize=8)
+    figure.suptitle(
+        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} (k = {cell.window})", fontsize=10
+    )
     return figure
 
 

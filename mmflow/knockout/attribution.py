@@ -9,7 +9,8 @@ linearised: estimate = Σ_targets grad(log p wrt the head's output) · ΔO. A kn
 logits) saturates the softmax, where linearising through the softmax itself misses effects; this
 correction does not.
 
-One forward with gradients (mmflow's attention function hands over every layer's post-rotary q, k, v
+One forward with gradients (over the suffix from the first target on, see `answer_gradients`;
+mmflow's attention function hands over every layer's post-rotary q, k, v
 and mask through `capturing`) and one backward to every layer's head outputs (the inputs of `o_proj`)
 serve every layer, head and source token of every knockout type of the sample. A window of several
 layers is estimated as the sum of its layers' estimates (first order across layers).
@@ -23,7 +24,12 @@ import torch
 
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, capturing
+from mmflow.knockout.fast import PROBE_TOLERANCE
+from mmflow.knockout.reference import CleanPass
+from mmflow.models.kv_cache import cache_kwargs
 from mmflow.models.registry import LoadedModel
+
+PLAIN_ROTARY = frozenset({"llama", "mistral", "qwen2"})  # one position id per token: the suffix run applies
 
 
 @dataclass
@@ -32,6 +38,7 @@ class LayerState:
 
     `query` [H, T, d] and `key`/`value` [Hkv, T, d] after rotary; `mask` [T, T] additive (causal, ...);
     `grad` [H, T, d]: d log p(answer) / d head output (the input of `o_proj`, split per head).
+    Query, mask and grad rows start at position `offset` (the suffix run's first position; else 0).
     """
 
     query: torch.Tensor
@@ -40,6 +47,7 @@ class LayerState:
     mask: torch.Tensor
     scaling: float
     grad: torch.Tensor
+    offset: int = 0
 
 
 @dataclass
@@ -51,12 +59,61 @@ class Gradients:
     layers: list[LayerState]
 
 
-def answer_gradients(loaded: LoadedModel, inputs: ModelInputs, token_id: int) -> Gradients:
-    """One clean forward with gradients to the head outputs, and one backward of log p(`token_id`).
+def answer_gradients(
+    loaded: LoadedModel, inputs: ModelInputs, token_id: int, clean: CleanPass | None = None
+) -> Gradients:
+    """One forward with gradients to the head outputs, and one backward of log p(`token_id`).
 
-    Parameters get no gradients (only activations): the forward graph is built from the input
-    embeddings, so memory is the clean pass's activations plus one layer's gradients at a time.
+    With a fast engine's clean pass (`clean` keeping K/V from its first target t on), only positions
+    t..T-1 are run, from layer 0, attending to the clean prefix's cached keys and values: gradients at
+    the targets (all >= t) flow through those positions only, so this is exact and costs ~(T-t)/T of a
+    full pass. It is checked like the fast engine's probe (log p must match the clean pass); otherwise,
+    and without such a pass, the whole sequence runs. Parameters get no gradients, only activations.
     """
+    start = _suffix_start(loaded, inputs, clean)
+    if start:
+        gradients = _run(loaded, token_id, lambda: _suffix_forward(loaded, inputs, clean, start), start)
+        tolerance = PROBE_TOLERANCE.get(loaded.model.dtype, 1e-1)
+        if abs(gradients.logp - float(clean.logprobs[token_id])) <= tolerance:
+            return gradients
+    full = lambda: loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1).logits[0, -1]  # noqa: E731
+    return _run(loaded, token_id, full, 0)
+
+
+def _suffix_start(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass | None) -> int:
+    """First position of the suffix run (0: run everything): the clean pass's first target, when it
+    kept K/V, the decoder uses plain 1-D positions and no image token lies in the suffix."""
+    start = getattr(clean, "first_target", None)
+    if not start or not getattr(clean, "keys", None) or loaded.anatomy.decoder_kind not in PLAIN_ROTARY:
+        return 0
+    image = loaded.model.config.image_token_id
+    if bool((inputs.tensors["input_ids"][0, start:] == image).any()):
+        return 0
+    return int(start)
+
+
+def _suffix_forward(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass, start: int) -> torch.Tensor:
+    """Last-position logits of positions start..T-1 run over the clean prefix's cached K/V."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (key, value) in enumerate(zip(clean.keys, clean.values, strict=True)):
+        cache.update(key[None, :, :start].detach(), value[None, :, :start].detach(), index)
+    ids = inputs.tensors["input_ids"][:, start:]
+    positions = torch.arange(start, inputs.length, device=ids.device)[None]
+    hidden = loaded.anatomy.language_model(
+        input_ids=ids,
+        position_ids=positions,
+        cache_position=positions[0],
+        use_cache=True,
+        **cache_kwargs(loaded.anatomy.language_model, cache),
+    ).last_hidden_state
+    return loaded.anatomy.unembedding(hidden[0, -1])
+
+
+def _run(loaded: LoadedModel, token_id: int, forward, offset: int) -> Gradients:
+    """Run `forward` (-> last-position logits) with gradients from the input embeddings on, capturing
+    every layer's q, k, v and mask and its head outputs; backward of log p(`token_id`)."""
     layers = loaded.anatomy.layers
     captured: dict[int, tuple] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -87,8 +144,7 @@ def answer_gradients(loaded: LoadedModel, inputs: ModelInputs, token_id: int) ->
     handles.append(loaded.model.get_input_embeddings().register_forward_hook(require_grad))
     try:
         with torch.enable_grad(), blocking(None), capturing(capture):
-            out = loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1)
-            logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[token_id]
+            logp = torch.log_softmax(forward().float(), dim=-1)[token_id]
             order = sorted(outputs)
             grads = torch.autograd.grad(logp, [outputs[i] for i in order], allow_unused=True)
     finally:
@@ -100,7 +156,7 @@ def answer_gradients(loaded: LoadedModel, inputs: ModelInputs, token_id: int) ->
         heads, length, dim = query.shape
         grad = torch.zeros(length, heads * dim) if grad is None else grad[0]
         grad = grad.view(length, heads, dim).transpose(0, 1).float()
-        states.append(LayerState(query, key, value, mask, float(scaling), grad))
+        states.append(LayerState(query, key, value, mask, float(scaling), grad, offset))
     return Gradients(token_id, float(logp.detach()), states)
 
 
@@ -111,10 +167,11 @@ def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _attention(state: LayerState, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean logits [H, Tt, T] (float32, masked) of the target rows, and the values [H, T, d]."""
-    query = state.query[:, targets].float()
+    rows = targets - state.offset
+    query = state.query[:, rows].float()
     heads = query.shape[0]
     key, value = _heads(state.key.float(), heads), _heads(state.value.float(), heads)
-    logits = query @ key.transpose(-1, -2) * state.scaling + state.mask[targets].float()
+    logits = query @ key.transpose(-1, -2) * state.scaling + state.mask[rows].float()
     return logits, value
 
 
@@ -126,7 +183,7 @@ def head_estimates(state: LayerState, sources: torch.Tensor, targets: torch.Tens
     blocked[..., sources] = float("-inf")
     blocked = torch.softmax(blocked, dim=-1).nan_to_num(0.0)  # a fully blocked row: the engines refuse it
     delta = (blocked - clean) @ value  # [H, Tt, d]
-    return (state.grad[:, targets] * delta).sum(dim=(1, 2))
+    return (state.grad[:, targets - state.offset] * delta).sum(dim=(1, 2))
 
 
 def source_estimates(state: LayerState, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -137,7 +194,7 @@ def source_estimates(state: LayerState, sources: torch.Tensor, targets: torch.Te
     logits, value = _attention(state, targets)
     probs = torch.softmax(logits.double(), dim=-1)  # 1 - A_ts without cancellation for near-saturated rows
     out = probs @ value.double()  # [H, Tt, d]
-    grad = state.grad[:, targets].double()
+    grad = state.grad[:, targets - state.offset].double()
     g_out = (grad * out).sum(-1)  # [H, Tt]
     g_value = grad @ value[:, sources].double().transpose(-1, -2)  # [H, Tt, S]
     share = probs[..., sources]
