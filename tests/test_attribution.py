@@ -4,6 +4,8 @@ and the agreement numbers."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -255,3 +257,18 @@ def test_suffix_run_gives_the_full_runs_gradients(tiny_llava, tmp_path):
         got = layer_head_estimates(suffix, groups.image, groups.question, patches)
         want = layer_head_estimates(full, groups.image, groups.question, patches)
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_benchmark_prints_one_json_line(capsys):
+    from mmflow.bench import main
+
+    summary = main(
+        ["--analysis", "attribution", "--layers", "2", "--hidden", "64", "--heads", "4", "--samples", "1"]
+        + ["--toy-samples", "1", "--repeats", "1", "--threads", "1", "--top-k", "2"]
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(summary))
+    for part in (summary["toy"], summary["llava-1.5"]):
+        assert part["speedup"] > 0 and -1.0 <= part["spearman_pooled"] <= 1.0
+    assert summary["llava-1.5"]["heads"] == 4 and summary["toy"]["heads"] == 4

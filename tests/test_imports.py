@@ -26,6 +26,7 @@ UPPER = (
     "mmflow.cli",
     "mmflow.bench",
     "mmflow.patching.bench",  # benchmark and check CLIs, like mmflow.bench
+    "mmflow.knockout.attribution_bench",
     "mmflow.bench_pipeline",
     "mmflow.bench_common",  # what the benchmark CLIs share; none of them is imported back
     "mmflow.gpu_check",

@@ -64,6 +64,7 @@ def _time_one(engine, loaded, inputs, edges: BlockEdges, top_k: int, repeats: in
     heads = loaded.model.config.get_text_config().num_attention_heads
     best = Best()
     for _ in range(repeats):
+        best.time("clean", lambda: engine.clean(inputs, first_target=edges.first_target))
         estimates, token = best.time("attribution", lambda: _screen(engine, loaded, inputs, edges, top_k))
         best.time("screen", lambda: _screen(engine, loaded, inputs, edges, 0))
         exact, exact_token = best.time("exact", lambda: _exact(engine, inputs, edges, loaded.n_layers, heads))
@@ -106,6 +107,9 @@ def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
         "attribution_s_per_sample": round(totals["attribution_s"] / n, 4),
         "screen_s_per_sample": round(totals["screen_s"] / n, 4),
         "exact_s_per_sample": round(totals["exact_s"] / n, 4),
+        "clean_s_per_sample": round(totals["clean_s"] / n, 4),
+        "attribution_over_clean": round(totals["attribution_s"] / totals["clean_s"], 2),
+        "exact_over_clean": round(totals["exact_s"] / totals["clean_s"], 2),
         "speedup": round(totals["exact_s"] / totals["attribution_s"], 2),
         "speedup_screen_only": round(totals["exact_s"] / totals["screen_s"], 2),
         "speedup_cpu": round(totals["exact_cpu_s"] / totals["attribution_cpu_s"], 2),
@@ -156,6 +160,7 @@ def main(args, loaded) -> dict:
         "toy": {**toy, "task": TOY_TASK},
         args.geometry: geometry,
         "attribution_s_is": "fast clean pass + forward/backward + estimates + top-k and controls exact",
+        "clean_s_is": "the fast engine's clean pass alone (what every cell of the sample pays anyway)",
         "exact_s_is": "fast clean pass + every layer x head knockout (knockout.heads=each, window 1)",
         "timing": f"best of {args.repeats} rounds per sample, summed over samples, divided by samples",
         "torch_threads": torch.get_num_threads(),
