@@ -54,6 +54,8 @@ ANALYSIS_BENCHES = {
     "patching": "mmflow.patching.bench",
     "attribution": "mmflow.knockout.attribution_bench",
 }
+# An analysis benchmark's own defaults (the attribution screen: the 32 x 32 grid, Image -> Question).
+BENCH_DEFAULTS = {"attribution": {"heads": 32, "knockouts": "image_to_question"}}
 
 
 def plan_jobs(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, knockouts, window: int):
@@ -180,10 +182,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.samples = args.samples if args.samples is not None else (3 if pipeline else 2)
     args.repeats = args.repeats if args.repeats is not None else (2 if pipeline else 3)
     args.reference_windows = args.reference_windows or (3 if pipeline else 2)
-    attribution = args.analysis == "attribution"
-    args.heads = args.heads or (32 if attribution else 8)
+    defaults = {"heads": 8, "knockouts": ",".join(MAIN_KNOCKOUTS), **BENCH_DEFAULTS.get(args.analysis, {})}
+    args.heads = args.heads or defaults["heads"]
     if args.knockouts is None and not pipeline:
-        args.knockouts = "image_to_question" if attribution else ",".join(MAIN_KNOCKOUTS)
+        args.knockouts = defaults["knockouts"]
     return args
 
 
