@@ -272,3 +272,15 @@ def test_benchmark_prints_one_json_line(capsys):
     for part in (summary["toy"], summary["llava-1.5"]):
         assert part["speedup"] > 0 and -1.0 <= part["spearman_pooled"] <= 1.0
     assert summary["llava-1.5"]["heads"] == 4 and summary["toy"]["heads"] == 4
+
+
+def test_the_config_composes_and_validates():
+    from test_analyses import compose
+
+    config = compose(["analysis=attribution", "knockout=image_to_last", "attribution.sources=patches"])
+    assert config["window"] == 1 and config["knockout"]["target"] == "last"
+    assert config["attribution"] == {"sources": "patches", "top_k": 5, "controls": 5, "seed": 0}
+    assert "lens" not in config and "seed" not in config
+    validate_cell(config)
+    labels = analysis_for(config).labels
+    assert labels.variant == "attribution_image_to_last" and "per head and source token" in labels.legend

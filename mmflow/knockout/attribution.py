@@ -168,6 +168,10 @@ def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 def _attention(state: LayerState, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean logits [H, Tt, T] (float32, masked) of the target rows, and the values [H, T, d]."""
     rows = targets - state.offset
+    if int(rows.min()) < 0:
+        raise ValueError(
+            f"target {int(targets.min())} precedes the gradient run's first position {state.offset}"
+        )
     query = state.query[:, rows].float()
     heads = query.shape[0]
     key, value = _heads(state.key.float(), heads), _heads(state.value.float(), heads)
