@@ -18,6 +18,7 @@ layers is estimated as the sum of its layers' estimates (first order across laye
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from mmflow.knockout.reference import CleanPass
 from mmflow.models.kv_cache import cache_kwargs
 from mmflow.models.registry import LoadedModel
 
+log = logging.getLogger(__name__)
 PLAIN_ROTARY = frozenset({"llama", "mistral", "qwen2"})  # one position id per token: the suffix run applies
 
 
@@ -76,6 +78,7 @@ def answer_gradients(
         tolerance = PROBE_TOLERANCE.get(loaded.model.dtype, 1e-1)
         if abs(gradients.logp - float(clean.logprobs[token_id])) <= tolerance:
             return gradients
+        log.warning("attribution: the suffix run misses the clean log p; running the whole sequence")
     full = lambda: loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1).logits[0, -1]  # noqa: E731
     return _run(loaded, token_id, full, 0)
 
