@@ -74,7 +74,7 @@ def plot_attribution(cell: Any, exact: Any | None = None):
         _heatmap(figure, axes[1], exact_table, "Exact Δ log p(answer)")
         axes[1].set_title("Exact knockout, per head (knockout.heads=each)", fontsize=8)
     figure.suptitle(
-        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} (k = {cell.window})", fontsize=10
+        f"{cell.model} — {cell.task}: {cell.label} (k = {cell.window})", fontsize=10
     )
     return figure
 
