@@ -73,9 +73,7 @@ def plot_attribution(cell: Any, exact: Any | None = None):
         exact_table = estimate_table(exact.results, "logp_change")
         _heatmap(figure, axes[1], exact_table, "Exact Δ log p(answer)")
         axes[1].set_title("Exact knockout, per head (knockout.heads=each)", fontsize=8)
-    figure.suptitle(
-        f"{cell.model} — {cell.task}: {cell.label} (k = {cell.window})", fontsize=10
-    )
+    figure.suptitle(f"{cell.model} — {cell.task}: {cell.label} (k = {cell.window})", fontsize=10)
     return figure
 
 
