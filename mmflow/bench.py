@@ -49,7 +49,13 @@ from mmflow.models.registry import LoadedModel
 
 MAIN_KNOCKOUTS = ("image_to_question", "image_to_last", "question_to_last", "last_to_last")
 # `--analysis` -> the module whose `main(args, loaded)` benchmarks it (imported only when chosen).
-ANALYSIS_BENCHES = {"knockout": "mmflow.bench", "patching": "mmflow.patching.bench"}
+ANALYSIS_BENCHES = {
+    "knockout": "mmflow.bench",
+    "patching": "mmflow.patching.bench",
+    "attribution": "mmflow.knockout.attribution_bench",
+}
+# An analysis benchmark's own defaults (the attribution screen: the 32 x 32 grid, Image -> Question).
+BENCH_DEFAULTS = {"attribution": {"heads": 32, "knockouts": "image_to_question"}}
 
 
 def plan_jobs(loaded: LoadedModel, inputs: ModelInputs, sample: Sample, knockouts, window: int):
@@ -144,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--analysis",
         choices=tuple(ANALYSIS_BENCHES),
         default="knockout",
-        help="patching: mmflow.patching.bench",
+        help="patching: mmflow.patching.bench; attribution: mmflow.knockout.attribution_bench",
     )
     parser.add_argument("--window", type=int, default=7)
     parser.add_argument(
@@ -166,7 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=None, help="default 8 (32 for attribution)")
+    parser.add_argument("--top-k", type=int, default=5, help="attribution: estimates verified (and controls)")
+    parser.add_argument("--toy-samples", type=int, default=4, help="attribution: toy-llava samples")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--profile", action="store_true", help="print the fast engine's top ops")
     args = parser.parse_args(argv)
@@ -174,8 +182,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.samples = args.samples if args.samples is not None else (3 if pipeline else 2)
     args.repeats = args.repeats if args.repeats is not None else (2 if pipeline else 3)
     args.reference_windows = args.reference_windows or (3 if pipeline else 2)
+    defaults = {"heads": 8, "knockouts": ",".join(MAIN_KNOCKOUTS), **BENCH_DEFAULTS.get(args.analysis, {})}
+    args.heads = args.heads or defaults["heads"]
     if args.knockouts is None and not pipeline:
-        args.knockouts = ",".join(MAIN_KNOCKOUTS)
+        args.knockouts = defaults["knockouts"]
     return args
 
 

@@ -26,6 +26,7 @@ UPPER = (
     "mmflow.cli",
     "mmflow.bench",
     "mmflow.patching.bench",  # benchmark and check CLIs, like mmflow.bench
+    "mmflow.knockout.attribution_bench",
     "mmflow.bench_pipeline",
     "mmflow.bench_common",  # what the benchmark CLIs share; none of them is imported back
     "mmflow.gpu_check",
@@ -129,7 +130,7 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("analysis", ["knockout", "answer_tracking", "patching"])
+@pytest.mark.parametrize("analysis", ["knockout", "answer_tracking", "patching", "attribution"])
 def test_resolving_and_planning_cells_does_not_import_transformers(analysis: str, tmp_path: Path) -> None:
     """The sweep driver resolves, ids and plans every cell before any worker starts: it needs the
     analyses' config rules, not the model code (importing transformers costs seconds per launch)."""

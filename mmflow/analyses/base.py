@@ -214,6 +214,7 @@ def register(cls: type[Analysis]) -> type[Analysis]:
 def known_analyses() -> list[str]:
     """Names of the analyses shipped in `mmflow/analyses/` (modules with a registered class)."""
     skip = {"base", "curves", "plots", "knockout_figures", "patching_figures"}
+    skip |= {"attribution_agreement", "attribution_figures"}
     return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in skip)
 
 

@@ -26,6 +26,9 @@ BACKENDS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
 IMPLEMENTATIONS = {f"mmflow_{name}": name for name in BACKENDS}
 
 _active: contextvars.ContextVar[KnockoutJob | None] = contextvars.ContextVar("mmflow_knockout", default=None)
+# A callable (layer, query, key, value, mask, scaling) that sees every language layer's attention inputs
+# (post-rotary, before any knockout); `mmflow.knockout.attribution` reads the clean q, k, v with it.
+_capture: contextvars.ContextVar = contextvars.ContextVar("mmflow_capture", default=None)
 
 
 def _blocked(module: torch.nn.Module, query: torch.Tensor, kv_length: int) -> torch.Tensor | None:
@@ -48,6 +51,9 @@ def _make_forward(backend: str):
     base = BACKENDS[backend]
 
     def forward(module, query, key, value, attention_mask, **kwargs):
+        capture, layer = _capture.get(), getattr(module, LAYER_ATTR, None)
+        if capture is not None and layer is not None:
+            capture(layer, query, key, value, attention_mask, kwargs.get("scaling") or module.scaling)
         blocked = _blocked(module, query, key.shape[-2])
         if blocked is not None:
             if attention_mask is None:
@@ -124,6 +130,16 @@ def check_prepared(model) -> None:
         )
     if model.config.vision_config._attn_implementation in IMPLEMENTATIONS:
         raise RuntimeError("the vision tower must not use the knockout attention")
+
+
+@contextlib.contextmanager
+def capturing(callback) -> Iterator[None]:
+    """Call `callback(layer, query, key, value, mask, scaling)` from every language attention inside."""
+    token = _capture.set(callback)
+    try:
+        yield
+    finally:
+        _capture.reset(token)
 
 
 @contextlib.contextmanager
