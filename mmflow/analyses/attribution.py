@@ -64,6 +64,7 @@ class AttributionAnalysis(Analysis):
     """Estimates for every (centre layer, head[, source token]) of one knockout type, partly verified."""
 
     name = "attribution"
+    curve_role = "screen"  # estimates per layer x head: its own map in the report, no dashboard curve
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
     sort_by = ["question_id", "layer", "head"]

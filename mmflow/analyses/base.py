@@ -84,7 +84,8 @@ class Analysis(ABC):
     value_columns: ClassVar[tuple[str, ...]] = ()  # result columns the per-layer curve is made of
     minimum_of: ClassVar[str | None] = None  # the curve value whose minimum is the headline, if any
     # What its curves are, for dashboards that group analyses (mmflow.wandb_logger.specs): "effect"
-    # (change of p(answer) under an intervention), "recovery" (restored share), "lens" (per-layer readout).
+    # (change of p(answer) under an intervention), "recovery" (restored share), "lens" (per-layer readout),
+    # "screen" (estimates that are not curves).
     curve_role: ClassVar[str] = "effect"
 
     def __init__(self, config: Mapping[str, Any]) -> None:
