@@ -71,7 +71,9 @@ def render_index(
         "<h1>mmflow report: attention knockout across modalities</h1>",
         f"<p>Results from <code>{escape(source)}</code>: {len(rows)} done cell(s). Relative change (%) = "
         "(p_new − p_base) / p_base · 100 of the answer's first token at the last position; "
-        "bands are 95% intervals (mean ± 1.96·s.e.m. over samples).</p>",
+        "bands are 95% intervals of the mean over samples (Student's t, n − 1 degrees of freedom; "
+        "none where n &lt; 2), n is written beside each curve; a grey band around 0 is the cell's "
+        "measured numerical noise floor (docs/statistics.md).</p>",
         "<h2>Cells</h2>",
         _table(rows),
     ]
