@@ -37,6 +37,7 @@ SAMPLE_COLUMNS = [
     "status",
     "skip_reason",
     "skip_detail",
+    "noise_floor_pct",
 ]
 
 
@@ -144,11 +145,18 @@ def end_run(cell: Cell, status: str) -> None:
 
 
 def finish(
-    cell: Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str, expected: set[str]
+    cell: Cell,
+    elapsed: float,
+    clean_passes: Counter,
+    context: dict,
+    engine_name: str,
+    expected: set[str],
+    dtype: str | None = None,
 ) -> CellOutcome:
     """Write the cell's parquet files and its final `cell.json` (done or failed); close its logger's run.
 
-    `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have.
+    `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have; `dtype`:
+    the model's dtype (recorded with the noise floor).
     """
     store = cell.store
     if cell.error is not None:
@@ -161,6 +169,9 @@ def finish(
         if missing:  # never mark done what lacks samples
             raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
         summary = summarise(samples, results, cell.analysis)
+        noise = noise_floor(samples, engine_name, dtype)
+        summary["headline"].update(engine=engine_name, noise_floor_pct=noise["rel_change_pct"])
+        announce(cell, engine_name, noise)
         end_run(cell, "done")
         store.write_meta(
             status="done",
@@ -170,6 +181,7 @@ def finish(
             headline=summary["headline"],
             timings={"batch_seconds": round(elapsed, 3)},
             engine=engine_name,
+            noise_floor=noise,
             clean_passes_per_sample=max(clean_passes.values(), default=0),
             **context,
         )
@@ -182,6 +194,35 @@ def finish(
         end_run(cell, "failed")
         store.write_meta(status="failed", error=error, **context)
         return CellOutcome(store.id, "failed", str(store.dir), error=error)
+
+
+def noise_floor(samples, engine_name: str, dtype: str | None) -> dict[str, Any]:
+    """The cell's numerical noise floor (`mmflow.knockout.noise`): the mean and max over its scored
+    samples of each one's `noise_floor_pct`, in % of p(answer); None when no sample measured one."""
+    values = samples.loc[samples["status"] == "scored", "noise_floor_pct"].dropna().astype(float)
+    return {
+        "rel_change_pct": float(values.mean()) if len(values) else None,
+        "max_rel_change_pct": float(values.max()) if len(values) else None,
+        "n": int(len(values)),
+        "dtype": dtype,
+        "engine": engine_name,
+        "method": "per sample: max |p/p_clean - 1| of the clean forward with one rounding of the dtype "
+        "per layer output, and of the fast engine's empty knockout (probe); mean over samples",
+    }
+
+
+def announce(cell: Cell, engine_name: str, noise: dict[str, Any]) -> None:
+    """The cell's terminal line: which engine ran (and why, when it is not the configured one) and
+    its noise floor, so that no fallback is silent."""
+    wanted = str((cell.config.get("engine") or {}).get("name", ""))
+    floor = noise["rel_change_pct"]
+    text = f"±{floor:.2g}% of p(answer)" if floor is not None else "not measured (no scored sample)"
+    fallback = "" if engine_name == wanted else f" (configured: {wanted})"
+    print(
+        f"[mmflow] cell {cell.store.id}: engine {engine_name}{fallback}, {noise['dtype']}; "
+        f"numerical noise floor {text}",
+        flush=True,
+    )
 
 
 def summarise(samples, results, analysis) -> dict:

@@ -21,7 +21,15 @@ from matplotlib.ticker import MaxNLocator
 
 from mmflow.analyses.curves import curve_stats, half_width
 from mmflow.analyses.knockout_figures import Y_LABEL, cell_curve, knockout_color, knockout_order
-from mmflow.analyses.plots import BAND_NOTE, LINESTYLES, PALETTE, distinguishing_notes, new_figure
+from mmflow.analyses.plots import (
+    BAND_NOTE,
+    LINESTYLES,
+    PALETTE,
+    distinguishing_notes,
+    new_figure,
+    noise_band,
+    noise_floor_of,
+)
 from mmflow.analyses.plots import band as _band
 
 CellData = Any  # a finished cell (`mmflow.report.CellData`)
@@ -78,6 +86,7 @@ def draw_knockouts(ax, cells: Sequence[CellData]) -> None:
         style = LINESTYLES[sorted(set(notes)).index(note) % len(LINESTYLES)]
         _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+    noise_band(ax, noise_floor_of(cells))
     ax.set_title("Attention knockout (necessity)", fontsize=10)
     ax.set_ylabel(Y_LABEL)
     ax.grid(alpha=0.25)
@@ -133,8 +142,11 @@ def plot_head_heatmap(cell: CellData) -> Figure:
     ax.set_xlabel("Attention head (blocked alone)")
     ax.set_ylabel("Centre layer of the window")
     n = int(cell.results.groupby(["layer", "head"]).size().max())
+    floor = noise_floor_of([cell])
+    floor_text = f", noise floor ±{floor:.2g}%" if floor is not None else ""
     ax.set_title(
-        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} per head (k = {cell.window}, n = {n})",
+        f"{cell.model} — {cell.task}: {cell.analysis.spec.label} per head "
+        f"(k = {cell.window}, n = {n}{floor_text})",
         fontsize=10,
     )
     figure.colorbar(image, ax=ax, label="Mean relative change (%)")

@@ -61,6 +61,16 @@ def band(ax, x: np.ndarray, stats: pd.DataFrame, color: str, label: str, style: 
         ax.fill_between(x, low, high, color=color, alpha=0.18, lw=0)
 
 
+def noise_floor_of(cells: Iterable[Any]) -> float | None:
+    """The largest recorded numerical noise floor (% of p(answer), `cell.json` `noise_floor`) of
+    `cells`, None when none recorded one (cells from before it was measured)."""
+    floors = [
+        ((getattr(cell, "meta", None) or {}).get("noise_floor") or {}).get("rel_change_pct") for cell in cells
+    ]
+    floors = [float(f) for f in floors if f is not None]
+    return max(floors) if floors else None
+
+
 def noise_band(ax, floor: float | None, label: str = "numerical noise floor") -> None:
     """A grey band ±`floor` around 0: effects inside it are rounding noise of the dtype and engine."""
     if floor is None or not np.isfinite(floor) or floor <= 0:
