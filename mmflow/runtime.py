@@ -188,7 +188,13 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     elapsed = time.time() - started
     for cell in cells:
         outcomes[cell.store.id] = finish(
-            cell, elapsed, clean_passes, context, engine.name, expected, dtype=str(loaded.model.dtype)
+            cell,
+            elapsed,
+            clean_passes,
+            context,
+            engine.name,
+            expected,
+            dtype=str(loaded.model.dtype).removeprefix("torch."),
         )
 
 

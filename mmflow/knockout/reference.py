@@ -15,7 +15,7 @@ import torch
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
-from mmflow.knockout.noise import answer_change_pct, dithered_logprobs
+from mmflow.knockout.noise import change_pct, dithered_logprobs, resolution_pct
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
@@ -96,10 +96,14 @@ class ReferenceEngine:
 
     def noise_floor_pct(self, clean: CleanPass, token_id: int) -> float:
         """The sample's numerical noise floor in % of p(answer): how far one rounding per layer (and,
-        for the fast engine, its empty knockout) moves p(answer) from the clean pass."""
-        changes = [answer_change_pct(self.dithered(clean), clean.logprobs, token_id)]
+        for the fast engine, its empty knockout) moves p from the clean pass, and never below the
+        resolution of the answer's logit in the model's dtype."""
+        changes = [
+            change_pct(self.dithered(clean), clean.logprobs, token_id),
+            resolution_pct(clean, token_id),
+        ]
         if clean.probe is not None:
-            changes.append(answer_change_pct(clean.probe, clean.logprobs, token_id))
+            changes.append(change_pct(clean.probe, clean.logprobs, token_id))
         return max(changes)
 
     def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
