@@ -182,6 +182,7 @@ def finish(
             timings={"batch_seconds": round(elapsed, 3)},
             engine=engine_name,
             noise_floor=noise,
+            **(cell.analysis.record() if hasattr(cell.analysis, "record") else {}),
             clean_passes_per_sample=max(clean_passes.values(), default=0),
             **context,
         )

@@ -88,3 +88,48 @@ def test_head_heat_map_is_centred_on_zero_and_symmetric():
     )
     (image,) = plot_head_heatmap(cell).axes[0].images
     assert image.norm.vmin == -image.norm.vmax
+
+
+# ---------------------------------------------------------------- patching noise (item 11)
+
+
+def test_noise_seed_depends_on_task_and_data_source():
+    from mmflow.patching.corrupt import seed_for
+
+    seeds = {seed_for(0, "q1", task, source) for task in ("ChooseAttr", "ChooseCat") for source in ("a", "b")}
+    assert len(seeds) == 4  # the same id in two tasks or two sources gets its own draw
+
+
+@pytest.mark.slow
+def test_patching_noise_is_a_property_of_model_and_data_source(tmp_path):
+    import json
+    from pathlib import Path
+
+    from mmflow.models.registry import get_model
+    from mmflow.report.cells import load_cell
+    from mmflow.runtime import run_cells
+
+    base = cell_config(tmp_path, analysis="patching", corruption="noise", window=1)
+    base["patching"] = {"groups": ["image"], "noise_scale": 3.0, "margin": 0.0, "calibration_per_task": 2}
+    loaded = get_model(base["model"])
+    (one,) = run_cells(loaded, [{**base, "n_samples": 1}])
+    (two,) = run_cells(loaded, [{**base, "n_samples": 2}])
+    assert one.status == two.status == "done", (one.error, two.error)
+    first = [pd.read_parquet(Path(o.path) / "results.parquet").iloc[0] for o in (one, two)]
+    assert first[0]["question_id"] == first[1]["question_id"]
+    assert first[0]["corrupt_source"] == first[1]["corrupt_source"]  # same sd, same seed: same noise
+    assert first[0]["p_corrupt"] == first[1]["p_corrupt"]
+    meta = [json.loads((Path(o.path) / "cell.json").read_text()) for o in (one, two)]
+    calibration = meta[0]["noise_calibration"]
+    assert calibration == meta[1]["noise_calibration"] and len(calibration["question_ids"]) >= 2
+    assert f"sd={calibration['noise_sd']:.6g}" in first[0]["corrupt_source"]
+    ax = load_cell(two.path).analysis.figure(load_cell(two.path)).axes[0]
+    assert any(t.get_text().startswith("n = ") for t in ax.texts)  # the scored count beside the curve
+
+    configured = {**base, "patching": {**base["patching"], "noise_sd": 0.5}}
+    (fixed,) = run_cells(loaded, [configured])
+    row = pd.read_parquet(Path(fixed.path) / "results.parquet").iloc[0]
+    assert "sd=0.5 " in row["corrupt_source"]
+    assert (
+        json.loads((Path(fixed.path) / "cell.json").read_text())["noise_calibration"]["how"] == "configured"
+    )
