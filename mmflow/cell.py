@@ -170,7 +170,7 @@ def finish(
             raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
         summary = summarise(samples, results, cell.analysis)
         noise = noise_floor(samples, engine_name, dtype)
-        summary["headline"].update(engine=engine_name, noise_floor_pct=noise["rel_change_pct"])
+        summary.update(engine=engine_name, noise_floor=noise)  # for W&B; cell.json has them below
         announce(cell, engine_name, noise)
         end_run(cell, "done")
         store.write_meta(
@@ -220,7 +220,7 @@ def announce(cell: Cell, engine_name: str, noise: dict[str, Any]) -> None:
     text = f"±{floor:.2g}% of p(answer)" if floor is not None else "not measured (no scored sample)"
     fallback = "" if engine_name == wanted else f" (configured: {wanted})"
     print(
-        f"[mmflow] cell {cell.store.id}: engine {engine_name}{fallback}, {noise['dtype']}; "
+        f"[mmflow] engine {engine_name}{fallback}, {noise['dtype']} (cell {cell.store.id}): "
         f"numerical noise floor {text}",
         flush=True,
     )

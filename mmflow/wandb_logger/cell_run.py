@@ -219,6 +219,11 @@ class WandbCellLogger:
         out.update({f"counts/skipped/{k}": v for k, v in skipped.items()})
         out.update({k: v for k, v in summary.get("headline", {}).items() if isinstance(v, int | float | str)})
         out.update(n_layers=self.n_layers, status="done")
+        if "engine" in summary:  # which engine ran (a fallback says so) and the cell's noise floor
+            out["engine"] = str(summary["engine"])
+        floor = (summary.get("noise_floor") or {}).get("rel_change_pct")
+        if floor is not None:
+            out["noise_floor_pct"] = float(floor)
         value = self.analysis.minimum_of
         best = curve_minimum(table, value) if value is not None and len(table) else {}
         for key, number in best.items():  # the analysis's own headline wins (per head: its (layer, head))
