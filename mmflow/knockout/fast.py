@@ -101,6 +101,9 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
 
 
 LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+# Half-precision attention runs its two pieces (prefix, suffix) and their merge in float32, rounded to
+# the model's dtype once, as a fused kernel over all keys does (docs/statistics.md).
+ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def sliding_window_in_use(loaded: LoadedModel, length: int) -> int | None:
@@ -324,12 +327,16 @@ class FastEngine(ReferenceEngine):
             _rotate(q, suffix_group.cos[-n_q:], suffix_group.sin[-n_q:]),
             _rotate(k, suffix_group.cos, suffix_group.sin),
         )  # [R, H, Sq, d]
+        dtype = q.dtype
+        wide = ACCUMULATE.get(dtype, dtype)  # half precision: both pieces and their merge in float32
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
         blocked = suffix_group.rows.at_layer(index, n_rows, q.shape[1])
-        out, lse = attend_suffix(q, k, v, suffix_group.rows.causal, blocked, attn.scaling)
+        out, lse = attend_suffix(q, k, v, suffix_group.rows.causal.to(wide), blocked, attn.scaling)
         if suffix_group.first_target:  # the clean prefix [Hkv, t, d], shared by every row
             prefix = (
-                clean.keys[index][:, : suffix_group.first_target],
-                clean.values[index][:, : suffix_group.first_target],
+                clean.keys[index][:, : suffix_group.first_target].to(wide),
+                clean.values[index][:, : suffix_group.first_target].to(wide),
             )
-            out = merge((out, lse), attend_prefix(q, *prefix, blocked.prefix_sets(n_q), attn.scaling))
-        return out.transpose(1, 2).reshape(n_rows, n_q, -1)
+            sets = [(c, None if m is None else m.to(wide)) for c, m in blocked.prefix_sets(n_q)]
+            out = merge((out, lse), attend_prefix(q, *prefix, sets, attn.scaling))
+        return out.to(dtype).transpose(1, 2).reshape(n_rows, n_q, -1)
