@@ -188,3 +188,25 @@ def test_fast_engine_in_half_precision_is_as_close_to_float32_as_the_reference(d
     ref_error = max(abs(a - b) for a, b in zip(reference, truth, strict=True))
     fast_error = max(abs(a - b) for a, b in zip(fast, truth, strict=True))
     assert fast_error <= 1.5 * ref_error + 0.1, (fast_error, ref_error)
+
+
+def test_patching_probe_noise_is_measured_on_the_corrupted_run(tiny_llava, tmp_path):
+    """The fast patcher's probe compares against the corrupted run, so its rounding noise must be
+    measured on the corrupted run too (noise included), not on the clean inputs."""
+    import numpy as np
+    from conftest import noise_sample
+
+    from mmflow.groups import build_token_groups
+    from mmflow.inputs import encode
+    from mmflow.patching.corrupt import embedding_std, make_corruption
+    from mmflow.patching.restore import FastPatcher
+
+    loaded = tiny_llava
+    sample = noise_sample(tmp_path, np.random.default_rng(3), size=(400, 300))
+    inputs = encode(loaded, sample)
+    groups = build_token_groups(loaded, inputs, sample)
+    sd = embedding_std(loaded, [sample])
+    corruption = make_corruption(loaded, "noise", sample, inputs, groups.image, sd=sd, scale=10.0)
+    corrupted = FastPatcher(loaded).corrupted(corruption, int(groups.image.min()))
+    clean_distance = top_distance(FastEngine(loaded).clean(inputs).logprobs, corrupted.logprobs)
+    assert top_distance(corrupted.cache.dithered, corrupted.logprobs) < 1e-3 < clean_distance
