@@ -200,6 +200,8 @@ def finish(
 def noise_floor(samples, engine_name: str, dtype: str | None) -> dict[str, Any]:
     """The cell's numerical noise floor (`mmflow.knockout.noise`): the mean and max over its scored
     samples of each one's `noise_floor_pct`, in % of p(answer); None when no sample measured one."""
+    if "noise_floor_pct" not in samples:  # parts recorded before the floor was measured
+        samples = samples.assign(noise_floor_pct=None)
     values = samples.loc[samples["status"] == "scored", "noise_floor_pct"].dropna().astype(float)
     return {
         "rel_change_pct": float(values.mean()) if len(values) else None,

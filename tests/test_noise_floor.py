@@ -210,3 +210,11 @@ def test_patching_probe_noise_is_measured_on_the_corrupted_run(tiny_llava, tmp_p
     corrupted = FastPatcher(loaded).corrupted(corruption, int(groups.image.min()))
     clean_distance = top_distance(FastEngine(loaded).clean(inputs).logprobs, corrupted.logprobs)
     assert top_distance(corrupted.cache.dithered, corrupted.logprobs) < 1e-3 < clean_distance
+
+
+def test_noise_floor_of_samples_recorded_before_it_existed():
+    from mmflow.cell import noise_floor
+
+    old = pd.DataFrame({"status": ["scored", "skipped"], "question_id": ["a", "b"]})
+    record = noise_floor(old, "fast", "float16")
+    assert record["rel_change_pct"] is None and record["n"] == 0 and record["dtype"] == "float16"
