@@ -87,6 +87,11 @@ def test_cell_records_its_noise_floor_and_engine(tmp_path, capsys):
     assert noise["dtype"] == "float32" and noise["engine"] == meta["engine"] == "fast"
     line = [x for x in capsys.readouterr().out.splitlines() if "noise floor" in x]
     assert line and line[0].startswith("[mmflow] engine fast, float32 (cell ")
+    from mmflow.sweep.curve import print_cell_curve
+
+    print_cell_curve(outcome.path, tmp_path / "figures")
+    printed = capsys.readouterr().out
+    assert "noise floor: ±" in printed and "(float32, engine fast)" in printed
 
 
 def test_fallback_is_never_silent(tmp_path, capsys, monkeypatch):

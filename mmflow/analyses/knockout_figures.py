@@ -112,7 +112,7 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
             style = _style(None, {None}, note, list(notes.values()))
             band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
         ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
-        noise_band(ax, noise_floor_of(task_cells))
+        noise_band(ax, noise_floor_of(cells))  # one floor (the largest) for every panel: one legend entry
         ax.set_title(f"{task} ({_n_text(task_cells)})", fontsize=10)
         ax.grid(alpha=0.25)
         ax.set_xlim(0, n_layers - 1)

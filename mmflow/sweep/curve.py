@@ -101,6 +101,12 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     for _, row in table.iterrows():
         view.add_row(*_cells(row, flips))
     console.print(view)
+    noise = cell.meta.get("noise_floor") or {}
+    if noise.get("rel_change_pct") is not None:
+        print(
+            f"noise floor: ±{noise['rel_change_pct']:.2g}% of p(answer) ({noise.get('dtype')}, engine "
+            f"{noise.get('engine')}): smaller effects are rounding (docs/statistics.md)"
+        )
     figure = cell_figure(cell, Path(figure_dir))
     print(f"files:  {cell.dir}  (cell.json, samples.parquet, results.parquet)")
     if figure is not None:
