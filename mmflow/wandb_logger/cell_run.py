@@ -203,7 +203,11 @@ class WandbCellLogger:
         wandb = import_wandb()
         self.run.log({"per_layer": wandb.Table(dataframe=table)})
         if "head" in results:  # knockout.heads: each: the heat map's numbers, layer x head
-            means = results.groupby(["layer", "head"])["rel_change_pct"].mean().reset_index()
+            means = (  # n: the samples behind each (layer, head) mean
+                results.groupby(["layer", "head"])["rel_change_pct"]
+                .agg(rel_change_pct="mean", n="count")
+                .reset_index()
+            )
             self.run.log({"per_layer_head": wandb.Table(dataframe=means)})
         self.run.summary.update(self._summary(table, summary))
         figure = self._figure(results)
