@@ -8,6 +8,7 @@ cell alone lives here. A cell is computed by one process at a time (`mmflow.lock
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -224,6 +225,7 @@ def announce(cell: Cell, engine_name: str, noise: dict[str, Any]) -> None:
     print(
         f"[mmflow] engine {engine_name}{fallback}, {noise['dtype']} (cell {cell.store.id}): "
         f"numerical noise floor {text}",
+        file=sys.stderr,  # a status line: stdout stays the tools' own (gpu_check prints JSON there)
         flush=True,
     )
 

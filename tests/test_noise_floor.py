@@ -85,7 +85,7 @@ def test_cell_records_its_noise_floor_and_engine(tmp_path, capsys):
     noise = meta["noise_floor"]
     assert noise["rel_change_pct"] == pytest.approx(floors.mean()) and noise["n"] == 2
     assert noise["dtype"] == "float32" and noise["engine"] == meta["engine"] == "fast"
-    line = [x for x in capsys.readouterr().out.splitlines() if "noise floor" in x]
+    line = [x for x in capsys.readouterr().err.splitlines() if "noise floor" in x]
     assert line and line[0].startswith("[mmflow] engine fast, float32 (cell ")
     from mmflow.sweep.curve import print_cell_curve
 
@@ -101,8 +101,8 @@ def test_fallback_is_never_silent(tmp_path, capsys, monkeypatch):
     (outcome,) = run_cells(loaded, [config])
     meta = json.loads((Path(outcome.path) / "cell.json").read_text())
     assert "probe mismatch" in meta["engine"] and meta["noise_floor"]["engine"] == meta["engine"]
-    out = capsys.readouterr().out
-    assert "(configured: fast)" in out and "probe mismatch" in out
+    err = capsys.readouterr().err
+    assert "(configured: fast)" in err and "probe mismatch" in err
 
 
 def test_figures_draw_the_noise_floor_as_a_band(tmp_path):
