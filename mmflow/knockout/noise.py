@@ -71,10 +71,10 @@ def dithering(layers: Sequence[torch.nn.Module], seed: int = 0) -> Iterator[None
     def hook(index: int):
         def perturb(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            u = torch.rand(hidden.shape, generator=generator, dtype=torch.float32) * 2.0 - 1.0
+            generator = torch.Generator(device=hidden.device).manual_seed(seed * 1_000_003 + index)
+            u = torch.rand(hidden.shape, generator=generator, dtype=torch.float32, device=hidden.device)
             r = EPSILON.get(hidden.dtype, 2.0**-23)
-            dithered = (hidden.float() * (1.0 + r * u.to(hidden.device))).to(hidden.dtype)
+            dithered = (hidden.float() * (1.0 + r * (2.0 * u - 1.0))).to(hidden.dtype)
             return (dithered, *output[1:]) if isinstance(output, tuple) else dithered
 
         return perturb
