@@ -92,6 +92,10 @@ def test_cell_records_its_noise_floor_and_engine(tmp_path, capsys):
     print_cell_curve(outcome.path, tmp_path / "figures")
     printed = capsys.readouterr().out
     assert "noise floor: ±" in printed and "(float32, engine fast)" in printed
+    from mmflow.report import cell_row
+    from mmflow.report.cells import load_cell
+
+    assert cell_row(load_cell(outcome.path), tmp_path)["noise floor (%)"] == f"±{floors.mean():.2g}"
 
 
 def test_fallback_is_never_silent(tmp_path, capsys, monkeypatch):

@@ -200,7 +200,8 @@ def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict) -> None
         curve = results.groupby("layer")["rel_change_pct"].mean()
         label = KnockoutSpec(knockout, *NAMED_KNOCKOUTS[knockout]).label
         expected = [model, TASK, label, "3", "1/4", "4", f"{curve.min():.4g}", str(curve.idxmin())]
-        assert rows[cell_dir.name][:-1] == expected
+        assert rows[cell_dir.name][:-2] == expected
+        assert rows[cell_dir.name][-2] == "—"  # noise floor: none recorded by these fabricated cells
     assert f"{fabricated['failed']} (status failed)" in html
     assert f"{fabricated['running']} (status running)" in html
     assert f"{unknown} (status done, analysis &#x27;no_such_analysis&#x27; unknown)" in html

@@ -16,7 +16,19 @@ figure img { max-width: 560px; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; }
 .note { color: #8a5a00; }
 """
-COLUMNS = ("model", "task", "analysis", "window", "correct/total", "scored", "min (%)", "at layer", "cell")
+COLUMNS = (
+    "model",
+    "task",
+    "analysis",
+    "window",
+    "correct/total",
+    "scored",
+    "min (%)",
+    "at layer",
+    "noise floor (%)",
+    "cell",
+)
+NUMERIC = {"window", "correct/total", "scored", "min (%)", "at layer", "noise floor (%)"}
 
 
 @dataclass
@@ -32,7 +44,7 @@ def _row(row: dict[str, object]) -> str:
     cells = []
     for column in COLUMNS:
         value = row.get(column, "")
-        css = ' class="num"' if column in {"window", "correct/total", "scored", "min (%)", "at layer"} else ""
+        css = ' class="num"' if column in NUMERIC else ""
         if column == "cell" and row.get("cell_href"):
             text = f'<a href="{escape(str(row["cell_href"]))}"><code>{escape(str(value))}</code></a>'
         else:
