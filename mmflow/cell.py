@@ -8,6 +8,7 @@ cell alone lives here. A cell is computed by one process at a time (`mmflow.lock
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ SAMPLE_COLUMNS = [
     "status",
     "skip_reason",
     "skip_detail",
+    "noise_floor_pct",
 ]
 
 
@@ -161,11 +163,18 @@ def end_run(cell: Cell, status: str) -> None:
 
 
 def finish(
-    cell: Cell, elapsed: float, clean_passes: Counter, context: dict, engine_name: str, expected: set[str]
+    cell: Cell,
+    elapsed: float,
+    clean_passes: Counter,
+    context: dict,
+    engine_name: str,
+    expected: set[str],
+    dtype: str | None = None,
 ) -> CellOutcome:
     """Write the cell's parquet files and its final `cell.json` (done or failed); close its logger's run.
 
-    `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have.
+    `elapsed`: seconds the cell batch took; `expected`: the question ids the cell must have; `dtype`:
+    the model's dtype (recorded with the noise floor).
     """
     store = cell.store
     if cell.error is None and cell.errored:
@@ -181,6 +190,9 @@ def finish(
         if missing:  # never mark done what lacks samples
             raise RuntimeError(f"{len(missing)} of {len(expected)} samples missing: {sorted(missing)[:5]}")
         summary = summarise(samples, results, cell.analysis)
+        noise = noise_floor(samples, engine_name, dtype)
+        summary.update(engine=engine_name, noise_floor=noise)  # for W&B; cell.json has them below
+        announce(cell, engine_name, noise)
         end_run(cell, "done")
         store.write_meta(
             status="done",
@@ -190,6 +202,8 @@ def finish(
             headline=summary["headline"],
             timings={"batch_seconds": round(elapsed, 3)},
             engine=engine_name,
+            noise_floor=noise,
+            **(cell.analysis.record() if hasattr(cell.analysis, "record") else {}),
             clean_passes_per_sample=max(clean_passes.values(), default=0),
             **context,
         )
@@ -215,6 +229,38 @@ def errored_error(errored: dict[str, str], total: int) -> str:
     return (
         f"{len(errored)} of {total} samples failed with an error ({listed}{more}); the cell is not done, "
         "and the next run computes them again (the other samples are kept)"
+    )
+
+
+def noise_floor(samples, engine_name: str, dtype: str | None) -> dict[str, Any]:
+    """The cell's numerical noise floor (`mmflow.knockout.noise`): the mean and max over its scored
+    samples of each one's `noise_floor_pct`, in % of p(answer); None when no sample measured one."""
+    if "noise_floor_pct" not in samples:  # parts recorded before the floor was measured
+        samples = samples.assign(noise_floor_pct=None)
+    values = samples.loc[samples["status"] == "scored", "noise_floor_pct"].dropna().astype(float)
+    return {
+        "rel_change_pct": float(values.mean()) if len(values) else None,
+        "max_rel_change_pct": float(values.max()) if len(values) else None,
+        "n": int(len(values)),
+        "dtype": dtype,
+        "engine": engine_name,
+        "method": "per sample: max |p/p_clean - 1| of the clean forward with one rounding of the dtype "
+        "per layer output, and of the fast engine's empty knockout (probe); mean over samples",
+    }
+
+
+def announce(cell: Cell, engine_name: str, noise: dict[str, Any]) -> None:
+    """The cell's terminal line: which engine ran (and why, when it is not the configured one) and
+    its noise floor, so that no fallback is silent."""
+    wanted = str((cell.config.get("engine") or {}).get("name", ""))
+    floor = noise["rel_change_pct"]
+    text = f"±{floor:.2g}% of p(answer)" if floor is not None else "not measured (no scored sample)"
+    fallback = "" if engine_name == wanted else f" (configured: {wanted})"
+    print(
+        f"[mmflow] engine {engine_name}{fallback}, {noise['dtype']} (cell {cell.store.id}): "
+        f"numerical noise floor {text}",
+        file=sys.stderr,  # a status line: stdout stays the tools' own (gpu_check prints JSON there)
+        flush=True,
     )
 
 

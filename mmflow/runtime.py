@@ -198,7 +198,15 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         bar.close()
     elapsed = time.time() - started
     for cell in cells:
-        outcomes[cell.store.id] = finish(cell, elapsed, clean_passes, context, engine.name, expected)
+        outcomes[cell.store.id] = finish(
+            cell,
+            elapsed,
+            clean_passes,
+            context,
+            engine.name,
+            expected,
+            dtype=str(loaded.model.dtype).removeprefix("torch."),
+        )
 
 
 def _todo(cells: list[Cell], sample: Sample | Skip) -> list[Cell]:
@@ -280,6 +288,8 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
     try:
         with stages.timed("knockouts"):
             logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
+        with stages.timed("noise_floor"):  # after the knockouts: the fast engine's probe counts too
+            base["noise_floor_pct"] = engine.noise_floor_pct(clean, token_id)
     except torch.cuda.OutOfMemoryError as exc:
         return _skip_all([c for c, _ in planned], order, sample, OOM, str(exc).splitlines()[0], error=True)
     start = 0

@@ -32,6 +32,7 @@ SAMPLE_TYPES: dict[str, str] = {
     "status": "string",
     "skip_reason": "string",
     "skip_detail": "string",
+    "noise_floor_pct": "float64",  # mmflow.knockout.noise: this sample's numerical noise floor (% of p)
 }
 
 

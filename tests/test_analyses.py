@@ -131,12 +131,13 @@ def test_curve_stats_minimum_and_band_in_one_place():
     stats = curve_stats(results, "x", scale=10.0, clip=(-70.0, 100.0))
     np.testing.assert_allclose(stats["mean"], [20.0, -60.0, 30.0])
     sem = values.std(axis=0, ddof=1) * 10.0 / np.sqrt(2)
-    np.testing.assert_allclose(stats["ci_high"], values.mean(axis=0) * 10.0 + 1.96 * sem)
-    np.testing.assert_allclose(stats["ci_low"], np.maximum(-70.0, values.mean(axis=0) * 10.0 - 1.96 * sem))
+    t = 12.706204736174698  # Student's t, 0.975 quantile, 1 degree of freedom
+    np.testing.assert_allclose(stats["ci_high"], np.minimum(100.0, values.mean(axis=0) * 10.0 + t * sem))
+    np.testing.assert_allclose(stats["ci_low"], np.maximum(-70.0, values.mean(axis=0) * 10.0 - t * sem))
     table = stats.assign(value="x")
     assert curve_minimum(table, "x") == {"min_x": -60.0, "min_layer": 1}
     one = curve_stats(results[results["layer"] == 0].head(1), "x")
-    assert one.loc[0, "ci_low"] == one.loc[0, "ci_high"] == 1.0  # one sample: the band is the mean
+    assert one.loc[0, "mean"] == 1.0 and one[["sem", "ci_low", "ci_high"]].isna().all(axis=None)  # no band
 
 
 # ---------------------------------------------------------------- a new analysis plugs in

@@ -103,7 +103,7 @@ def band_limits(collection, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def test_curve_stats_is_mean_and_196_sem() -> None:
+def test_curve_stats_is_mean_and_t_sem() -> None:
     values = np.array([[1.0, -10.0, 4.0], [3.0, -20.0, 4.0], [8.0, -60.0, 4.0]])
     results = pd.DataFrame(
         [{"layer": layer, "rel_change_pct": values[s, layer]} for s in range(3) for layer in range(3)]
@@ -111,8 +111,9 @@ def test_curve_stats_is_mean_and_196_sem() -> None:
     stats = curve_stats(results)
     sem = values.std(axis=0, ddof=1) / np.sqrt(3)
     np.testing.assert_allclose(stats["mean"], values.mean(axis=0))
-    np.testing.assert_allclose(stats["ci_low"], values.mean(axis=0) - 1.96 * sem)
-    np.testing.assert_allclose(stats["ci_high"], values.mean(axis=0) + 1.96 * sem)
+    t = 4.302652729749462  # Student's t, 0.975 quantile, 2 degrees of freedom
+    np.testing.assert_allclose(stats["ci_low"], values.mean(axis=0) - t * sem)
+    np.testing.assert_allclose(stats["ci_high"], values.mean(axis=0) + t * sem)
     assert stats["n"].tolist() == [3, 3, 3]
     assert stats.loc[2, "ci_low"] == stats.loc[2, "ci_high"] == 4.0  # no spread, no band
 
@@ -129,8 +130,8 @@ def test_model_task_figure_plots_the_numbers(fabricated: dict) -> None:
         np.testing.assert_array_equal(line.get_xdata(), np.arange(12))
         np.testing.assert_allclose(line.get_ydata(), stats["mean"])
         low, high = band_limits(band, np.arange(12))
-        np.testing.assert_allclose(low, stats["mean"] - 1.96 * stats["sem"])
-        np.testing.assert_allclose(high, stats["mean"] + 1.96 * stats["sem"])
+        np.testing.assert_allclose(low, stats["ci_low"])
+        np.testing.assert_allclose(high, stats["ci_high"])
 
 
 def test_cross_model_figure_uses_relative_depth(fabricated: dict) -> None:
@@ -200,7 +201,8 @@ def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict) -> None
         curve = results.groupby("layer")["rel_change_pct"].mean()
         label = KnockoutSpec(knockout, *NAMED_KNOCKOUTS[knockout]).label
         expected = [model, TASK, label, "3", "1/4", "4", f"{curve.min():.4g}", str(curve.idxmin())]
-        assert rows[cell_dir.name][:-1] == expected
+        assert rows[cell_dir.name][:-2] == expected
+        assert rows[cell_dir.name][-2] == "—"  # noise floor: none recorded by these fabricated cells
     assert f"{fabricated['failed']} (status failed)" in html
     assert f"{fabricated['running']} (status running)" in html
     assert f"{unknown} (status done, analysis &#x27;no_such_analysis&#x27; unknown)" in html
@@ -250,7 +252,8 @@ def test_report_draws_answer_tracking_through_its_analysis(fabricated: dict) -> 
     lower = curve[curve["value"] == "p_lower_pct"]
     np.testing.assert_allclose(lower["mean"], p_lower.mean(axis=0) * 100.0)
     sem = p_lower.std(axis=0, ddof=1) / np.sqrt(2) * 100.0
-    np.testing.assert_allclose(lower["ci_high"], np.minimum(100.0, p_lower.mean(axis=0) * 100.0 + 1.96 * sem))
+    t = 12.706204736174698  # Student's t, 0.975 quantile, 1 degree of freedom
+    np.testing.assert_allclose(lower["ci_high"], np.minimum(100.0, p_lower.mean(axis=0) * 100.0 + t * sem))
     assert cell.analysis.headline(cell.results)["lower_first_layer_over_50"] == 1
 
 

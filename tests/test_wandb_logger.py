@@ -16,6 +16,7 @@ from conftest import cell_config
 from omegaconf import OmegaConf
 
 from mmflow import wandb_logger
+from mmflow.analyses.curves import t_quantile
 from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
 from mmflow.wandb_logger import WandbCellLogger, cell_logger, log_sweep, logger_config, resolve_mode
 
@@ -110,7 +111,7 @@ def test_each_cell_has_its_own_run_with_its_own_numbers(computed: dict) -> None:
 
         results = pd.read_parquet(Path(outcome.path) / "results.parquet")
         stats = results.groupby("layer")["rel_change_pct"].agg(["mean", "std", "count"])
-        half = 1.96 * stats["std"] / np.sqrt(stats["count"])
+        half = t_quantile(stats["count"]) * stats["std"] / np.sqrt(stats["count"])
         history = [h["item"] for h in of_type(records, "history")]
         rows = [h for h in history if "curve/rel_change_pct" in h]
         assert [h["layer"] for h in rows] == list(range(n_layers))

@@ -210,9 +210,20 @@ class KnockoutAnalysis(Analysis):
     # ------------------------------------------------------------ output side
 
     def curve_table(self, results: pd.DataFrame) -> pd.DataFrame:
-        """The relative-change curve (%) per centre layer, with the mean logp change and flip rate."""
+        """The relative-change curve (%) per centre layer, with the mean logp change and flip rate.
+
+        Per-head cells: each sample's mean over its head sets first, so n counts samples."""
         if not len(results):
             return pd.DataFrame(columns=["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"])
+        if self.head_column is not None and self.head_column in results:
+            # per-head rows: one number per sample and layer (the mean over the head sets), so the
+            # band's n counts samples, not head sets x samples
+            columns = ["rel_change_pct", *(c for c in EXTRAS if c in results)]
+            results = (
+                results.assign(**{c: results[c].astype(float) for c in columns})
+                .groupby(["question_id", "layer"], as_index=False)[columns]
+                .mean()
+            )
         table = curve_stats(results, "rel_change_pct")
         for column, name in EXTRAS.items():
             if column in results:

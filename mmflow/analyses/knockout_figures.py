@@ -23,6 +23,8 @@ from mmflow.analyses.plots import (
     distinguishing_notes,
     new_figure,
     new_grid,
+    noise_band,
+    noise_floor_of,
 )
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
 
@@ -83,6 +85,7 @@ def plot_model_task(cells: Sequence[Any]) -> Figure:
         label = (cell.label if len(windows) == 1 else f"{cell.label} (k={cell.window})") + note
         color = knockout_color(cell.variant)
         band(ax, stats["layer"].to_numpy(), stats, color, label, _style(cell.window, windows, note, notes))
+    noise_band(ax, noise_floor_of(cells))
     window = f"window k = {first.window}, " if len(windows) == 1 else ""
     title = f"{first.model_title} — {first.task}: attention knockout ({window}{_n_text(cells)})"
     xlabel = f"Centre layer of the knocked-out window (0–{n_layers - 1} of {n_layers} layers)"
@@ -109,6 +112,7 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
             style = _style(None, {None}, note, list(notes.values()))
             band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
         ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+        noise_band(ax, noise_floor_of(cells))  # one floor (the largest) for every panel: one legend entry
         ax.set_title(f"{task} ({_n_text(task_cells)})", fontsize=10)
         ax.grid(alpha=0.25)
         ax.set_xlim(0, n_layers - 1)
@@ -147,6 +151,7 @@ def plot_cross_model(cells: Sequence[Any]) -> Figure:
         color = PALETTE[models.index(cell.model) % len(PALETTE)]
         x = stats["layer"].to_numpy() / cell.n_layers
         band(ax, np.asarray(x), stats, color, label, _style(cell.window, windows, note, notes))
+    noise_band(ax, noise_floor_of(cells))
     window = f"window k = {first.window}, " if len(windows) == 1 else ""
     title = f"{first.label} — {first.task}: across models ({window}{_n_text(cells)})"
     _finish_axes(ax, title, "Relative depth of the window centre (layer / number of layers)", "Model")

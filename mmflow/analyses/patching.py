@@ -13,8 +13,10 @@ states it carries are sufficient.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -23,10 +25,16 @@ import torch
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.checks import check_choice, check_int, check_window, window_for_depth
-from mmflow.data.sample import Sample, Skip
+from mmflow.data.sample import TASKS, Sample, Skip
 from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
-from mmflow.patching.corrupt import CORRUPTIONS, embedding_std, make_corruption, pair_counterfactuals
+from mmflow.patching.corrupt import (
+    CORRUPTIONS,
+    calibration_samples,
+    embedding_std,
+    make_corruption,
+    pair_counterfactuals,
+)
 
 if TYPE_CHECKING:
     from mmflow.knockout.reference import CleanPass
@@ -125,7 +133,17 @@ class PatchingAnalysis(Analysis):
             raise ValueError(
                 f"patching.margin must be >= 0 and noise_scale > 0, got {self.margin}, {self.noise_scale}"
             )
-        self.noise_sd: float | None = None
+        configured = patching.get("noise_sd")
+        self.noise_sd: float | None = None if configured is None else float(configured)
+        self.per_task = int(patching.get("calibration_per_task", 4))
+        if (self.noise_sd is not None and self.noise_sd <= 0) or self.per_task < 1:
+            raise ValueError(
+                "patching.noise_sd must be > 0 (or null: measured) and patching.calibration_per_task >= 1, "
+                f"got {configured}, {self.per_task}"
+            )
+        self.calibration: dict[str, Any] = (
+            {} if self.noise_sd is None else {"noise_sd": self.noise_sd, "how": "configured"}
+        )
         self.counterfactuals: dict[str, Sample] = {}
         self._positions: dict[str, dict[str, torch.Tensor]] = {}  # question id -> group -> positions
 
@@ -176,11 +194,22 @@ class PatchingAnalysis(Analysis):
         return patching_sections(cells)
 
     def prepare(self, samples: Sequence[Sample | Skip]) -> None:
-        """Before the first sample: the counterfactual pairs, or the noise's sd over these samples."""
+        """Before the first sample: the counterfactual pairs, or the noise's sd (configured, else
+        measured over the model's and data source's calibration set, `calibrate`)."""
         if self.corruption == "counterfactual":
             self.counterfactuals = pair_counterfactuals(samples)
         if self.corruption == "noise" and self.noise_sd is None:
-            self.noise_sd = embedding_std(self.loaded, samples)
+            self.calibration = calibrate(self.loaded, self.config, self.per_task)
+            self.noise_sd = float(self.calibration["noise_sd"])
+
+    def record(self) -> dict[str, Any]:
+        """What `cell.json` keeps of this analysis's run: the noise scale and its calibration set."""
+        return {"noise_calibration": self.calibration} if self.calibration else {}
+
+    @property
+    def data_source(self) -> str:
+        """The data source's identity (as the cell id has it), part of the noise seed."""
+        return data_source_key(self.config)
 
     def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list:
         """No knockouts; resolves the restored groups (`GroupError` skips the sample if one is empty)."""
@@ -218,6 +247,7 @@ class PatchingAnalysis(Analysis):
             scale=self.noise_scale,
             seed=self.seed,
             counterfactual=self.counterfactuals.get(sample.question_id),
+            data_source=self.data_source,
         )
         first_target = min(int(p.min()) for p in positions.values())
         corrupted = self.patcher.corrupted(corruption, first_target)
@@ -265,6 +295,34 @@ class PatchingAnalysis(Analysis):
             out[f"max_recovered_pct/{group}"] = float(curve.max())
             out[f"max_layer/{group}"] = int(curve.idxmax())
         return out
+
+
+def data_source_key(config: Mapping[str, Any]) -> str:
+    """A short digest of the data config as the cell id sees it (`store.semantic_config`)."""
+    from mmflow.store import semantic_config
+
+    data = semantic_config(dict(config)).get("data")
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_CALIBRATED: dict[tuple, dict[str, Any]] = {}  # (model, data source, per task) -> calibration
+
+
+def calibrate(loaded: LoadedModel, config: Mapping[str, Any], per_task: int) -> dict[str, Any]:
+    """The image embeddings' sd over the data source's calibration set (`calibration_samples`: the
+    first `per_task` samples of every task), once per model and data source in this process."""
+    from mmflow.runtime import load_samples  # the runtime drives this analysis: no import at load
+
+    key = (id(loaded.model), data_source_key(config), per_task)
+    if key not in _CALIBRATED:
+        load = lambda task, n: load_samples({**config, "task": task, "n_samples": n})  # noqa: E731
+        chosen = calibration_samples(load, TASKS, per_task)
+        _CALIBRATED[key] = {
+            "noise_sd": embedding_std(loaded, chosen),
+            "how": f"measured over the first {per_task} samples of every task of the data source",
+            "question_ids": [f"{s.task}/{s.question_id}" for s in chosen],
+        }
+    return _CALIBRATED[key]
 
 
 def image_positions(loaded: LoadedModel, inputs) -> torch.Tensor:

@@ -15,13 +15,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmflow.analyses.curves import Z95, curve_stats
+from mmflow.analyses.curves import curve_stats, half_width
 from mmflow.analyses.knockout_figures import Y_LABEL, cell_curve, knockout_color, knockout_order
-from mmflow.analyses.plots import BAND_NOTE, LINESTYLES, PALETTE, distinguishing_notes, new_figure
+from mmflow.analyses.plots import (
+    BAND_NOTE,
+    LINESTYLES,
+    PALETTE,
+    distinguishing_notes,
+    new_figure,
+    noise_band,
+    noise_floor_of,
+)
 from mmflow.analyses.plots import band as _band
 
 CellData = Any  # a finished cell (`mmflow.report.CellData`)
@@ -78,6 +86,7 @@ def draw_knockouts(ax, cells: Sequence[CellData]) -> None:
         style = LINESTYLES[sorted(set(notes)).index(note) % len(LINESTYLES)]
         _band(ax, stats["layer"].to_numpy(), stats, knockout_color(cell.variant), cell.label + note, style)
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
+    noise_band(ax, noise_floor_of(cells))
     ax.set_title("Attention knockout (necessity)", fontsize=10)
     ax.set_ylabel(Y_LABEL)
     ax.grid(alpha=0.25)
@@ -114,21 +123,31 @@ def head_table(results: pd.DataFrame, column: str = "rel_change_pct") -> pd.Data
     return results.groupby(["layer", "head"])[column].mean().unstack("head").sort_index()
 
 
+def diverging_norm(values: np.ndarray) -> Normalize:
+    """A colour scale centred on 0 and symmetric (±max |value|): equal colours mean equal magnitudes,
+    so a small increase never looks as strong as a large drop."""
+    finite = np.abs(values[np.isfinite(values)])
+    limit = max(float(finite.max()) if finite.size else 0.0, 1e-9)
+    return Normalize(vmin=-limit, vmax=limit)
+
+
 def plot_head_heatmap(cell: CellData) -> Figure:
     """Mean relative change (%) per centre layer (rows) and head (columns) of a per-head knockout cell."""
     table = head_table(cell.results)
     figure, ax = new_figure(width=1.2 + 0.55 * table.shape[1] + 1.5, height=1.4 + 0.35 * table.shape[0])
     values = table.to_numpy()
-    low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=min(low, -1e-9), vmax=max(high, 1e-9))
+    norm = diverging_norm(values)
     image = ax.imshow(values, cmap="RdBu", norm=norm, aspect="auto", origin="lower")
     ax.set_xticks(range(table.shape[1]), [str(h) for h in table.columns])
     ax.set_yticks(range(table.shape[0]), [str(layer) for layer in table.index])
     ax.set_xlabel("Attention head (blocked alone)")
     ax.set_ylabel("Centre layer of the window")
     n = int(cell.results.groupby(["layer", "head"]).size().max())
+    floor = noise_floor_of([cell])
+    floor_text = f", noise floor ±{floor:.2g}%" if floor is not None else ""
     ax.set_title(
-        f"{cell.model_title} — {cell.task}: {cell.analysis.spec.label} per head (k = {cell.window}, n = {n})",
+        f"{cell.model_title} — {cell.task}: {cell.analysis.spec.label} per head "
+        f"(k = {cell.window}, n = {n}{floor_text})",
         fontsize=10,
     )
     figure.colorbar(image, ax=ax, label="Mean relative change (%)")
@@ -146,7 +165,7 @@ def strongest_heads(results: pd.DataFrame, top: int = 3) -> pd.DataFrame:
         top1_changed=("top1_changed", "mean"),
         n=("rel_change_pct", "count"),
     )
-    means["ci95"] = Z95 * means["sem"]
+    means["ci95"] = half_width(means["sem"], means["n"])  # NaN where n < 2
     return means.sort_values("rel_change_pct").head(top).reset_index()
 
 

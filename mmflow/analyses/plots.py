@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 PALETTE = [f"C{i}" for i in range(10)]
 LINESTYLES = ["-", "--", ":", "-."]  # one per window width, when a figure has several
-BAND_NOTE = "band: 95% CI of the mean"
+BAND_NOTE = "band: 95% t interval of the mean, none where n < 2"
 
 
 def new_figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, object]:
@@ -33,10 +33,49 @@ def new_grid(rows: int, columns: int, width: float, height: float) -> tuple[Figu
     return figure, figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).flatten()
 
 
+def n_text(counts: Iterable[int]) -> str:
+    """The scored sample count of a curve: "n = 4", or "n = 3–4" when its layers differ."""
+    counts = sorted({int(c) for c in counts})
+    if not counts:
+        return "n = 0"
+    return f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
+
+
 def band(ax, x: np.ndarray, stats: pd.DataFrame, color: str, label: str, style: str = "-") -> None:
-    """The curve `stats["mean"]` against `x` with its 95% band (`ci_low`..`ci_high`)."""
+    """The curve `stats["mean"]` against `x` with its 95% band (`ci_low`..`ci_high`; none where they
+    are NaN, n < 2) and its scored n written at its last point."""
     ax.plot(x, stats["mean"], style, marker="o", ms=3, lw=1.6, color=color, label=label, clip_on=False)
-    ax.fill_between(x, stats["ci_low"], stats["ci_high"], color=color, alpha=0.18, lw=0)
+    if "n" in stats and len(stats):
+        ax.annotate(
+            n_text(stats["n"]),
+            (float(np.asarray(x)[-1]), float(stats["mean"].iloc[-1])),
+            xytext=(4, 0),
+            textcoords="offset points",
+            fontsize=6,
+            color=color,
+            va="center",
+            annotation_clip=False,
+        )
+    low, high = stats["ci_low"].astype(float), stats["ci_high"].astype(float)
+    if (low.notna() & high.notna()).any():
+        ax.fill_between(x, low, high, color=color, alpha=0.18, lw=0)
+
+
+def noise_floor_of(cells: Iterable[Any]) -> float | None:
+    """The largest recorded numerical noise floor (% of p(answer), `cell.json` `noise_floor`) of
+    `cells`, None when none recorded one (cells from before it was measured)."""
+    floors = [
+        ((getattr(cell, "meta", None) or {}).get("noise_floor") or {}).get("rel_change_pct") for cell in cells
+    ]
+    floors = [float(f) for f in floors if f is not None]
+    return max(floors) if floors else None
+
+
+def noise_band(ax, floor: float | None, label: str = "numerical noise floor") -> None:
+    """A grey band ±`floor` around 0: effects inside it are rounding noise of the dtype and engine."""
+    if floor is None or not np.isfinite(floor) or floor <= 0:
+        return
+    ax.axhspan(-floor, floor, color="0.5", alpha=0.22, lw=0, zorder=0, label=f"{label} (±{floor:.2g})")
 
 
 # ---------------------------------------------------------------- what tells drawn cells apart

@@ -15,6 +15,7 @@ import torch
 from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
+from mmflow.knockout.noise import change_pct, dithered_logprobs, resolution_pct
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
@@ -28,6 +29,7 @@ class CleanPass:
     at the last position from the embeddings through the final layer, before the final norm.
     `cache`: the forward's key/value cache (a transformers Cache) and `logits` [V] its raw last-position
     logits, kept for the greedy answer (`mmflow.answer`), which releases the cache; None if not kept.
+    `dithered`, `probe`: what the sample's numerical noise floor is measured from (`noise_floor_pct`).
     """
 
     inputs: ModelInputs
@@ -35,6 +37,8 @@ class CleanPass:
     last_hidden: torch.Tensor
     cache: Any = None
     logits: torch.Tensor | None = None
+    dithered: torch.Tensor | None = None  # [V] the clean forward under one rounding per layer (noise.py)
+    probe: torch.Tensor | None = None  # [V] the fast engine's empty knockout (probe row), if it ran
 
     @property
     def top1(self) -> int:
@@ -83,6 +87,24 @@ class ReferenceEngine:
         logits = out.logits[0, -1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return CleanPass(inputs, logprobs, torch.stack(record["last"]), output_cache(out), logits)
+
+    def dithered(self, clean: CleanPass) -> torch.Tensor:
+        """The clean forward under one rounding of the dtype per layer (`noise.dithered_logprobs`), once."""
+        if clean.dithered is None:
+            clean.dithered = dithered_logprobs(self.loaded, clean.inputs)
+        return clean.dithered
+
+    def noise_floor_pct(self, clean: CleanPass, token_id: int) -> float:
+        """The sample's numerical noise floor in % of p(answer): how far one rounding per layer (and,
+        for the fast engine, its empty knockout) moves p from the clean pass, and never below the
+        resolution of the answer's logit in the model's dtype."""
+        changes = [
+            change_pct(self.dithered(clean), clean.logprobs, token_id),
+            resolution_pct(clean, token_id),
+        ]
+        if clean.probe is not None:
+            changes.append(change_pct(clean.probe, clean.logprobs, token_id))
+        return max(changes)
 
     def run(self, clean: CleanPass, jobs: Sequence[KnockoutJob]) -> torch.Tensor:
         """Last-position log-probs [J, V] for each job."""

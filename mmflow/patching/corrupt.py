@@ -3,8 +3,11 @@ image, or a blank (mean-colour) image. The prompt and its tokens never change, o
 
 - `noise` (the causal-tracing recipe, Meng et al. 2022): the language model's input embeddings at
   the image positions (the projector's output; for LLaVA-NeXT also the newline tokens) get
-  N(0, (scale * sd)^2) noise, where sd is the standard deviation of those embeddings over the cell's
-  samples (`embedding_std`), with a generator seeded by (seed, question id).
+  N(0, (scale * sd)^2) noise, where sd is the standard deviation of those embeddings: configured
+  (`patching.noise_sd`) or measured over a fixed calibration set of the model's data source (the
+  first `patching.calibration_per_task` samples of every task, `calibration_samples`), so it is a
+  property of model and data source, never of the cell's task or n_samples. The generator is seeded
+  by (seed, data source, task, question id): an id repeated across tasks or sources gets its own draw.
 - `counterfactual`: the image of another sample of the same task whose gold answer differs, paired
   deterministically (`pair_counterfactuals`); resized to the clean image's size when its own size
   would give a different image-token layout (LLaVA-NeXT anyres).
@@ -125,18 +128,41 @@ def embedding_std(loaded: LoadedModel, samples: Sequence[Sample | Skip]) -> floa
     return float(max(squares / count - mean * mean, 0.0) * count / (count - 1)) ** 0.5
 
 
-def seed_for(seed: int, question_id: str) -> int:
-    """A 63-bit generator seed from the cell's seed and the question id (order-independent)."""
-    return int(hashlib.sha256(f"{seed}:{question_id}".encode()).hexdigest()[:15], 16)
+def seed_for(seed: int, question_id: str, task: str = "", data_source: str = "") -> int:
+    """A 63-bit generator seed from the cell's seed, data source, task and question id (order-independent)."""
+    key = f"{seed}:{data_source}:{task}:{question_id}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def calibration_samples(load, tasks: Sequence[str], per_task: int) -> list[Sample]:
+    """The noise scale's calibration set: the first `per_task` readable samples of each task the data
+    source has (`load(task, n)` -> samples; a task it lacks is left out), in `tasks` order."""
+    chosen: list[Sample] = []
+    for task in tasks:
+        try:
+            samples = load(task, per_task)
+        except Exception:  # noqa: BLE001 - a data source without this task: the other tasks calibrate
+            continue
+        chosen.extend(s for s in samples if isinstance(s, Sample))
+    return chosen
 
 
 def noise_corruption(
-    inputs: ModelInputs, positions: torch.Tensor, hidden: int, sd: float, scale: float, seed: int, qid: str
+    inputs: ModelInputs,
+    positions: torch.Tensor,
+    hidden: int,
+    sd: float,
+    scale: float,
+    seed: int,
+    qid: str,
+    task: str = "",
+    data_source: str = "",
 ) -> Corruption:
     """Seeded N(0, (scale * sd)^2) noise [len(positions), hidden] on the embeddings at `positions`."""
-    generator = torch.Generator().manual_seed(seed_for(seed, qid))
+    drawn = seed_for(seed, qid, task, data_source)
+    generator = torch.Generator().manual_seed(drawn)
     noise = torch.randn(len(positions), hidden, generator=generator, dtype=torch.float32) * (scale * sd)
-    source = f"noise seed={seed_for(seed, qid)} sd={sd:.6g} scale={scale:g}"
+    source = f"noise seed={drawn} sd={sd:.6g} scale={scale:g}"
     return Corruption("noise", inputs, source, noise, positions)
 
 
@@ -197,13 +223,16 @@ def make_corruption(
     scale: float = 3.0,
     seed: int = 0,
     counterfactual: Sample | None = None,
+    data_source: str = "",
 ) -> Corruption:
     """The corruption of `kind` for one sample; `GroupError` (a per-sample skip) when it cannot apply."""
     if kind == "noise":
         if sd is None:
             raise ValueError("noise corruption needs the embeddings' standard deviation")
         hidden = loaded.model.config.get_text_config().hidden_size
-        return noise_corruption(clean, image_positions, hidden, sd, scale, seed, sample.question_id)
+        return noise_corruption(
+            clean, image_positions, hidden, sd, scale, seed, sample.question_id, sample.task, data_source
+        )
     if kind == "counterfactual":
         if counterfactual is None:
             raise GroupError("no_counterfactual", "no sample of this task has a different gold answer")

@@ -28,6 +28,7 @@ from mmflow.hooks import record_layer_inputs
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
+from mmflow.knockout.noise import dithered_logprobs
 from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.rows import SuffixGroup, plan_sweeps
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
@@ -216,6 +217,7 @@ class FastPatcher(FastEngine):
         """The corrupted forward (the knockout engine's clean pass, corrupted), cached from `first_target`."""
         with corrupting(self.loaded, corruption):
             cache = self.clean(corruption.inputs, first_target=first_target)
+            cache.dithered = dithered_logprobs(self.loaded, corruption.inputs)  # the probe's noise scale
         return CorruptedPass(corruption, cache.logprobs, first_target, cache)
 
     def restore(

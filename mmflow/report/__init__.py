@@ -36,6 +36,7 @@ def cell_row(cell: CellData, out_dir: Path, note: str = "") -> dict[str, object]
         "scored": counts["scored"],
         "min (%)": "—",
         "at layer": "—",
+        "noise floor (%)": _floor_text(cell),
         "cell": cell.cell_id,
         "cell_href": os.path.relpath(cell.dir, out_dir) + "/",
     }
@@ -45,6 +46,12 @@ def cell_row(cell: CellData, out_dir: Path, note: str = "") -> dict[str, object]
         row["min (%)"] = f"{minimum[f'min_{value}']:.4g}"
         row["at layer"] = minimum["min_layer"]
     return row
+
+
+def _floor_text(cell: CellData) -> str:
+    """± the cell's numerical noise floor (`cell.json` `noise_floor`, docs/statistics.md), or —."""
+    floor = (cell.meta.get("noise_floor") or {}).get("rel_change_pct")
+    return f"±{floor:.2g}" if floor is not None else "—"
 
 
 def row_notes(cells: list[CellData]) -> dict[int, str]:

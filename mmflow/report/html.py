@@ -16,7 +16,19 @@ figure img { max-width: 560px; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; }
 .note { color: #8a5a00; }
 """
-COLUMNS = ("model", "task", "analysis", "window", "correct/total", "scored", "min (%)", "at layer", "cell")
+COLUMNS = (
+    "model",
+    "task",
+    "analysis",
+    "window",
+    "correct/total",
+    "scored",
+    "min (%)",
+    "at layer",
+    "noise floor (%)",
+    "cell",
+)
+NUMERIC = {"window", "correct/total", "scored", "min (%)", "at layer", "noise floor (%)"}
 
 
 @dataclass
@@ -32,7 +44,7 @@ def _row(row: dict[str, object]) -> str:
     cells = []
     for column in COLUMNS:
         value = row.get(column, "")
-        css = ' class="num"' if column in {"window", "correct/total", "scored", "min (%)", "at layer"} else ""
+        css = ' class="num"' if column in NUMERIC else ""
         if column == "cell" and row.get("cell_href"):
             text = f'<a href="{escape(str(row["cell_href"]))}"><code>{escape(str(value))}</code></a>'
         else:
@@ -71,7 +83,9 @@ def render_index(
         "<h1>mmflow report: attention knockout across modalities</h1>",
         f"<p>Results from <code>{escape(source)}</code>: {len(rows)} done cell(s). Relative change (%) = "
         "(p_new − p_base) / p_base · 100 of the answer's first token at the last position; "
-        "bands are 95% intervals (mean ± 1.96·s.e.m. over samples).</p>",
+        "bands are 95% intervals of the mean over samples (Student's t, n − 1 degrees of freedom; "
+        "none where n &lt; 2), n is written beside each curve; a grey band around 0 is the cell's "
+        "measured numerical noise floor (docs/statistics.md).</p>",
         "<h2>Cells</h2>",
         _table(rows),
     ]

@@ -25,12 +25,13 @@ def _cells(row: pd.Series, flips: bool) -> list[str]:
     from rich.markup import escape
 
     low, high = row.get("ci_low"), row.get("ci_high")
-    band = escape(f"[{low:.3g}, {high:.3g}]") if pd.notna(low) and pd.notna(high) else "-"  # n = 1: none
+    band = escape(f"[{low:.3g}, {high:.3g}]") if pd.notna(low) and pd.notna(high) else "-"  # n < 2: none
     if flips:
         flips = row.get(FLIPS)
         flips_text = f"{100 * flips:.0f}%" if flips is not None and pd.notna(flips) else "-"
         return [str(int(row["layer"])), f"{row['mean']:.3g}", band, flips_text, str(int(row["n"]))]
-    return [str(int(row["layer"])), str(row.get("label", row.get("value", ""))), f"{row['mean']:.3g}", band]
+    label = str(row.get("label", row.get("value", "")))
+    return [str(int(row["layer"])), label, f"{row['mean']:.3g}", band, str(int(row["n"]))]
 
 
 def cell_figure(cell, out_dir: Path) -> Path | None:
@@ -119,13 +120,19 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
         columns = ["centre layer", "mean (%)", "95% band", "top-1 flips", "n"]
     else:
         title = f"{cell.label}: per layer"
-        columns = ["layer", "value", "mean", "95% band"]
+        columns = ["layer", "value", "mean", "95% band", "n"]
     view = Table(title=f"{cell.model_title} · {cell.task} · {title}")
     for column in columns:
         view.add_column(column, justify="right" if column not in ("value",) else "left")
     for _, row in table.iterrows():
         view.add_row(*_cells(row, flips))
     console.print(view)
+    noise = cell.meta.get("noise_floor") or {}
+    if noise.get("rel_change_pct") is not None:
+        print(
+            f"noise floor: ±{noise['rel_change_pct']:.2g}% of p(answer) ({noise.get('dtype')}, engine "
+            f"{noise.get('engine')}): smaller effects are rounding (docs/statistics.md)"
+        )
     figure = cell_figure(cell, Path(figure_dir))
     print(f"files:  {cell.dir}  (cell.json, samples.parquet, results.parquet)")
     if figure is not None:

@@ -232,7 +232,11 @@ class WandbCellLogger:
         wandb = import_wandb()
         self.run.log({"per_layer": wandb.Table(dataframe=table)})
         if "head" in results:  # knockout.heads: each: the heat map's numbers, layer x head
-            means = results.groupby(["layer", "head"])["rel_change_pct"].mean().reset_index()
+            means = (  # n: the samples behind each (layer, head) mean
+                results.groupby(["layer", "head"])["rel_change_pct"]
+                .agg(rel_change_pct="mean", n="count")
+                .reset_index()
+            )
             heads = wandb.Table(dataframe=means)
             self.run.log({"per_layer_head": heads, heads_key(self.config): heads})
         self.run.summary.update(self._summary(table, summary))
@@ -250,6 +254,11 @@ class WandbCellLogger:
         out.update({f"counts/skipped/{k}": v for k, v in skipped.items()})
         out.update({k: v for k, v in summary.get("headline", {}).items() if isinstance(v, int | float | str)})
         out.update(n_layers=self.n_layers, status="done")
+        if "engine" in summary:  # which engine ran (a fallback says so) and the cell's noise floor
+            out["engine"] = str(summary["engine"])
+        floor = (summary.get("noise_floor") or {}).get("rel_change_pct")
+        if floor is not None:
+            out["noise_floor_pct"] = float(floor)
         value = self.analysis.minimum_of
         best = curve_minimum(table, value) if value is not None and len(table) else {}
         for key, number in best.items():  # the analysis's own headline wins (per head: its (layer, head))
