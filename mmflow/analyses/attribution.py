@@ -49,6 +49,23 @@ RESULT_COLUMNS = [
     "window",
     "sources",
 ]
+RESULT_TYPES = {
+    "question_id": "string",
+    "layer": "int64",  # centre layer of the window
+    "head": "int64",
+    "source": "int64",  # attribution.sources: patches: the source token's position
+    "estimate": "float64",  # estimated change of log p(answer)
+    "exact": "float64",  # the exact change where verified, else NaN
+    "verified": "bool",
+    "top_k": "bool",
+    "control": "bool",
+    "p_base": "float64",
+    "model": "string",
+    "task": "string",
+    "knockout": "string",
+    "window": "int64",
+    "sources": "string",
+}
 SOURCES = ("group", "patches")
 IMAGE_GROUPS = ("image", "object", "nonobject")
 DEFAULTS = {"sources": "group", "top_k": 5, "controls": 5, "seed": 0}
@@ -67,6 +84,7 @@ class AttributionAnalysis(Analysis):
     curve_role = "screen"  # estimates per layer x head: its own map in the report, no dashboard curve
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
+    result_types = RESULT_TYPES
     sort_by = ["question_id", "layer", "head"]
 
     @classmethod

@@ -25,7 +25,7 @@ import torch
 
 from mmflow.inputs import ModelInputs
 from mmflow.knockout.attention import blocking, capturing
-from mmflow.knockout.fast import PROBE_TOLERANCE
+from mmflow.knockout.noise import PROBE_FLOOR, dithered_logprobs, probe_tolerance, top_distance
 from mmflow.knockout.reference import CleanPass
 from mmflow.models.kv_cache import cache_kwargs
 from mmflow.models.registry import LoadedModel
@@ -75,12 +75,20 @@ def answer_gradients(
     start = _suffix_start(loaded, inputs, clean)
     if start:
         gradients = _run(loaded, token_id, lambda: _suffix_forward(loaded, inputs, clean, start), start)
-        tolerance = PROBE_TOLERANCE.get(loaded.model.dtype, 1e-1)
-        if abs(gradients.logp - float(clean.logprobs[token_id])) <= tolerance:
+        if _within_rounding(loaded, inputs, clean, abs(gradients.logp - float(clean.logprobs[token_id]))):
             return gradients
         log.warning("attribution: the suffix run misses the clean log p; running the whole sequence")
     full = lambda: loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1).logits[0, -1]  # noqa: E731
     return _run(loaded, token_id, full, 0)
+
+
+def _within_rounding(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass, diff: float) -> bool:
+    """Whether the suffix run's log p is the clean one up to the dtype's measured rounding noise,
+    as the fast engine judges its probe (`mmflow.knockout.noise.probe_tolerance`)."""
+    if diff <= PROBE_FLOOR:
+        return True
+    rounding = top_distance(dithered_logprobs(loaded, inputs), clean.logprobs)
+    return diff <= probe_tolerance(rounding)
 
 
 def _suffix_start(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass | None) -> int:
