@@ -69,7 +69,8 @@ class Driver:
         self.context = initialize_config_module("mmflow.conf", version_base="1.3")
         self.context.__enter__()
 
-    def launcher(self, **settings: Any) -> Any:
+    def launcher(self, *extra: str, **settings: Any) -> Any:
+        """A set-up launcher; `settings` are `hydra.launcher` keys, `extra` more Hydra overrides."""
         from hydra import compose
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.hydra_config import HydraConfig
@@ -87,6 +88,7 @@ class Driver:
             "hydra.launcher.progress=none",
             "hydra.launcher.report=false",
             *(f"hydra.launcher.{k}={v}" for k, v in settings.items()),
+            *extra,
         ]
         setup_globals()
         config = compose("config", overrides=overrides, return_hydra_config=True)

@@ -9,6 +9,7 @@ time. Geometries and clean-pass times not known here are estimates, and the plan
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,11 @@ GEOMETRY: dict[str, tuple[tuple[int, int, int, int, int, int], int]] = {
 DEFAULT_GEOMETRY = GEOMETRY["llava-1.5-7b"]  # any other model: this shape at its own n_layers
 QUESTION_TOKENS = 20  # question + answer prompt: the first target of a knockout into the question
 EFFECTIVE_FLOPS = 100e12  # default clean-pass time: 2 x MACs at this rate (~1/3 of an H100's fp16 peak)
+
+
+def sig(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits (small GPU-hours of toy models stay non-zero)."""
+    return float(f"{value:.{digits}g}")
 
 
 def cell_state(cell: dict[str, Any]) -> tuple[str, int]:
@@ -95,10 +101,10 @@ def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> di
                 "actors": min(plan.replicas, len(plan.queue)),
                 "samples": int(samples),
                 "clean_pass_units": round(units, 1),
-                "clean_pass_s": round(seconds, 4),
+                "clean_pass_s": sig(seconds),
                 "clean_pass_s_is": "configured" if configured else "estimated",
                 "geometry_is": "known" if known else "assumed (LLaVA-1.5-7B shape at its n_layers)",
-                "gpu_hours": round(units * seconds / 3600, 3),
+                "gpu_hours": sig(units * seconds / 3600),
             }
         )
     return {
@@ -110,7 +116,7 @@ def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> di
         "batches": sum(m["batches"] for m in models),
         "samples": sum(m["samples"] for m in models),
         "clean_pass_units": round(sum(m["clean_pass_units"] for m in models), 1),
-        "gpu_hours": round(sum(m["gpu_hours"] for m in models), 3),
+        "gpu_hours": sig(sum(m["gpu_hours"] for m in models)),
         "models": models,
     }
 
@@ -121,7 +127,7 @@ def print_plan(sweep: Sweep, compose_s: float = 0.0) -> dict[str, Any]:
     from rich.table import Table
 
     plan = build_plan(sweep)
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     console.print(
         f"mmflow plan '{plan['sweep']}': {plan['jobs']} jobs -> {plan['cells']} cells: {plan['new']} new, "
         f"{plan['cached']} cached, {plan['partial']} partial, {plan['failed']} failed before"
@@ -142,12 +148,12 @@ def print_plan(sweep: Sweep, compose_s: float = 0.0) -> dict[str, Any]:
             f"{m['samples']:,d}",
             f"{m['clean_pass_units']:,.0f}",
             f"{m['clean_pass_s']:.3f}{mark}",
-            f"{m['gpu_hours']:,.2f}",
+            f"{m['gpu_hours']:,.3g}",
         )
     console.print(table)
     console.print(
         f"to compute: {plan['batches']} batches, {plan['samples']:,d} samples, "
-        f"{plan['clean_pass_units']:,.0f} clean passes, ~{plan['gpu_hours']:,.2f} GPU-hours"
+        f"{plan['clean_pass_units']:,.0f} clean passes, ~{plan['gpu_hours']:,.3g} GPU-hours"
     )
     out = Path(sweep.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,183 @@
+"""The sweep driver at scale: fast composition equals Hydra's, the plan's counts, the record, the
+grouped failure summary. In-process through the real launcher (no Ray, no model weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmflow.bench_driver import Driver, fabricate, grid
+from mmflow.sweep.core import CellJob, Sweep
+from mmflow.sweep.record import read_events
+from mmflow.sweep.settings import SweepSettings
+
+
+@pytest.fixture
+def driver(tmp_path: Path):
+    d = Driver(tmp_path / "results", tmp_path / "sweeps")
+    yield d
+    d.close()
+
+
+def common(tmp_path: Path) -> list[str]:
+    return [f"results_dir={tmp_path / 'results'}", "logger=none"]
+
+
+def hydra_cell_id(tmp_path: Path, overrides: list[str]) -> str:
+    """The cell id Hydra's own full composition of these overrides gives (the slow, sure path)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from mmflow.store import CellStore
+    from mmflow.sweep.config import cell_config
+
+    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    cell = cell_config(compose("config", overrides=overrides))
+    return CellStore(cell["results_dir"], cell).id
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["task=ChooseCat", "window=3"],  # values on a resolved base (the fast path)
+        ["knockout=image_to_last", "n_samples=2"],  # a group and a value
+        ["parity=corrected", "model=tiny-llava"],  # a value that an interpolation reads
+        ["model.default_window=3"],  # a value `window: ${model.default_window}` reads
+        ["+knockout.heads=[0]"],  # an added key: a copy of the base
+    ],
+)
+def test_composed_jobs_name_the_cells_hydra_composes(driver, tmp_path: Path, extra: list[str]) -> None:
+    overrides = [*common(tmp_path), *extra]
+    launcher = driver.launcher(plan="true")
+    launcher.launch([overrides, [*common(tmp_path), "window=1"]], 0)
+    job = launcher.last_jobs[0]
+    assert job.error is None, job.error
+    assert job.cell_id == hydra_cell_id(tmp_path, overrides)
+
+
+def test_a_bad_override_fails_its_job_alone(driver, tmp_path: Path) -> None:
+    launcher = driver.launcher(plan="true")
+    launcher.launch([[*common(tmp_path), "model=nope"], [*common(tmp_path), "window=2"]], 0)
+    bad, good = launcher.last_jobs
+    assert bad.cell is None and "nope" in (bad.error or "")
+    assert good.error is None and good.cell["window"] == 2
+
+
+def test_the_plan_counts_new_cached_partial_and_failed_cells(driver, tmp_path: Path, capsys) -> None:
+    jobs = [[*common(tmp_path), *job] for job in grid(12)]  # 12 cells, one task, n_samples=1
+    launcher = driver.launcher(plan="true")
+    launcher.launch(jobs, 0)
+    ids = [job.cell_id for job in launcher.last_jobs]
+    cells = {job.cell_id: job.cell for job in launcher.last_jobs}
+    for cell_id, state in zip(ids, ["done", "done", "done", "partial", "failed"], strict=False):
+        fabricate(cells[cell_id], state, {}, tmp_path / "parquet")
+    launcher = driver.launcher(plan="true")
+    launcher.launch(jobs, 0)
+    plan = launcher.plan
+    assert (plan["cells"], plan["new"], plan["cached"], plan["partial"], plan["failed"]) == (12, 7, 3, 1, 1)
+    (model,) = plan["models"]
+    # the 9 cells to compute share model, task and n_samples: one batch, one actor, one sample
+    assert (model["model"], model["cells"], model["batches"], model["actors"]) == ("toy-llava", 9, 1, 1)
+    assert model["samples"] == 1 and model["clean_pass_units"] > 1  # the clean pass + its knockouts
+    assert model["gpu_hours"] > 0 and model["clean_pass_s_is"] == "estimated"
+    assert json.loads((Path(launcher.last_sweep.sweep_dir) / "plan.json").read_text())["cached"] == 3
+    out = capsys.readouterr().out
+    assert "12 cells: 7 new, 3 cached, 1 partial, 1 failed before" in out
+    assert not (tmp_path / "results" / ids[-1]).exists()  # planning computes nothing
+
+
+def test_a_configured_clean_pass_time_sets_the_gpu_hours(driver, tmp_path: Path) -> None:
+    jobs = [[*common(tmp_path), *job] for job in grid(3)]
+    launcher = driver.launcher("+hydra.launcher.clean_pass_s.toy-llava=36.0", plan="true")
+    launcher.launch(jobs, 0)
+    (model,) = launcher.plan["models"]
+    assert model["clean_pass_s_is"] == "configured"
+    assert model["gpu_hours"] == pytest.approx(model["clean_pass_units"] * 36.0 / 3600, rel=0.05)
+
+
+def sweep_of(tmp_path: Path, n: int, **settings) -> Sweep:
+    """A sweep of `n` valid knockout cells (windows 1..n), never computed."""
+    configs = [
+        {
+            "model": {"name": "m1"},
+            "task": "ChooseAttr",
+            "data": {"name": "shapes"},
+            "engine": {"name": "fast"},
+            "analysis": "knockout",
+            "max_new_tokens": 2,
+            "n_samples": 4,
+            "window": window,
+            "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
+            "results_dir": str(tmp_path),
+        }
+        for window in range(1, n + 1)
+    ]
+    jobs = [CellJob.resolve(i, [f"window={c['window']}"], lambda c=c: c) for i, c in enumerate(configs)]
+    return Sweep("t", tmp_path / "sweep", jobs, SweepSettings(report=False, **settings))
+
+
+def test_the_record_appends_one_event_per_change_and_rewrites_sweep_json_rarely(tmp_path: Path) -> None:
+    from mmflow.sweep.record import write_sweep_json
+
+    sweep = sweep_of(tmp_path, 5, record_every_s=3600)
+    write_sweep_json(sweep, "running")
+    first = (tmp_path / "sweep" / "sweep.json").stat().st_mtime_ns
+    ids = list(sweep.cells)
+    for cell_id in ids:
+        sweep.record(cell_id, "running", None)
+        sweep.record(
+            cell_id, "done" if cell_id != ids[0] else "failed", "boom" if cell_id == ids[0] else None
+        )
+    sweep.events.close()
+    lines = (tmp_path / "sweep" / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 10  # two changes per cell, nothing else
+    assert json.loads(lines[1]) | {"t": 0} == {"t": 0, "cell_id": ids[0], "status": "failed", "error": "boom"}
+    assert read_events(tmp_path / "sweep" / "events.jsonl") == {ids[0]: "failed"} | dict.fromkeys(
+        ids[1:], "done"
+    )
+    assert (tmp_path / "sweep" / "sweep.json").stat().st_mtime_ns == first  # not once per cell
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert record["status"] == "running" and record["events"] == "events.jsonl"
+
+
+def test_a_torn_last_event_line_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"t": 1, "cell_id": "a", "status": "done"}\n{"t": 2, "cell_id": "b", "sta')
+    assert read_events(path) == {"a": "done"}
+
+
+def test_failures_are_grouped_by_cause_with_count_first_cell_and_fix(tmp_path: Path, capsys) -> None:
+    from rich.console import Console
+
+    from mmflow.sweep.record import failure_groups, print_failure_groups
+
+    sweep = sweep_of(tmp_path, 5)
+    ids = list(sweep.cells)
+    for cell_id in ids[:3]:
+        sweep.status[cell_id] = "failed"
+        sweep.errors[cell_id] = f"ImportError: No module named 'accelerate' (cell {cell_id})\ntraceback…"
+    for cell_id in ids[3:]:
+        sweep.status[cell_id] = "failed"
+        sweep.errors[cell_id] = "FileNotFoundError: GQA image folder /data/gqa is not set"
+    groups = failure_groups(sweep)
+    assert [(g["count"], g["first"].split()[0]) for g in groups] == [(3, ids[0]), (2, ids[3])]
+    assert groups[0]["cause"] == "ImportError: No module named 'accelerate' (cell <cell>)"
+    assert groups[0]["fix"] == "pip install accelerate"
+    assert "data.image_dir" in groups[1]["fix"]
+    print_failure_groups(Console(width=200), sweep)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "5 failed (2 causes):"
+    assert out[1].startswith("FAILED x3: ImportError") and out[4].startswith("FAILED x2: FileNotFoundError")
+    assert len(out) == 7  # one cause line, its first cell and its fix per cause: nothing per cell
+
+
+def test_run_and_plan_arguments() -> None:
+    from mmflow.cli import run_arguments
+
+    assert run_arguments("plan", ["task=A,B"]) == ["-m", "task=A,B", "hydra.launcher.plan=true"]
+    assert run_arguments("run", ["-m", "--plan", "x=1"]) == ["-m", "x=1", "hydra.launcher.plan=true"]
+    assert run_arguments("run", ["-m", "--no-preflight"]) == ["-m", "hydra.launcher.preflight=false"]
+    assert run_arguments("run", ["x=1"]) == ["x=1"]
