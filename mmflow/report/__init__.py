@@ -16,7 +16,7 @@ from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
 from mmflow.report.cells import CellData, find_cell_dirs, load_cells
-from mmflow.report.figures import save_figure, slug
+from mmflow.report.figures import FigureCache, save_figure, slug
 from mmflow.report.html import FigureEntry, render_index
 
 __all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
@@ -59,21 +59,29 @@ def row_notes(cells: list[CellData]) -> dict[int, str]:
     return notes
 
 
-def _save(spec: FigureSpec, out_dir: Path) -> FigureEntry:
-    paths = save_figure(spec.figure, out_dir / "figures", slug(spec.stem))
+def _save(spec: FigureSpec, out_dir: Path, cache: FigureCache) -> FigureEntry:
+    """The figure's files: reused when the cache holds them for the same cells, else drawn."""
+    stem = slug(spec.stem)
+    paths = cache.get(stem, spec)
+    if paths is None:
+        paths = save_figure(spec.figure, out_dir / "figures", stem)
+        cache.put(stem, spec)
     return FigureEntry(spec.caption, *(os.path.relpath(paths[k], out_dir) for k in ("png", "pdf")))
 
 
 def _sections(cells: list[CellData], out_dir: Path, notes: list[str]) -> list[tuple[str, list[FigureEntry]]]:
     """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal)."""
     sections = []
-    for kind in dict.fromkeys(cell.kind for cell in cells):
-        try:
-            specs = analysis_class(kind).report_sections(cells)
-        except Exception as exc:  # one analysis's figures must not break the report
-            notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
-            continue
-        sections += [(title, [_save(spec, out_dir) for spec in entries]) for title, entries in specs]
+    cache = FigureCache(out_dir / "figures")
+    try:
+        for kind in dict.fromkeys(cell.kind for cell in cells):
+            try:
+                specs = analysis_class(kind).report_sections(cells)
+                sections += [(title, [_save(s, out_dir, cache) for s in entries]) for title, entries in specs]
+            except Exception as exc:  # one analysis's figures must not break the report
+                notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
+    finally:
+        cache.save()
     return sections
 
 

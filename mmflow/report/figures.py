@@ -6,9 +6,13 @@ knockout figures are re-exported here for callers of the report.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -20,6 +24,7 @@ __all__ = [
     "plot_cross_model",
     "plot_model_overview",
     "plot_model_task",
+    "FigureCache",
     "png_bytes",
     "save_figure",
     "slug",
@@ -44,3 +49,56 @@ def png_bytes(figure: Figure, dpi: int = 110) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+FIGURE_VERSION = 1  # bump when the drawing code changes what the same cells look like
+
+
+def content_key(spec: Any) -> str | None:
+    """A key of what a figure draws: its caption and, per cell, its id, cell.json and results file
+    (size and modification time); None for a figure that names no cells (always drawn)."""
+    cells: Sequence[Any] = getattr(spec, "cells", ())
+    if not cells:
+        return None
+    parts: list[Any] = [FIGURE_VERSION, spec.caption]
+    for cell in cells:
+        stats = []
+        for name in ("cell.json", "results.parquet"):
+            try:
+                st = (Path(cell.dir) / name).stat()
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append(None)
+        parts.append((cell.cell_id, stats))
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+class FigureCache:
+    """`figures/cache.json`: stem -> content key of the files written for it, so a report redraws
+    only figures whose cells are new or changed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "cache.json"
+        try:
+            self.keys: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.keys = {}
+
+    def get(self, stem: str, spec: Any) -> dict[str, Path] | None:
+        key = content_key(spec)
+        paths = {"png": self.folder / f"{stem}.png", "pdf": self.folder / f"{stem}.pdf"}
+        if key is not None and self.keys.get(stem) == key and all(p.exists() for p in paths.values()):
+            return paths
+        return None
+
+    def put(self, stem: str, spec: Any) -> None:
+        key = content_key(spec)
+        if key is None:
+            self.keys.pop(stem, None)
+        else:
+            self.keys[stem] = key
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.keys, indent=0, sort_keys=True))
