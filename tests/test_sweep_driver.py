@@ -181,3 +181,55 @@ def test_run_and_plan_arguments() -> None:
     assert run_arguments("run", ["-m", "--plan", "x=1"]) == ["-m", "x=1", "hydra.launcher.plan=true"]
     assert run_arguments("run", ["-m", "--no-preflight"]) == ["-m", "hydra.launcher.preflight=false"]
     assert run_arguments("run", ["x=1"]) == ["x=1"]
+
+
+def test_preflight_reports_one_line_per_root_cause_with_the_cells_it_blocks(tmp_path: Path, caplog) -> None:
+    from mmflow.sweep.preflight import preflight
+
+    sweep = sweep_of(tmp_path, 6)
+    ids = list(sweep.cells)
+    for cell_id in ids[:4]:  # a 34B-like model split with device_map, without accelerate
+        sweep.cells[cell_id]["model"] = {"name": "big", "checkpoint": "toy:x", "device_map": "auto"}
+    for cell_id in ids[4:]:  # GQA without its image folder
+        sweep.cells[cell_id]["data"] = {"name": "gqa", "image_dir": None}
+    checks = []
+    blocked = preflight(sweep.cells, SweepSettings(), gpus=lambda: checks.append(1) or 0)
+    import importlib.util
+
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    causes = {cause: sorted(cells) for cause, cells in blocked.items()}
+    gqa = [c for c in causes if c.startswith("GQA image folder not set")]
+    assert len(gqa) == 1 and causes[gqa[0]] == sorted(ids[4:])
+    if not has_accelerate:
+        (acc,) = [c for c in causes if "accelerate" in c]
+        assert causes[acc] == sorted(ids[:4])
+    assert len(causes) == (1 if has_accelerate else 2)
+    assert len(checks) <= 1  # the GPU count is asked once, not per cell
+
+    sweep.settings = SweepSettings(report=False)
+    caplog.set_level("WARNING", logger="mmflow.sweep")
+    todo = sweep.preflight(dict(sweep.cells))
+    assert set(todo) == set(ids) - {c for cells in blocked.values() for c in cells}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preflight:")]
+    assert (
+        "preflight: GQA image folder not set or missing (None): set data.image_dir or GQA_IMAGE_DIR "
+        "(blocks 2 cells)" in lines
+    )
+    assert len(lines) == len(causes)
+    assert sweep.status[ids[5]] == "failed" and sweep.errors[ids[5]].startswith("preflight: GQA image folder")
+
+
+def test_preflight_checks_the_first_rows_images_and_a_missing_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from mmflow.sweep.preflight import checkpoint_problem, data_problem
+
+    (tmp_path / "imgs").mkdir()
+    problem = data_problem({"name": "gqa", "image_dir": str(tmp_path / "imgs")}, "ChooseAttr")
+    assert problem is not None and "lacks the first rows' images" in problem
+    assert data_problem({"name": "shapes"}, "ChooseAttr") is None
+    assert checkpoint_problem({"name": "m", "checkpoint": "toy:toy-llava"}) is None
+    assert "does not exist" in checkpoint_problem({"name": "m", "checkpoint": str(tmp_path / "none")})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert "not in the Hugging Face cache" in checkpoint_problem(
+        {"name": "m", "checkpoint": "org/never-cached"}
+    )

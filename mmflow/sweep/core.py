@@ -146,6 +146,8 @@ class Sweep:
             self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
             self.events.append(job.cell_id, "failed", job.invalid)
         todo = {cid: cell for cid, cell in self.cells.items() if self.status[cid] == "pending"}
+        if todo and self.settings.preflight:
+            todo = self.preflight(todo)
         log.info(
             "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
             *(self.name, len(self.jobs), len(self.cells), len(self.cells) - len(todo), len(todo)),
@@ -165,6 +167,23 @@ class Sweep:
         write_sweep_json(self, "failed" if self.failed_ids() or self.invalid_jobs() else "done")
         print_summary(self)
         self.publish()
+
+    def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Check each model and data source once (`mmflow.sweep.preflight`): one line per root cause
+        with the number of cells it blocks; those cells fail with it, the others go on."""
+        from mmflow.sweep.preflight import preflight
+
+        for cause, cell_ids in preflight(todo, self.settings).items():
+            log.warning("preflight: %s (blocks %d cell%s)", cause, len(cell_ids), "s" * (len(cell_ids) > 1))
+            error = f"preflight: {cause}"
+            for cell_id in cell_ids:
+                cell = todo.pop(cell_id)
+                CellStore(cell["results_dir"], cell).write_meta(
+                    status="failed", error=error, **self.context.meta()
+                )
+                self.status[cell_id], self.errors[cell_id] = "failed", error
+                self.events.append(cell_id, "failed", error)
+        return todo
 
     def compute(self, todo: dict[str, dict[str, Any]]) -> None:
         from mmflow.sweep.scheduler import Scheduler
