@@ -233,3 +233,23 @@ def test_preflight_checks_the_first_rows_images_and_a_missing_checkpoint(tmp_pat
     assert "not in the Hugging Face cache" in checkpoint_problem(
         {"name": "m", "checkpoint": "org/never-cached"}
     )
+
+
+def test_a_failed_sweep_ends_with_its_grouped_failures_and_exit_code_1(
+    driver, tmp_path: Path, capsys
+) -> None:
+    from mmflow.sweep.core import SweepFailed
+
+    launcher = driver.launcher()
+    jobs = [[*common(tmp_path), "window=0"], [*common(tmp_path), "window=0", "task=ChooseCat"]]
+    with pytest.raises(SweepFailed) as raised:
+        launcher.launch(jobs, 0)
+    assert raised.value.code == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-4] == "2 failed (1 cause):"
+    assert out[-3].startswith("FAILED x2: CellConfigError: window") and out[-2].startswith("    first: ")
+    assert out[-1] == "    fix: fix the named key in the sweep's overrides"
+    assert sorted(p.parent.parent.name for p in Path(launcher.last_sweep.sweep_dir).glob("*/.hydra/*")) == [
+        "0",
+        "1",
+    ]  # each job's overrides.yaml, and nothing else of Hydra's per job
