@@ -170,7 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prog="python -m mmflow.bench --driver", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--cells", type=int, default=1000)
-    parser.add_argument("--report-cells", type=int, default=None, help="cells in the timed report")
+    parser.add_argument(
+        "--report-cells",
+        type=int,
+        default=None,
+        help="cells in the timed report (default min(N, 1000); 0: no report)",
+    )
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temp one)")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="mmflow-driver-bench-")).resolve()
@@ -203,15 +208,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, rerun_s = timed(lambda: launcher.launch(jobs, 0))
         out["cached_rerun_s"] = round(rerun_s, 3)
         out["record_write_ms_per_cell"] = round(record_writes(launcher, cells), 4)
-        report_ids = ids[: args.report_cells or min(len(ids), 1000)]
-        out["report_cells"] = len(report_ids)
-        dirs = [results / cid for cid in report_ids]
-        from mmflow.report import build_report
+        n_report = min(len(ids), 1000) if args.report_cells is None else args.report_cells
+        out["report_cells"] = n_report
+        if n_report:
+            from mmflow.report import build_report
 
-        report_dir = work / "report"
-        _, report_s = timed(lambda: build_report(work, report_dir, cell_dirs=dirs))
-        _, cached_s = timed(lambda: build_report(work, report_dir, cell_dirs=dirs))
-        out.update(report_s=round(report_s, 3), report_cached_s=round(cached_s, 3))
+            dirs = [results / cid for cid in ids[:n_report]]
+            report_dir = work / "report"
+            _, report_s = timed(lambda: build_report(work, report_dir, cell_dirs=dirs))
+            _, cached_s = timed(lambda: build_report(work, report_dir, cell_dirs=dirs))
+            out.update(report_s=round(report_s, 3), report_cached_s=round(cached_s, 3))
+        else:
+            out.update(report_s=None, report_cached_s=None)
     finally:
         driver.close()
         if args.keep is None:
