@@ -36,13 +36,16 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """A single run: one cell through the sweep core, in this process (`sweep.json`, summary, curve)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mmflow.sweep.core import CellJob, Sweep
+    from mmflow.sweep.core import CellJob, Sweep, SweepFailed
     from mmflow.sweep.curve import print_cell_curve, print_unscored
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
+    from mmflow.sweep.display import own_log_lines
+
     redact_hydra_output()
     hydra_cfg = HydraConfig.get()
+    own_log_lines(verbose=bool(hydra_cfg.verbose))
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
     settings = SweepSettings.from_dict({**launcher, "executor": "local"})
     overrides = list(hydra_cfg.overrides.task)
@@ -54,6 +57,8 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     sweep.run()
     status = sweep.status[job.cell_id]
     path = Path(job.cell["results_dir"]) / job.cell_id
+    if status == "failed":  # its one line is printed; exit 1 with nothing after it
+        raise SweepFailed(sweep)
     print(f"[mmflow] cell {job.cell_id}: {status} -> {path}")
     if status in ("done", "cached"):
         print_unscored(path)
@@ -63,8 +68,6 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
             print(f"[mmflow] no curve table for {path}: {type(exc).__name__}: {exc}")
     if status == "done" and (hint := sync_hint(job.cell)):
         print(hint)
-    if status == "failed":
-        raise SystemExit(f"cell failed: {sweep.errors.get(job.cell_id)}")
     return {"cell_id": job.cell_id, "status": status, "path": str(path)}
 
 

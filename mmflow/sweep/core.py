@@ -25,7 +25,7 @@ from mmflow.store import CellStore
 from mmflow.sweep.display import make_display
 from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
-from mmflow.sweep.record import EventLog, labels, print_summary, write_sweep_json
+from mmflow.sweep.record import EventLog, labels, print_failure_line, print_summary, write_sweep_json
 from mmflow.sweep.settings import SweepSettings
 
 log = logging.getLogger("mmflow.sweep")
@@ -149,8 +149,8 @@ class Sweep:
         if todo and self.settings.preflight:
             todo = self.preflight(todo)
         log.info(
-            "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
-            *(self.name, len(self.jobs), len(self.cells), len(self.cells) - len(todo), len(todo)),
+            "sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
+            *(self.name, len(self.jobs), len(self.cells), self.counts()["cached"], len(todo)),
             self.sweep_dir,
         )
         write_sweep_json(self, "running")
@@ -165,7 +165,10 @@ class Sweep:
                 exc.mmflow_reported = True  # the command line (cli.run_hydra) ends without a traceback
             raise
         write_sweep_json(self, "failed" if self.failed_ids() or self.invalid_jobs() else "done")
-        print_summary(self)
+        if self.single and self.failed_ids():  # one line, once: the cause and its fix
+            print_failure_line(self)
+        else:
+            print_summary(self)
         self.publish()
 
     def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -198,3 +198,13 @@ def print_failure_groups(console: Any, sweep: Sweep) -> None:
         console.print(f"    first: {group['first']}", highlight=False)
         if group["fix"]:
             console.print(f"    fix: {group['fix']}", highlight=False)
+
+
+def print_failure_line(sweep: Sweep) -> None:
+    """A single run's failure as one line: `[mmflow] cell <id> failed: <cause> (fix: …)`."""
+    from mmflow.sweep.causes import cause_of
+
+    for cell_id in sweep.failed_ids():
+        error = (sweep.errors.get(cell_id) or "?").strip().splitlines()[0]
+        fix = cause_of(error)[1]
+        print(f"[mmflow] cell {cell_id} failed: {error}" + (f" (fix: {fix})" if fix else ""), flush=True)
