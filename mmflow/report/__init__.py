@@ -15,7 +15,7 @@ from pathlib import Path
 from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
-from mmflow.report.cells import CellData, find_cell_dirs, load_cells
+from mmflow.report.cells import CellData, find_cell_dirs, load_cells, read_meta
 from mmflow.report.figures import FigureCache, save_figure, slug
 from mmflow.report.html import FigureEntry, render_index
 
@@ -102,6 +102,51 @@ def build_report(
     sections = _sections(cells, out, notes)
     notes_of = row_notes(cells)
     rows = [cell_row(c, out, notes_of[id(c)]) for c in cells]
+    failed = failed_cells(left_out)
+    notes = [n for n in notes if not n.endswith("(status failed)")]  # listed with their error instead
     index = out / "index.html"
-    index.write_text(render_index(str(root), rows, sections, notes), encoding="utf-8")
+    page = render_index(str(root), rows, sections, notes, header=provenance(), failed=failed)
+    index.write_text(page, encoding="utf-8")
     return index
+
+
+def failed_cells(left_out: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The failed cells among those left out: id, model/task, the first line of their error."""
+    out = []
+    for item in (i for i in left_out if i["status"] == "failed"):
+        meta = read_meta(Path(item["dir"]))
+        config = meta.get("config", {})
+        name = f"{config.get('model', {}).get('name', '?')}/{config.get('task', '?')}"
+        error = (str(meta.get("error") or "?").strip().splitlines() or ["?"])[0]
+        out.append({"cell": Path(item["dir"]).name, "name": name, "error": error})
+    return out
+
+
+def provenance() -> dict[str, str]:
+    """What made this report: the command, the date (UTC), mmflow's version and git commit."""
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mmflow_version = version("mmflow")
+    except PackageNotFoundError:
+        mmflow_version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    command = " ".join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mmflow": mmflow_version,
+        "commit": commit or "unknown",
+    }
