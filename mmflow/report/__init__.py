@@ -16,7 +16,7 @@ from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
 from mmflow.report.cells import CellData, find_cell_dirs, load_cells, read_meta
-from mmflow.report.figures import FigureCache, save_figure, slug
+from mmflow.report.figures import FigureCache, cells_key, save_figure, slug
 from mmflow.report.html import FigureEntry, render_index
 
 __all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
@@ -101,13 +101,38 @@ def build_report(
     notes = [f"not included: {item['dir']} (status {item['status']})" for item in left_out]
     sections = _sections(cells, out, notes)
     notes_of = row_notes(cells)
-    rows = [cell_row(c, out, notes_of[id(c)]) for c in cells]
+    rows = cached_rows(cells, out, notes_of)
     failed = failed_cells(left_out)
     notes = [n for n in notes if not n.endswith("(status failed)")]  # listed with their error instead
     index = out / "index.html"
     page = render_index(str(root), rows, sections, notes, header=provenance(), failed=failed)
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def cached_rows(cells: list[CellData], out: Path, notes_of: dict[int, str]) -> list[dict[str, object]]:
+    """`cell_row` of every cell, reused from `<out>/figures/rows.json` for cells whose content and
+    note have not changed (a row reads both parquet files and computes the curve)."""
+    import json
+
+    path = out / "figures" / "rows.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    rows, fresh = [], {}
+    for cell in cells:
+        note = notes_of[id(cell)]
+        key = cells_key([cell], note, str(out))
+        entry = cache.get(cell.cell_id)
+        row = (
+            entry["row"] if isinstance(entry, dict) and entry.get("key") == key else cell_row(cell, out, note)
+        )
+        fresh[cell.cell_id] = {"key": key, "row": row}
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fresh, default=str))
+    return rows
 
 
 def failed_cells(left_out: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -25,6 +25,7 @@ __all__ = [
     "plot_model_overview",
     "plot_model_task",
     "FigureCache",
+    "cells_key",
     "png_bytes",
     "save_figure",
     "slug",
@@ -55,12 +56,16 @@ FIGURE_VERSION = 1  # bump when the drawing code changes what the same cells loo
 
 
 def content_key(spec: Any) -> str | None:
-    """A key of what a figure draws: its caption and, per cell, its id, cell.json and results file
-    (size and modification time); None for a figure that names no cells (always drawn)."""
+    """A key of what a figure draws: its caption and its cells (`cells_key`); None for a figure that
+    names no cells (always drawn)."""
     cells: Sequence[Any] = getattr(spec, "cells", ())
-    if not cells:
-        return None
-    parts: list[Any] = [FIGURE_VERSION, spec.caption]
+    return cells_key(cells, spec.caption) if cells else None
+
+
+def cells_key(cells: Sequence[Any], *extra: Any) -> str:
+    """A key of the content of `cells`: per cell its id and the size and modification time of its
+    cell.json and results.parquet (a recomputed cell rewrites both), plus `extra`."""
+    parts: list[Any] = [FIGURE_VERSION, *extra]
     for cell in cells:
         stats = []
         for name in ("cell.json", "results.parquet"):
