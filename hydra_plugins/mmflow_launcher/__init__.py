@@ -59,7 +59,6 @@ class MmflowLauncher(Launcher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import configure_log, setup_globals
 
-        from mmflow.secrets import redact_hydra_files
         from mmflow.sweep.core import Sweep, SweepFailed
         from mmflow.sweep.display import own_log_lines
 
@@ -91,8 +90,7 @@ class MmflowLauncher(Launcher):
             self.plan = print_plan(sweep, compose_s=self.compose_s)
             return [self.job_return(sweep, job) for job in jobs]
         sweep.run()
-        write_job_overrides(sweep.sweep_dir, jobs)
-        redact_hydra_files(sweep.sweep_dir)
+        write_job_overrides(sweep.sweep_dir, jobs)  # written redacted: no second pass over them
         if sweep.failed_ids() or sweep.invalid_jobs():
             raise SweepFailed(sweep)
         return [self.job_return(sweep, job) for job in jobs]
