@@ -103,7 +103,10 @@ class Driver:
         return launcher
 
     def close(self) -> None:
+        from mmflow.sweep.display import restore_log_lines
+
         self.context.__exit__(None, None, None)
+        restore_log_lines()
 
 
 def parquet_files(n_samples: int, cache: dict[int, Path], folder: Path) -> Path:

@@ -134,3 +134,11 @@ def own_log_lines(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def restore_log_lines() -> None:
+    """Undo `own_log_lines` on the mmflow logger (for in-process callers such as tests)."""
+    logger = logging.getLogger("mmflow")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "mmflow_own", False)]
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
