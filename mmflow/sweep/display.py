@@ -134,6 +134,7 @@ def own_log_lines(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. its token-auth warning on every start
 
 
 def restore_log_lines() -> None:
