@@ -304,7 +304,7 @@ def test_report_of_really_computed_cells(tmp_path: Path) -> None:
 def test_a_second_report_redraws_only_figures_whose_cells_changed(fabricated: dict, monkeypatch) -> None:
     import os
 
-    import mmflow.report as report
+    import mmflow.report.figures as report
 
     root = fabricated[("m8", "image_to_question")].parent
     drawn: list[str] = []
@@ -324,3 +324,16 @@ def test_a_second_report_redraws_only_figures_whose_cells_changed(fabricated: di
     build_report(root)
     assert drawn and set(drawn) < set(first)
     assert all("m12" in stem or "cross" in stem for stem in drawn)
+
+
+def test_figures_drawn_in_parallel_processes_are_all_there(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for model, n_layers in (("m8", 8), ("m12", 12), ("m6", 6)):
+        for task in ("ChooseAttr", "ChooseCat", "QueryAttr"):
+            for knockout in ("image_to_question", "question_to_last"):
+                fabricate_cell(root, model, curve_values(3, n_layers, 10.0), knockout, task=task)
+    index = build_report(root, workers=2)
+    html = index.read_text()
+    images = assert_figure_files(index.parent, html)
+    assert len(images) == 18  # 9 per model and task, 6 across models, 3 overviews
+    assert "failed" not in html

@@ -16,7 +16,7 @@ from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
 from mmflow.report.cells import CellData, find_cell_dirs, load_cells, read_meta
-from mmflow.report.figures import FigureCache, cells_key, save_figure, slug
+from mmflow.report.figures import FigureCache, cells_key, draw_figures, slug
 from mmflow.report.html import FigureEntry, render_index
 
 __all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
@@ -59,30 +59,36 @@ def row_notes(cells: list[CellData]) -> dict[int, str]:
     return notes
 
 
-def _save(spec: FigureSpec, out_dir: Path, cache: FigureCache) -> FigureEntry:
-    """The figure's files: reused when the cache holds them for the same cells, else drawn."""
+def _entry(spec: FigureSpec, out_dir: Path) -> FigureEntry:
     stem = slug(spec.stem)
-    paths = cache.get(stem, spec)
-    if paths is None:
-        paths = save_figure(spec.figure, out_dir / "figures", stem)
-        cache.put(stem, spec)
-    return FigureEntry(spec.caption, *(os.path.relpath(paths[k], out_dir) for k in ("png", "pdf")))
+    paths = [out_dir / "figures" / f"{stem}.{kind}" for kind in ("png", "pdf")]
+    return FigureEntry(spec.caption, *(os.path.relpath(p, out_dir) for p in paths))
 
 
-def _sections(cells: list[CellData], out_dir: Path, notes: list[str]) -> list[tuple[str, list[FigureEntry]]]:
-    """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal)."""
-    sections = []
+def _sections(
+    cells: list[CellData], out_dir: Path, notes: list[str], workers: int | None = None
+) -> list[tuple[str, list[FigureEntry]]]:
+    """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal).
+    Figures whose cells have not changed are reused (`FigureCache`); the others are drawn, in
+    `workers` processes where there are enough of them (`draw_figures`)."""
+    specs: list[tuple[str, list[FigureSpec]]] = []
+    for kind in dict.fromkeys(cell.kind for cell in cells):
+        try:
+            specs += analysis_class(kind).report_sections(cells)
+        except Exception as exc:  # one analysis's figures must not break the report
+            notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
     cache = FigureCache(out_dir / "figures")
-    try:
-        for kind in dict.fromkeys(cell.kind for cell in cells):
-            try:
-                specs = analysis_class(kind).report_sections(cells)
-                sections += [(title, [_save(s, out_dir, cache) for s in entries]) for title, entries in specs]
-            except Exception as exc:  # one analysis's figures must not break the report
-                notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
-    finally:
-        cache.save()
-    return sections
+    pending = [s for _, entries in specs for s in entries if cache.get(slug(s.stem), s) is None]
+    failed = draw_figures(pending, out_dir / "figures", workers)
+    for spec in pending:
+        if spec.stem in failed:
+            notes.append(f"figure {spec.stem} failed ({failed[spec.stem]})")
+        else:
+            cache.put(slug(spec.stem), spec)
+    cache.save()
+    return [
+        (title, [_entry(s, out_dir) for s in entries if s.stem not in failed]) for title, entries in specs
+    ]
 
 
 def build_report(
@@ -90,16 +96,18 @@ def build_report(
     out_dir: str | Path | None = None,
     *,
     cell_dirs: Iterable[str | Path] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Write the report of every done cell below the folder (or of `cell_dirs`, if given) into
-    `out_dir` (default: `<folder>/report`); return the path of `index.html`."""
+    `out_dir` (default: `<folder>/report`); return the path of `index.html`. `workers`: processes
+    that draw figures (default `MMFLOW_REPORT_WORKERS`, else up to 4 by the CPUs; 1: this one)."""
     root = Path(sweep_dir_or_results_dir).resolve()
     out = Path(out_dir).resolve() if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     dirs = find_cell_dirs(root) if cell_dirs is None else sorted({Path(d).resolve() for d in cell_dirs})
     cells, left_out = load_cells(dirs)
     notes = [f"not included: {item['dir']} (status {item['status']})" for item in left_out]
-    sections = _sections(cells, out, notes)
+    sections = _sections(cells, out, notes, workers)
     notes_of = row_notes(cells)
     rows = cached_rows(cells, out, notes_of)
     failed = failed_cells(left_out)

@@ -25,6 +25,7 @@ __all__ = [
     "plot_model_overview",
     "plot_model_task",
     "FigureCache",
+    "draw_figures",
     "cells_key",
     "png_bytes",
     "save_figure",
@@ -107,3 +108,44 @@ class FigureCache:
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.keys, indent=0, sort_keys=True))
+
+
+_PENDING: list[Any] = []  # what forked drawing processes draw (inherited, never pickled)
+PARALLEL_FROM = 8  # fewer figures than this are drawn here
+
+
+def _draw_one(index: int, folder: str) -> tuple[str, str | None]:
+    spec = _PENDING[index]
+    try:
+        save_figure(spec.figure, Path(folder), slug(spec.stem))
+        return spec.stem, None
+    except Exception as exc:  # noqa: BLE001 - one figure must not break the report
+        return spec.stem, f"{type(exc).__name__}: {exc}"
+
+
+def report_workers(workers: int | None) -> int:
+    import os
+
+    if workers is None:
+        workers = int(os.environ.get("MMFLOW_REPORT_WORKERS") or min(4, os.cpu_count() or 1))
+    return max(1, workers)
+
+
+def draw_figures(specs: Sequence[Any], folder: Path, workers: int | None = None) -> dict[str, str]:
+    """Draw and save `specs` into `folder` (forked processes when there are enough of them and
+    more than one worker); returns stem -> error of the figures that failed."""
+    import multiprocessing
+
+    global _PENDING
+    folder.mkdir(parents=True, exist_ok=True)
+    n = report_workers(workers)
+    _PENDING = list(specs)
+    try:
+        if n > 1 and len(_PENDING) >= PARALLEL_FROM and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(min(n, len(_PENDING))) as pool:
+                results = pool.starmap(_draw_one, [(i, str(folder)) for i in range(len(_PENDING))])
+        else:
+            results = [_draw_one(i, str(folder)) for i in range(len(_PENDING))]
+    finally:
+        _PENDING = []
+    return {stem: error for stem, error in results if error is not None}

@@ -279,7 +279,7 @@ class Sweep:
         from mmflow.report import build_report
 
         try:
-            index = build_report(self.sweep_dir, cell_dirs=self.cell_dirs())
+            index = build_report(self.sweep_dir, cell_dirs=self.cell_dirs(), workers=1)  # no fork here
         except Exception as exc:
             log.warning("report failed: %s (run `mmflow report %s`)", short_error(exc), self.sweep_dir)
             return None
