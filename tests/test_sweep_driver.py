@@ -224,7 +224,9 @@ def test_preflight_checks_the_first_rows_images_and_a_missing_checkpoint(tmp_pat
 
     (tmp_path / "imgs").mkdir()
     problem = data_problem({"name": "gqa", "image_dir": str(tmp_path / "imgs")}, "ChooseAttr")
-    assert problem is not None and "lacks the first rows' images" in problem
+    assert (
+        problem is not None and problem.startswith("warning: ") and "lacks the first rows' images" in problem
+    )
     assert data_problem({"name": "shapes"}, "ChooseAttr") is None
     assert checkpoint_problem({"name": "m", "checkpoint": "toy:toy-llava"}) is None
     assert "does not exist" in checkpoint_problem({"name": "m", "checkpoint": str(tmp_path / "none")})
@@ -253,3 +255,16 @@ def test_a_failed_sweep_ends_with_its_grouped_failures_and_exit_code_1(
         "0",
         "1",
     ]  # each job's overrides.yaml, and nothing else of Hydra's per job
+
+
+def test_missing_first_images_warn_once_and_block_nothing(tmp_path: Path, caplog) -> None:
+    from mmflow.sweep.preflight import preflight
+
+    (tmp_path / "imgs").mkdir()
+    sweep = sweep_of(tmp_path, 3)
+    for cell in sweep.cells.values():
+        cell["data"] = {"name": "gqa", "image_dir": str(tmp_path / "imgs")}
+    caplog.set_level("WARNING", logger="mmflow.sweep")
+    assert preflight(sweep.cells, SweepSettings()) == {}  # missing images are per-sample skips
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preflight:")]
+    assert "lacks the first rows' images" in line and line.endswith("(3 cells)")

@@ -3,9 +3,10 @@
 Per model: the checkpoint is reachable (a built-in `toy:`/`tiny:`/`replica:` model, a local folder,
 the Hugging Face cache, or the hub when not offline), the packages its settings need are importable
 (`accelerate` for `device_map`), the GPUs it asks for exist (on a local Ray with GPUs; without any,
-models run on CPU). Per data source: the GQA image folder is set and holds the first rows' images.
-Each problem is one root cause; the cells it blocks fail with it at once (grouped in the summary)
-and the other cells run. `--no-preflight` (hydra.launcher.preflight=false) skips it.
+models run on CPU). Per data source: the GQA image folder is set (else its cells are blocked) and
+holds the first rows' images (else a warning: missing images are per-sample skips, as always).
+Each blocking problem is one root cause; the cells it blocks fail with it at once (grouped in the
+summary) and the other cells run. `--no-preflight` (hydra.launcher.preflight=false) skips it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +25,8 @@ from typing import Any
 from mmflow.sweep.settings import SweepSettings
 
 FIRST_ROWS = 3  # rows of a task file whose images must be there
+WARNING = "warning: "  # a problem that does not block cells (missing images are per-sample skips)
+log = logging.getLogger("mmflow.sweep")
 
 
 def checkpoint_problem(model: dict[str, Any]) -> str | None:
@@ -91,7 +95,10 @@ def data_problem(data: dict[str, Any], task: str) -> str | None:
                 break
             image = folder / (row.get("image_file") or f"{row.get('img_id', '').strip()}.jpg")
             if not image.is_file():
-                return f"GQA image folder {folder} lacks the first rows' images (no {image.name})"
+                return (
+                    f"{WARNING}GQA image folder {folder} lacks the first rows' images (no {image.name}): "
+                    "their samples are skipped as missing_image"
+                )
     return None
 
 
@@ -108,6 +115,7 @@ def preflight(
 
     seen: dict[str, str | None] = {}
     blocked: dict[str, list[str]] = {}
+    warned: dict[str, list[str]] = {}
     for cell_id, cell in cells.items():
         model = cell.get("model") or {}
         checks = [
@@ -126,7 +134,12 @@ def preflight(
                     seen[key] = check()
                 except Exception as exc:  # noqa: BLE001 - a check that breaks is itself a cause
                     seen[key] = f"preflight {kind} check failed: {type(exc).__name__}: {exc}"
-            if seen[key]:
-                blocked.setdefault(str(seen[key]), []).append(cell_id)
+            problem = seen[key]
+            if problem and problem.startswith(WARNING):
+                warned.setdefault(problem.removeprefix(WARNING), []).append(cell_id)
+            elif problem:
+                blocked.setdefault(problem, []).append(cell_id)
                 break
+    for problem, cell_ids in warned.items():
+        log.warning("preflight: %s (%d cell%s)", problem, len(cell_ids), "s" * (len(cell_ids) > 1))
     return blocked
