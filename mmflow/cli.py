@@ -38,10 +38,9 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
 
     from mmflow.sweep.core import CellJob, Sweep, SweepFailed
     from mmflow.sweep.curve import print_cell_curve, print_unscored
+    from mmflow.sweep.display import own_log_lines
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
-
-    from mmflow.sweep.display import own_log_lines
 
     redact_hydra_output()
     hydra_cfg = HydraConfig.get()
