@@ -337,3 +337,12 @@ def test_figures_drawn_in_parallel_processes_are_all_there(tmp_path: Path) -> No
     images = assert_figure_files(index.parent, html)
     assert len(images) == 18  # 9 per model and task, 6 across models, 3 overviews
     assert "failed" not in html
+
+
+def test_the_report_header_redacts_secrets_on_the_command_line(monkeypatch) -> None:
+    from mmflow.report import provenance
+
+    monkeypatch.setattr("sys.argv", ["launch.py", "-m", "+logger.api_key=s3cr3tKey", "window=3"])
+    header = provenance()
+    assert header["command"] == "launch.py -m +logger.api_key=<redacted> window=3"
+    assert set(header) == {"command", "date", "mmflow", "commit"} and header["date"].endswith("UTC")

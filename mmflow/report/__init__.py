@@ -156,7 +156,8 @@ def failed_cells(left_out: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def provenance() -> dict[str, str]:
-    """What made this report: the command, the date (UTC), mmflow's version and git commit."""
+    """What made this report: the command (secrets redacted), the date (UTC), mmflow's version and
+    git commit."""
     import subprocess
     import sys
     from datetime import datetime, timezone
@@ -176,7 +177,10 @@ def provenance() -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = ""
-    command = " ".join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])
+    from mmflow.secrets import redact
+
+    args = [str(a) for a in redact(list(sys.argv[1:]))]  # secrets on the command line stay out
+    command = " ".join([Path(sys.argv[0]).name if sys.argv else "python", *args])
     return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
