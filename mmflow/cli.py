@@ -3,9 +3,13 @@
 mmflow run [overrides]           one cell (a sweep of one cell, computed in this process)
 mmflow run -m [overrides]        a sweep: every combination of comma-separated values
 mmflow run experiment=smoke      a named sweep (mmflow/conf/experiment/*.yaml)
+mmflow plan [overrides]          the sweep's plan (cells new/cached/partial/failed, batches, actors,
+                                 samples, clean passes, GPU-hours); runs nothing (= mmflow run --plan)
+mmflow run -m --no-preflight     skip the checks of each model and data source before a sweep starts
 mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
 mmflow wandb publish SWEEP_DIR   create/update the sweep's W&B workspace and report (after `wandb sync`)
 mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
+mmflow bench --driver --cells N  the sweep driver's benchmark on a synthetic grid (mmflow.bench_driver)
 mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy)
 """
 
@@ -21,36 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from mmflow.locks import register_resolvers
+from mmflow.sweep.config import cell_config, cell_from_container
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
 CONFIG_PATH = "pkg://mmflow.conf"
 
-
-def cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved cell config as plain data, with an absolute results folder (and for `data=table`
-    absolute data paths and the file's digest, `mmflow.data.resolve_data`).
-
-    Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
-    nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block.
-    """
-    from hydra.utils import to_absolute_path
-
-    from mmflow.analyses import canonical_config
-    from mmflow.data import resolve_data
-    from mmflow.paths import expand_path
-
-    if "ray" in cfg:
-        raise ValueError(
-            "the `ray:` settings moved to `hydra.launcher.ray` (e.g. hydra.launcher.ray.init.address=auto, "
-            "hydra.launcher.ray.init.num_cpus=2); see README 'Sweeps'"
-        )
-    config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    config.pop("hydra", None)
-    results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset variable: refused
-    config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
-    config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
-    return config
+__all__ = ["cell_config", "cell_from_container", "main", "run_hydra"]
 
 
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
@@ -58,14 +39,16 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from mmflow.secrets import redact_argv
-    from mmflow.sweep.core import CellJob, Sweep
+    from mmflow.sweep.core import CellJob, Sweep, SweepFailed
     from mmflow.sweep.curve import nothing_scored, print_cell_curve, print_unscored, read_meta, status_line
+    from mmflow.sweep.display import own_log_lines
     from mmflow.sweep.settings import SweepSettings
     from mmflow.wandb_logger import sync_hint
 
     redact_hydra_output()
     redact_argv()  # Hydra has parsed it; W&B and Ray record the command line
     hydra_cfg = HydraConfig.get()
+    own_log_lines(verbose=bool(hydra_cfg.verbose))
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
     settings = SweepSettings.from_dict({**launcher, "executor": "local"})
     overrides = list(hydra_cfg.overrides.task)
@@ -77,6 +60,8 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     sweep.run()
     status = sweep.status[job.cell_id]
     path = Path(job.cell["results_dir"]) / job.cell_id
+    if status == "failed":  # its one line is printed; exit 1 with nothing after it
+        raise SweepFailed(sweep)
     print(status_line(job.cell_id, status, path))  # with why, when no sample was scored
     if status in ("done", "cached"):
         if not nothing_scored(read_meta(path)):
@@ -87,8 +72,6 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
             print(f"[mmflow] no curve table for {path}: {type(exc).__name__}: {exc}")
     if status == "done" and (hint := sync_hint(job.cell)):
         print(hint)
-    if status == "failed":
-        raise SystemExit(f"cell failed: {sweep.errors.get(job.cell_id)}")
     return {"cell_id": job.cell_id, "status": status, "path": str(path)}
 
 
@@ -144,6 +127,7 @@ def run_hydra() -> int:
     import signal
 
     from mmflow.locks import ConfigError
+    from mmflow.sweep.core import SweepFailed
 
     try:
         for override in sys.argv[1:]:
@@ -155,6 +139,8 @@ def run_hydra() -> int:
     except InterpolationKeyError as exc:  # e.g. results_dir='${HOME}/x': Hydra's syntax, not the shell's
         print(f"[mmflow] error: {interpolation_hint(exc)}", file=sys.stderr)
         return 2
+    except SweepFailed:  # its grouped failure summary was the last thing printed
+        return 1
     except KeyboardInterrupt as exc:
         if not getattr(exc, "mmflow_reported", False):
             print("[mmflow] interrupted", file=sys.stderr)
@@ -162,12 +148,26 @@ def run_hydra() -> int:
     return 0
 
 
+def run_arguments(command: str, args: list[str]) -> list[str]:
+    """Hydra's arguments for `mmflow run|plan`: `--plan` (and `plan`) plans a multirun without
+    running it, `--no-preflight` skips the preflight checks."""
+    plan = command == "plan" or "--plan" in args
+    out = [a for a in args if a not in ("--plan", "--no-preflight")]
+    if "--no-preflight" in args:
+        out.append("hydra.launcher.preflight=false")
+    if plan:
+        if not any(a in ("-m", "--multirun") for a in out):
+            out.insert(0, "-m")
+        out.append("hydra.launcher.plan=true")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `mmflow` console script (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command, rest = (args[0], args[1:]) if args else ("", [])
-    if command == "run":
-        sys.argv = ["mmflow run", *rest]
+    if command in ("run", "plan"):
+        sys.argv = ["mmflow run", *run_arguments(command, rest)]
         return run_hydra()
     if command == "report":
         from mmflow.report.__main__ import main as report_main
@@ -177,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmflow.wandb_logger.publish import main as wandb_main
 
         return wandb_main(rest)
+    if command == "bench" and "--driver" in rest:
+        from mmflow.bench_driver import main as driver_main
+
+        driver_main([a for a in rest if a != "--driver"])
+        return 0
     if command == "bench":
         from mmflow.bench import main as bench_main
 

@@ -30,12 +30,13 @@ def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
     [
         ("report", "python -m mmflow.report"),
         ("bench", "python -m mmflow.bench"),
+        ("bench --driver", "python -m mmflow.bench --driver"),
         ("toy", "python -m mmflow.models.toy"),
     ],
 )
 def test_subcommands_reach_their_modules(command: str, prog: str, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert stop.value.code == 0 and f"usage: {prog}" in capsys.readouterr().out
 
 

@@ -28,6 +28,7 @@ UPPER = (
     "mmflow.patching.bench",  # benchmark and check CLIs, like mmflow.bench
     "mmflow.knockout.attribution_bench",
     "mmflow.bench_pipeline",
+    "mmflow.bench_driver",  # the sweep driver benchmark (drives the launcher, times the report)
     "mmflow.bench_common",  # what the benchmark CLIs share; none of them is imported back
     "mmflow.gpu_check",
     "mmflow.__main__",

@@ -219,7 +219,7 @@ def test_a_cell_with_bad_data_fails_alone_with_its_reason(ray_cluster, tmp_path:
     meta = json.loads((results / bad["cell_id"] / "cell.json").read_text())
     assert meta["status"] == "failed"
     assert "unknown task 'NoSuchTask'" in meta["error"]
-    assert f"FAILED {bad['cell_id']}" in proc.stdout  # the summary names it
+    assert "FAILED x1: " in proc.stdout and f"first: {bad['cell_id']}" in proc.stdout  # grouped, named
     good = next(c for c in sweep["cells"] if c["task"] == "ChooseAttr")
     assert_complete(results / good["cell_id"], n_samples=2)
 

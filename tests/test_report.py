@@ -203,7 +203,9 @@ def test_report_lists_every_done_cell_with_its_numbers(fabricated: dict) -> None
         expected = [model, TASK, label, "3", "1/4", "4", f"{curve.min():.4g}", str(curve.idxmin())]
         assert rows[cell_dir.name][:-2] == expected
         assert rows[cell_dir.name][-2] == "—"  # noise floor: none recorded by these fabricated cells
-    assert f"{fabricated['failed']} (status failed)" in html
+    assert "<h2>Failed cells (1)</h2>" in html  # listed with its error, not as a note
+    assert f"<li><code>{fabricated['failed'].name}</code> m8/{TASK}: ?</li>" in html
+    assert "command: <code>" in html and "mmflow: <code>" in html and "commit: <code>" in html
     assert f"{fabricated['running']} (status running)" in html
     assert f"{unknown} (status done, analysis &#x27;no_such_analysis&#x27; unknown)" in html
     images = assert_figure_files(index.parent, html)
@@ -304,3 +306,50 @@ def test_report_of_really_computed_cells(tmp_path: Path) -> None:
     cells, _ = load_cells(find_cell_dirs(tmp_path / "results"))
     assert plot_model_task(cells).axes[0].get_xlim() == (0.0, loaded.n_layers - 1.0)
     assert_figure_files(index.parent, index.read_text())
+
+
+def test_a_second_report_redraws_only_figures_whose_cells_changed(fabricated: dict, monkeypatch) -> None:
+    import os
+
+    import mmflow.report.figures as report
+
+    root = fabricated[("m8", "image_to_question")].parent
+    drawn: list[str] = []
+    real = report.save_figure
+    monkeypatch.setattr(
+        report, "save_figure", lambda fig, folder, stem: drawn.append(stem) or real(fig, folder, stem)
+    )
+    build_report(root)
+    first = sorted(drawn)
+    assert len(first) >= 4
+    drawn.clear()
+    build_report(root)
+    assert drawn == []  # same cells, same files: nothing drawn
+    results = fabricated[("m12", "question_to_last")] / "results.parquet"
+    stat = results.stat()
+    os.utime(results, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the cell was recomputed
+    build_report(root)
+    assert drawn and set(drawn) < set(first)
+    assert all("m12" in stem or "cross" in stem for stem in drawn)
+
+
+def test_figures_drawn_in_parallel_processes_are_all_there(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for model, n_layers in (("m8", 8), ("m12", 12), ("m6", 6)):
+        for task in ("ChooseAttr", "ChooseCat", "QueryAttr"):
+            for knockout in ("image_to_question", "question_to_last"):
+                fabricate_cell(root, model, curve_values(3, n_layers, 10.0), knockout, task=task)
+    index = build_report(root, workers=2)
+    html = index.read_text()
+    images = assert_figure_files(index.parent, html)
+    assert len(images) == 18  # 9 per model and task, 6 across models, 3 overviews
+    assert "failed" not in html
+
+
+def test_the_report_header_redacts_secrets_on_the_command_line(monkeypatch) -> None:
+    from mmflow.report import provenance
+
+    monkeypatch.setattr("sys.argv", ["launch.py", "-m", "+logger.api_key=s3cr3tKey", "window=3"])
+    header = provenance()
+    assert header["command"] == "launch.py -m +logger.api_key=<redacted> window=3"
+    assert set(header) == {"command", "date", "mmflow", "commit"} and header["date"].endswith("UTC")

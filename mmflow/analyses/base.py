@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -57,11 +57,22 @@ class Labels:
 
 @dataclass
 class FigureSpec:
-    """A figure an analysis contributes to the report: a drawn figure, its file stem and its caption."""
+    """A figure an analysis contributes to the report: its file stem, its caption, and the figure or
+    how to draw it (a callable, drawn only when the report has no copy for the same `cells`).
+
+    `cells`: the cells it draws (`CellData`); the report keys its cached files by their content.
+    """
 
     stem: str
     caption: str
-    figure: Figure
+    draw: Figure | Callable[[], Figure]
+    cells: Sequence[Any] = ()
+
+    @property
+    def figure(self) -> Figure:
+        if callable(self.draw):  # a Figure is not callable
+            self.draw = self.draw()
+        return self.draw
 
 
 class Analysis(ABC):

@@ -276,20 +276,29 @@ class KnockoutAnalysis(Analysis):
         per_head = head_sections([c for c in mine if c.analysis.heads == "each"])
         cells = [c for c in mine if c.analysis.heads is None]
         per_model = [
-            FigureSpec(f"{model}__{task}__k{k}", f"{model} — {task} (k = {k})", plot_model_task(subset))
+            FigureSpec(
+                f"{model}__{task}__k{k}",
+                f"{model} — {task} (k = {k})",
+                lambda subset=subset: plot_model_task(subset),
+                subset,
+            )
             for (model, task, k), subset in _by(cells, "model", "task", "window").items()
         ]
         cross = [
             FigureSpec(
                 f"cross__{task}__{knockout}",
                 f"{subset[0].label} — {task} (relative depth)",
-                cls.plot_comparison(subset),
+                lambda subset=subset: cls.plot_comparison(subset),
+                subset,
             )
             for (task, knockout), subset in _by(cells, "task", "variant").items()
         ]
         overview = [
             FigureSpec(
-                f"{model}__overview__k{k}", f"{model} — every task (k = {k})", plot_model_overview(subset)
+                f"{model}__overview__k{k}",
+                f"{model} — every task (k = {k})",
+                lambda subset=subset: plot_model_overview(subset),
+                subset,
             )
             for (model, k), subset in _by(cells, "model", "window").items()
             if len({c.task for c in subset}) > 1

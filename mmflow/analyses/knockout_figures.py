@@ -63,13 +63,27 @@ def _n_text(cells: Sequence[Any]) -> str:
     return f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
 
 
+LEGEND_INSIDE = 8  # more entries than this go beside the axes
+LEGEND_ROWS = 18
+
+
 def _finish_axes(ax, title: str, xlabel: str, legend_title: str) -> None:
     ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(Y_LABEL)
     ax.grid(alpha=0.25)
-    legend = ax.legend(loc="best", fontsize="small", framealpha=0.9, title=f"{legend_title} ({BAND_NOTE})")
+    title = f"{legend_title} ({BAND_NOTE})"
+    handles, labels = ax.get_legend_handles_labels()
+    if len(labels) <= LEGEND_INSIDE:
+        legend = ax.legend(loc="best", fontsize="small", framealpha=0.9, title=title)
+    else:  # ten models or more: beside the axes, in columns of at most LEGEND_ROWS, the figure widened
+        columns = -(-len(labels) // LEGEND_ROWS)
+        figure = ax.get_figure()
+        figure.set_figwidth(figure.get_figwidth() + 3.2 * columns)
+        legend = figure.legend(
+            handles, labels, loc="outside right upper", ncols=columns, fontsize="x-small", title=title
+        )
     legend.get_title().set_fontsize("small")
 
 
@@ -130,7 +144,7 @@ def plot_model_overview(cells: Sequence[Any], columns: int = 3) -> Figure:
         handles,
         labels,
         loc="outside upper center",
-        ncols=len(labels),
+        ncols=min(len(labels), 4),
         fontsize="small",
         title=f"{first.model_title}: attention knockout, window k = {first.window} ({BAND_NOTE})",
     )

@@ -15,8 +15,8 @@ from pathlib import Path
 from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
-from mmflow.report.cells import CellData, find_cell_dirs, load_cells
-from mmflow.report.figures import save_figure, slug
+from mmflow.report.cells import CellData, find_cell_dirs, load_cells, read_meta
+from mmflow.report.figures import FigureCache, cells_key, draw_figures, slug
 from mmflow.report.html import FigureEntry, render_index
 
 __all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
@@ -66,22 +66,36 @@ def row_notes(cells: list[CellData]) -> dict[int, str]:
     return notes
 
 
-def _save(spec: FigureSpec, out_dir: Path) -> FigureEntry:
-    paths = save_figure(spec.figure, out_dir / "figures", slug(spec.stem))
-    return FigureEntry(spec.caption, *(os.path.relpath(paths[k], out_dir) for k in ("png", "pdf")))
+def _entry(spec: FigureSpec, out_dir: Path) -> FigureEntry:
+    stem = slug(spec.stem)
+    paths = [out_dir / "figures" / f"{stem}.{kind}" for kind in ("png", "pdf")]
+    return FigureEntry(spec.caption, *(os.path.relpath(p, out_dir) for p in paths))
 
 
-def _sections(cells: list[CellData], out_dir: Path, notes: list[str]) -> list[tuple[str, list[FigureEntry]]]:
-    """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal)."""
-    sections = []
+def _sections(
+    cells: list[CellData], out_dir: Path, notes: list[str], workers: int | None = None
+) -> list[tuple[str, list[FigureEntry]]]:
+    """Every analysis's own report sections, for its cells (a failing plug-in is noted, not fatal).
+    Figures whose cells have not changed are reused (`FigureCache`); the others are drawn, in
+    `workers` processes where there are enough of them (`draw_figures`)."""
+    specs: list[tuple[str, list[FigureSpec]]] = []
     for kind in dict.fromkeys(cell.kind for cell in cells):
         try:
-            specs = analysis_class(kind).report_sections(cells)
+            specs += analysis_class(kind).report_sections(cells)
         except Exception as exc:  # one analysis's figures must not break the report
             notes.append(f"{kind} figures failed ({type(exc).__name__}: {exc})")
-            continue
-        sections += [(title, [_save(spec, out_dir) for spec in entries]) for title, entries in specs]
-    return sections
+    cache = FigureCache(out_dir / "figures")
+    pending = [s for _, entries in specs for s in entries if cache.get(slug(s.stem), s) is None]
+    failed = draw_figures(pending, out_dir / "figures", workers)
+    for spec in pending:
+        if spec.stem in failed:
+            notes.append(f"figure {spec.stem} failed ({failed[spec.stem]})")
+        else:
+            cache.put(slug(spec.stem), spec)
+    cache.save()
+    return [
+        (title, [_entry(s, out_dir) for s in entries if s.stem not in failed]) for title, entries in specs
+    ]
 
 
 def build_report(
@@ -89,18 +103,94 @@ def build_report(
     out_dir: str | Path | None = None,
     *,
     cell_dirs: Iterable[str | Path] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Write the report of every done cell below the folder (or of `cell_dirs`, if given) into
-    `out_dir` (default: `<folder>/report`); return the path of `index.html`."""
+    `out_dir` (default: `<folder>/report`); return the path of `index.html`. `workers`: processes
+    that draw figures (default `MMFLOW_REPORT_WORKERS`, else up to 4 by the CPUs; 1: this one)."""
     root = Path(sweep_dir_or_results_dir).resolve()
     out = Path(out_dir).resolve() if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     dirs = find_cell_dirs(root) if cell_dirs is None else sorted({Path(d).resolve() for d in cell_dirs})
     cells, left_out = load_cells(dirs)
     notes = [f"not included: {item['dir']} (status {item['status']})" for item in left_out]
-    sections = _sections(cells, out, notes)
+    sections = _sections(cells, out, notes, workers)
     notes_of = row_notes(cells)
-    rows = [cell_row(c, out, notes_of[id(c)]) for c in cells]
+    rows = cached_rows(cells, out, notes_of)
+    failed = failed_cells(left_out)
+    notes = [n for n in notes if not n.endswith("(status failed)")]  # listed with their error instead
     index = out / "index.html"
-    index.write_text(render_index(str(root), rows, sections, notes), encoding="utf-8")
+    page = render_index(str(root), rows, sections, notes, header=provenance(), failed=failed)
+    index.write_text(page, encoding="utf-8")
     return index
+
+
+def cached_rows(cells: list[CellData], out: Path, notes_of: dict[int, str]) -> list[dict[str, object]]:
+    """`cell_row` of every cell, reused from `<out>/figures/rows.json` for cells whose content and
+    note have not changed (a row reads both parquet files and computes the curve)."""
+    import json
+
+    path = out / "figures" / "rows.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    rows, fresh = [], {}
+    for cell in cells:
+        note = notes_of[id(cell)]
+        key = cells_key([cell], note, str(out))
+        entry = cache.get(cell.cell_id)
+        row = (
+            entry["row"] if isinstance(entry, dict) and entry.get("key") == key else cell_row(cell, out, note)
+        )
+        fresh[cell.cell_id] = {"key": key, "row": row}
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fresh, default=str))
+    return rows
+
+
+def failed_cells(left_out: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The failed cells among those left out: id, model/task, the first line of their error."""
+    out = []
+    for item in (i for i in left_out if i["status"] == "failed"):
+        meta = read_meta(Path(item["dir"]))
+        config = meta.get("config", {})
+        name = f"{config.get('model', {}).get('name', '?')}/{config.get('task', '?')}"
+        error = (str(meta.get("error") or "?").strip().splitlines() or ["?"])[0]
+        out.append({"cell": Path(item["dir"]).name, "name": name, "error": error})
+    return out
+
+
+def provenance() -> dict[str, str]:
+    """What made this report: the command (secrets redacted), the date (UTC), mmflow's version and
+    git commit."""
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mmflow_version = version("mmflow")
+    except PackageNotFoundError:
+        mmflow_version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    from mmflow.secrets import redact
+
+    args = [str(a) for a in redact(list(sys.argv[1:]))]  # secrets on the command line stay out
+    command = " ".join([Path(sys.argv[0]).name if sys.argv else "python", *args])
+    return {
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mmflow": mmflow_version,
+        "commit": commit or "unknown",
+    }

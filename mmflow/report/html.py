@@ -69,13 +69,24 @@ def _figures(entries: list[FigureEntry]) -> str:
     )
 
 
+def _header(header: dict[str, str]) -> str:
+    if not header:
+        return ""
+    items = " · ".join(f"{escape(k)}: <code>{escape(v)}</code>" for k, v in header.items())
+    return f'<p class="provenance">{items}</p>'
+
+
 def render_index(
     source: str,
     rows: list[dict[str, object]],
     sections: list[tuple[str, list[FigureEntry]]],
     notes: list[str],
+    *,
+    header: dict[str, str] | None = None,
+    failed: list[dict[str, str]] | None = None,
 ) -> str:
-    """The whole page: header, cells table, one section per figure kind, notes."""
+    """The whole page: header (command, date, version, commit), cells table, failed cells with their
+    error, one section per figure kind, notes."""
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8"><title>mmflow report</title>',
@@ -86,9 +97,16 @@ def render_index(
         "bands are 95% intervals of the mean over samples (Student's t, n − 1 degrees of freedom; "
         "none where n &lt; 2), n is written beside each curve; a grey band around 0 is the cell's "
         "measured numerical noise floor (docs/statistics.md).</p>",
+        _header(header or {}),
         "<h2>Cells</h2>",
         _table(rows),
     ]
+    if failed:
+        items = [
+            f"<li><code>{escape(f['cell'])}</code> {escape(f['name'])}: {escape(f['error'])}</li>"
+            for f in failed
+        ]
+        parts += [f"<h2>Failed cells ({len(failed)})</h2>", "<ul>", *items, "</ul>"]
     for title, entries in sections:
         parts += [f"<h2>{escape(title)}</h2>", _figures(entries)]
     if notes:

@@ -3,8 +3,9 @@
 A *job* is one requested point of the grid (a Hydra job, or the single run); its *cell* is the
 resolved cell config. Jobs that name the same cell share it. Cells already done are `cached` and
 never reach a worker. The rest run through the scheduler on the chosen executor (Ray actors or this
-process). Every status change rewrites `sweep.json`; at the end come the summary table, the
-sweep-level W&B run (sweeps of more than one cell) and the HTML report (when asked).
+process). Every status change is one line appended to `events.jsonl`; `sweep.json` is written at the
+start, at most every `record_every_s` while running, and at the end (`record`); then come the
+summary table, the sweep-level W&B run (sweeps of more than one cell) and the HTML report (when asked).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mmflow.store import CellStore
 from mmflow.sweep.display import make_display
 from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
-from mmflow.sweep.record import print_summary, write_sweep_json
+from mmflow.sweep.record import EventLog, labels, print_failure_line, print_summary, write_sweep_json
 from mmflow.sweep.settings import SweepSettings
 
 log = logging.getLogger("mmflow.sweep")
@@ -66,6 +67,14 @@ class CellJob:
         return job
 
 
+class SweepFailed(SystemExit):
+    """A sweep ended with failed cells or invalid jobs: exit code 1, its summary already printed."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        super().__init__(1)
+        self.sweep = sweep
+
+
 class Sweep:
     """Runs `jobs` and records them under `sweep_dir` (see the module docstring)."""
 
@@ -95,6 +104,15 @@ class Sweep:
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.driver = this_process()  # lets a later run tell a killed driver's `running` record
+        self.events = EventLog(self.sweep_dir / "events.jsonl")
+        self.record_written = 0.0  # monotonic time sweep.json was last written
+        self._labels: dict[str, dict[str, Any]] = {}
+
+    def labels(self, cell_id: str) -> dict[str, Any]:
+        """What a person reads to recognise a cell (`record.labels`), computed once per cell."""
+        if cell_id not in self._labels:
+            self._labels[cell_id] = labels(self.cells[cell_id])
+        return self._labels[cell_id]
 
     @property
     def context(self) -> RunContext:
@@ -119,6 +137,7 @@ class Sweep:
             with sigterm_as_interrupt():
                 self._run()
         finally:
+            self.events.close()
             redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
 
     def _run(self) -> None:
@@ -128,10 +147,13 @@ class Sweep:
             store = CellStore(job.cell["results_dir"], job.cell)
             store.write_meta(status="failed", error=job.invalid, **self.context.meta())
             self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
+            self.events.append(job.cell_id, "failed", job.invalid)
         todo = {cid: cell for cid, cell in self.cells.items() if self.status[cid] == "pending"}
+        if todo and self.settings.preflight:
+            todo = self.preflight(todo)
         log.info(
-            "mmflow sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
-            *(self.name, len(self.jobs), len(self.cells), len(self.cells) - len(todo), len(todo)),
+            "sweep '%s': %d jobs, %d cells (%d finished before, %d to compute) -> %s",
+            *(self.name, len(self.jobs), len(self.cells), self.counts()["cached"], len(todo)),
             self.sweep_dir,
         )
         write_sweep_json(self, "running")
@@ -147,8 +169,28 @@ class Sweep:
                 exc.mmflow_reported = True  # the command line (cli.run_hydra) ends without a traceback
             raise
         write_sweep_json(self, "failed" if self.failed_ids() or self.invalid_jobs() else "done")
-        print_summary(self)
+        if self.single and self.failed_ids():  # one line, once: the cause and its fix
+            print_failure_line(self)
+        else:
+            print_summary(self)
         self.publish()
+
+    def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Check each model and data source once (`mmflow.sweep.preflight`): one line per root cause
+        with the number of cells it blocks; those cells fail with it, the others go on."""
+        from mmflow.sweep.preflight import preflight
+
+        for cause, cell_ids in preflight(todo, self.settings).items():
+            log.warning("preflight: %s (blocks %d cell%s)", cause, len(cell_ids), "s" * (len(cell_ids) > 1))
+            error = f"preflight: {cause}"
+            for cell_id in cell_ids:
+                cell = todo.pop(cell_id)
+                CellStore(cell["results_dir"], cell).write_meta(
+                    status="failed", error=error, **self.context.meta()
+                )
+                self.status[cell_id], self.errors[cell_id] = "failed", error
+                self.events.append(cell_id, "failed", error)
+        return todo
 
     def compute(self, todo: dict[str, dict[str, Any]]) -> None:
         from mmflow.sweep.scheduler import Scheduler
@@ -191,9 +233,12 @@ class Sweep:
         self.status[cell_id] = status
         if error:
             self.errors[cell_id] = error
+        if status != previous:
+            self.events.append(cell_id, status, error)
         if status in FINAL and previous not in FINAL:
             level = logging.WARNING if status == "failed" else logging.DEBUG
             log.log(level, "cell %s %s%s", cell_id, status, f": {error.splitlines()[0]}" if error else "")
+        if time.monotonic() - self.record_written >= self.settings.record_every_s:
             write_sweep_json(self, "running")
 
     def record_stop(self, exc: BaseException) -> None:
@@ -272,7 +317,7 @@ class Sweep:
         from mmflow.report import build_report
 
         try:
-            index = build_report(self.sweep_dir, cell_dirs=self.cell_dirs())
+            index = build_report(self.sweep_dir, cell_dirs=self.cell_dirs(), workers=1)  # no fork here
         except Exception as exc:
             log.warning("report failed: %s (run `mmflow report %s`)", short_error(exc), self.sweep_dir)
             return None

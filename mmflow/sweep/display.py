@@ -109,3 +109,37 @@ def make_display(kind: str, counts: Callable[[], dict[str, int]], total: int, ev
     if kind not in classes:
         raise ValueError(f"hydra.launcher.progress must be auto, rich, log or none, got {kind!r}")
     return classes[kind](counts, total, every_s)
+
+
+QUIET_LOGGERS = ("ray", "filelock", "urllib3", "httpx", "huggingface_hub", "transformers", "accelerate")
+
+
+def own_log_lines(verbose: bool = False) -> None:
+    """mmflow's log lines as `[mmflow] message` on stdout (not Hydra's `[time][HYDRA]` prefix), and
+    library loggers and progress bars down to warnings unless `verbose` (hydra.verbose=true)."""
+    logger = logging.getLogger("mmflow")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "mmflow_own", False)]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[mmflow] %(message)s"))
+    handler.mmflow_own = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    if verbose:
+        return
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. its token-auth warning on every start
+
+
+def restore_log_lines() -> None:
+    """Undo `own_log_lines` on the mmflow logger (for in-process callers such as tests)."""
+    logger = logging.getLogger("mmflow")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "mmflow_own", False)]
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

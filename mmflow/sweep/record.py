@@ -1,8 +1,17 @@
-"""The sweep record: `sweep.json` (written on every status change) and the terminal summary table."""
+"""The sweep record, O(1) per cell: `events.jsonl` and `sweep.json`; the terminal summary.
+
+- `events.jsonl`: one appended JSON line per status change of a cell (`t`, `cell_id`, `status`,
+  `error`), flushed at once, so the sweep's progress is readable while it runs;
+- `sweep.json`: the whole record (settings, counts, every cell with its jobs). Written when the sweep
+  starts and ends, and while it runs at most every `hydra.launcher.record_every_s` seconds, never per
+  cell (rewriting it after every cell made a 5,000-cell sweep quadratic).
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +22,43 @@ from mmflow.store import CellStore, atomic_write_json
 
 if TYPE_CHECKING:
     from mmflow.sweep.core import Sweep
+
+
+class EventLog:
+    """`events.jsonl` of a sweep: one line per status change, appended and flushed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: Any = None
+
+    def append(self, cell_id: str, status: str, error: str | None = None) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a", encoding="utf-8")
+        event: dict[str, Any] = {"t": round(time.time(), 3), "cell_id": cell_id, "status": status}
+        if error:
+            event["error"] = redact(error)
+        self.file.write(json.dumps(event) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def read_events(path: Path) -> dict[str, str]:
+    """The last status of every cell in an `events.jsonl` (a torn last line is skipped)."""
+    status: dict[str, str] = {}
+    if not path.exists():
+        return status
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        status[event["cell_id"]] = event["status"]
+    return status
 
 
 def labels(cell: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +99,7 @@ def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str
             jobs_of.setdefault(job.cell_id, []).append(job.idx)
     cells = []
     for cell_id, cell in sweep.cells.items():
-        entry = {"cell_id": cell_id, "status": sweep.status.get(cell_id, "pending"), **labels(cell)}
+        entry = {"cell_id": cell_id, "status": sweep.status.get(cell_id, "pending"), **sweep.labels(cell_id)}
         entry.update(path=str(Path(cell["results_dir"]) / cell_id), jobs=jobs_of[cell_id])
         if cell_id in sweep.errors and entry["status"] == "failed":
             entry["error"] = sweep.errors[cell_id]
@@ -64,6 +110,7 @@ def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str
         "status": state,
         "driver": sweep.driver,
         "error": error,
+        "events": "events.jsonl",
         "started": datetime.fromtimestamp(sweep.started).isoformat(timespec="seconds"),
         "wall_seconds": round(sweep.elapsed(), 3),
         "launcher": redact(asdict(sweep.settings)),
@@ -78,10 +125,15 @@ def sweep_record(sweep: Sweep, state: str, error: str | None = None) -> dict[str
 
 def write_sweep_json(sweep: Sweep, state: str, error: str | None = None) -> None:
     atomic_write_json(sweep.sweep_dir / "sweep.json", sweep_record(sweep, state, error))
+    sweep.record_written = time.monotonic()
+
+
+SUMMARY_ROWS = 40  # a larger sweep's table shows its failed cells and then the first done ones
 
 
 def print_summary(sweep: Sweep) -> None:
-    """The final table of cells (status, time, headline numbers) and where everything is."""
+    """The table of cells (status, time, headline numbers; at most `SUMMARY_ROWS` rows), the counts,
+    then the failures grouped by cause (`failure_groups`): the last thing the sweep prints."""
     from rich.console import Console
     from rich.table import Table
 
@@ -90,14 +142,16 @@ def print_summary(sweep: Sweep) -> None:
     for column in ("cell", "model", "task", "analysis", "window", "status", "time s", "headline", "node"):
         table.add_column(column, no_wrap=column in ("cell", "status"))
     styles = {"done": "green", "cached": "cyan", "failed": "bold red"}
-    for cell_id, cell in sweep.cells.items():
+    order = sorted(sweep.cells, key=lambda cid: sweep.status.get(cid) != "failed")
+    for cell_id in order[:SUMMARY_ROWS]:
+        cell = sweep.cells[cell_id]
         meta = CellStore(cell["results_dir"], cell).read_meta()
         status = sweep.status.get(cell_id, "pending")
         timings = meta.get("timings") or {}
         seconds = timings.get(
             "batch_seconds", timings.get("group_seconds")
         )  # cells written before the rename
-        row = labels(cell)
+        row = sweep.labels(cell_id)
         window = meta.get("window_used", row["window"])  # the window it ran with, on the loaded depth
         note = weights_note(meta.get("model_info"))
         table.add_row(
@@ -111,15 +165,56 @@ def print_summary(sweep: Sweep) -> None:
             cell_headline(meta) if status in ("done", "cached") else "-",
             str(meta.get("node_id") or "-")[:8],
         )
+    if len(order) > SUMMARY_ROWS:
+        table.caption = f"{len(order) - SUMMARY_ROWS} more cells in {sweep.sweep_dir / 'sweep.json'}"
     console.print(table)
     counts = sweep.counts()
     console.print(
         f"{counts['done']} done, {counts['cached']} cached, {counts['failed']} failed "
         f"in {sweep.elapsed():.1f} s. Sweep folder: {sweep.sweep_dir}"
     )
+    print_failure_groups(console, sweep)
+
+
+def failure_groups(sweep: Sweep) -> list[dict[str, Any]]:
+    """Failed cells and invalid jobs grouped by cause: {cause, count, first, fix}, largest first."""
+    from mmflow.sweep.causes import cause_of
+
+    groups: dict[str, dict[str, Any]] = {}
+    failed = [(cid, sweep.errors.get(cid) or "?") for cid in sweep.failed_ids()]
+    for cell_id, error in failed:
+        name = "/".join(str(v) for v in sweep.labels(cell_id).values())
+        cause, fix = cause_of(error)
+        group = groups.setdefault(
+            cause, {"cause": cause, "count": 0, "first": f"{cell_id} ({name})", "fix": fix}
+        )
+        group["count"] += 1
+    for job in sweep.invalid_jobs():
+        cause, fix = cause_of(job.error or "?")
+        first = f"job #{job.idx} {' '.join(redact(job.overrides))}"
+        group = groups.setdefault(cause, {"cause": cause, "count": 0, "first": first, "fix": fix})
+        group["count"] += 1
+    return sorted(groups.values(), key=lambda g: -g["count"])
+
+
+def print_failure_groups(console: Any, sweep: Sweep) -> None:
+    groups = failure_groups(sweep)
+    if not groups:
+        return
+    total = sum(g["count"] for g in groups)
+    console.print(f"[bold red]{total} failed[/] ({len(groups)} cause{'s' if len(groups) > 1 else ''}):")
+    for group in groups:
+        console.print(f"[bold red]FAILED[/] x{group['count']}: {group['cause']}", highlight=False)
+        console.print(f"    first: {group['first']}", highlight=False)
+        if group["fix"]:
+            console.print(f"    fix: {group['fix']}", highlight=False)
+
+
+def print_failure_line(sweep: Sweep) -> None:
+    """A single run's failure as one line: `[mmflow] cell <id> failed: <cause> (fix: …)`."""
+    from mmflow.sweep.causes import cause_of
+
     for cell_id in sweep.failed_ids():
-        error = (sweep.errors.get(cell_id) or "?").splitlines()[0]
-        name = "/".join(str(v) for v in labels(sweep.cells[cell_id]).values())
-        console.print(f"[bold red]FAILED[/] {cell_id} ({name}): {error}")
-    for job in (j for j in sweep.jobs if j.error):
-        console.print(f"[bold red]INVALID[/] job #{job.idx} {' '.join(redact(job.overrides))}: {job.error}")
+        error = (sweep.errors.get(cell_id) or "?").strip().splitlines()[0]
+        fix = cause_of(error)[1]
+        print(f"[mmflow] cell {cell_id} failed: {error}" + (f" (fix: {fix})" if fix else ""), flush=True)

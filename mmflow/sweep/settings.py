@@ -67,6 +67,13 @@ class SweepSettings:
     progress: str = "auto"  # auto (live display on a terminal, log lines otherwise) | rich | log | none
     log_every_s: float = 30.0  # interval of the log-line progress
     report: bool | None = None  # the HTML report at the end (null: for sweeps, not for single runs)
+    # sweep.json is rewritten at most this often while running (events.jsonl has every change at once)
+    record_every_s: float = 30.0
+    plan: bool = False  # print the plan (cells, batches, actors, compute, GPU-hours) and run nothing
+    preflight: bool = True  # check each model and data source once before any cell starts
+    # Clean-pass seconds per sample on one GPU, by model name, for the plan's GPU-hours (overrides
+    # mmflow.sweep.planview.CLEAN_PASS_S; hydra.launcher.models.<name>.clean_pass_s works too).
+    clean_pass_s: dict[str, float] = field(default_factory=dict)
     ray: RaySettings = field(default_factory=RaySettings)
     # Deprecated spellings of batch_retries / batch_timeout_s (null: unset); a set one is moved there.
     group_retries: int | None = None
