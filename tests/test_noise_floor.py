@@ -123,6 +123,7 @@ def test_figures_draw_the_noise_floor_as_a_band(tmp_path):
         meta=meta,
         config=cell_config(tmp_path),
         model="tiny",
+        model_title="tiny",
         task="ChooseAttr",
         window=3,
         n_layers=4,
