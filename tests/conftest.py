@@ -131,3 +131,13 @@ def ray_cluster():
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_config_left_behind():
+    """Each test starts without a Hydra run config: one left by an in-process launch would make
+    `to_absolute_path` resolve against that run's working directory in later tests."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

@@ -82,6 +82,7 @@ def test_head_heat_map_is_centred_on_zero_and_symmetric():
     cell = SimpleNamespace(
         results=results,
         model="tiny",
+        model_title="tiny",
         task="ChooseAttr",
         window=1,
         analysis=SimpleNamespace(spec=SimpleNamespace(label="Image ↛ Last")),
