@@ -69,13 +69,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    """The bytes of a JSON file as every writer here writes it (indented, keys sorted)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """The bytes of a parquet file of `frame` (no index), as every writer here writes it."""
     import io
 
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    atomic_write_bytes(path, json_bytes(payload))
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_bytes(path, parquet_bytes(frame))
