@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
-import pyarrow.parquet as pq
 import pytest
 from ray_nodes import ENV, can_unshare, start_head, start_worker
 
@@ -207,7 +206,8 @@ def test_killing_a_worker_node_mid_batch_resumes_its_cells_on_the_head(nodes, tm
         assert_complete(results / cell_id, n_samples=n_samples)
     for cell_id, n in at_kill.items():
         assert cells[cell_id]["attempt"] == 2
-        resumed = re.search(rf"cell {cell_id}: stale 'running' record .* resuming from (\d+) recorded", output)
+        pattern = rf"cell {cell_id}: stale 'running' record .* resuming from (\d+) recorded"
+        resumed = re.search(pattern, output)
         assert resumed, output[-3000:]
         assert n <= int(resumed.group(1)) < n_samples  # from its last finished sample, not from zero
         assert cells[cell_id]["runs"][-2]["ended"].startswith("unrecorded")
