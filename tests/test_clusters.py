@@ -22,11 +22,9 @@ from ray_nodes import ENV, can_unshare, start_head, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 8
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.slow,
-    pytest.mark.skipif(not can_unshare(), reason="needs `unshare --mount` and tmpfs mounts (root)"),
-]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+needs_unshare = pytest.mark.skipif(not can_unshare(), reason="needs `unshare --mount` and tmpfs (root)")
+SAME_META = ("cell_id", "status", "config", "rows", "counts", "headline", "engine", "clean_passes_per_sample")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,6 +130,30 @@ def nodes():
         node.stop()
 
 
+def test_driver_written_cells_equal_worker_written_ones(ray_cluster, tmp_path):
+    """The same sweep with `write_results=workers` and `driver`: the same files, byte for byte."""
+    grid = ("task=ChooseAttr", "knockout=image_to_question,question_to_last", "n_samples=2")
+    folders = {}
+    for mode in ("workers", "driver"):
+        results = folders[mode] = tmp_path / mode
+        cmd = sweep_cmd(results, tmp_path / f"sweep-{mode}", ray_cluster.address, *grid)
+        sweep = Sweep([*cmd, f"hydra.launcher.write_results={mode}"])
+        assert sweep.wait(300) and sweep.proc.returncode == 0, sweep.output[-3000:]
+        assert ("file write(s)" in sweep.output) == (mode == "driver")
+    shared, relayed = read_cells(folders["workers"]), read_cells(folders["driver"])
+    assert len(shared) == 2 and set(shared) == set(relayed)
+    for cell_id, meta in shared.items():
+        for record in (meta, relayed[cell_id]):
+            assert Path(record["config"].pop("results_dir")).parent == tmp_path
+        for key in SAME_META:
+            assert relayed[cell_id].get(key) == meta.get(key), key
+        for name in ("samples.parquet", "results.parquet"):
+            mine, theirs = folders["driver"] / cell_id / name, folders["workers"] / cell_id / name
+            assert mine.read_bytes() == theirs.read_bytes(), name
+        assert_complete(folders["driver"] / cell_id, n_samples=2)
+
+
+@needs_unshare
 def test_a_worker_without_the_results_folder_lands_every_cell_in_the_driver_folder(nodes, tmp_path):
     """The head offers no CPU, so every actor runs on the worker, which sees an empty private tmpfs
     where the results folder is. With the default (`write_results=auto` -> driver when joining) all
@@ -170,6 +192,7 @@ def test_a_worker_without_the_results_folder_lands_every_cell_in_the_driver_fold
     assert not list(lost.glob("*/samples.parquet"))  # written where only the worker could see it
 
 
+@needs_unshare
 def test_killing_a_worker_node_mid_batch_resumes_its_cells_on_the_head(nodes, tmp_path):
     """Head and worker offer one actor each; the worker node (all its processes, SIGKILL) dies once
     a cell on it has some but not all samples at the driver. Its batch is requeued onto the head's
