@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmflow.files import atomic_write_bytes
-from mmflow.locks import CellLock, describe
+from mmflow.locks import CellLock, describe, lock_wait_s
 from mmflow.relay import Op, safe_name
 from mmflow.store import CellStore
 
@@ -31,23 +31,32 @@ class DriverBatch:
     apply_s: float = 0.0
 
     @classmethod
-    def open(cls, configs: list[dict]) -> DriverBatch:
-        """Lock each cell folder; a finished cell is `cached` and not sent; seed the others."""
+    def open(cls, configs: list[dict], wait_s: float | None = None) -> DriverBatch:
+        """Lock each cell folder; a finished cell is `cached` and not sent; seed the others.
+
+        A cell another process computes is waited for (up to `wait_s`, default `lock_wait_s()`), as
+        a worker would; the driver blocks meanwhile (busy actors wait for it to drain them). Locks
+        are taken in cell-id order, so two drivers never wait for each other.
+        """
         batch = cls({}, [], {}, [])
-        for config in configs:
-            store = CellStore(config["results_dir"], config)
+        wait = lock_wait_s() if wait_s is None else wait_s
+        stores = sorted((CellStore(c["results_dir"], c) for c in configs), key=lambda s: s.id)
+        for store in stores:
             lock = CellLock(store.dir)
             if not lock.acquire(0.0):
-                error = f"not computed here: {describe(lock.owner())} holds {store.dir / '.lock'}"
-                batch.outcomes.append(outcome(store.id, "failed", store.dir, error))
-                continue
+                owner = describe(lock.owner())
+                print(f"[mmflow] cell {store.id} is being computed by {owner}; waiting up to {wait:g} s")
+                if not lock.acquire(wait):
+                    error = f"not computed here: {owner} still holds {store.dir / '.lock'} after {wait:g} s"
+                    batch.outcomes.append(outcome(store.id, "failed", store.dir, error))
+                    continue
             if store.is_done():
                 lock.release()
                 batch.outcomes.append(outcome(store.id, "cached", store.dir))
                 continue
             batch.locks.append(lock)
             batch.dirs[store.id] = store.dir
-            batch.configs.append(config)
+            batch.configs.append(store.config)
             batch.seeds[store.id] = seed_files(store.dir)
         return batch
 
