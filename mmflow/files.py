@@ -69,13 +69,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    """The bytes of a JSON file as every writer here writes it (indented, keys sorted)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame, schema: Any = None) -> None:
-    """Write `frame` atomically; with a `pyarrow.Schema`, exactly those columns and types (an empty
-    frame too: `mmflow.schema`)."""
+def parquet_bytes(frame: pd.DataFrame, schema: Any = None) -> bytes:
+    """The bytes of a parquet file of `frame` (no index), as every writer here writes it; with a
+    `pyarrow.Schema`, exactly those columns and types (an empty frame too: `mmflow.schema`)."""
     import io
 
     buffer = io.BytesIO()
@@ -87,4 +88,13 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame, schema: Any = None) ->
         from mmflow.schema import to_table
 
         pq.write_table(to_table(frame, schema), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    atomic_write_bytes(path, json_bytes(payload))
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame, schema: Any = None) -> None:
+    """Write `frame` atomically (`parquet_bytes`)."""
+    atomic_write_bytes(path, parquet_bytes(frame, schema))

@@ -22,8 +22,15 @@ from typing import Any
 
 import pandas as pd
 
-from mmflow.files import atomic_write_bytes, atomic_write_json, atomic_write_parquet  # noqa: F401 (re-exported)
+from mmflow.files import (  # noqa: F401 (atomic_write_* re-exported)
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    json_bytes,
+    parquet_bytes,
+)
 from mmflow.parity import effective_parity
+from mmflow.relay import current_relay
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +95,24 @@ def cell_id(config: Mapping[str, Any]) -> str:
 
 
 class CellStore:
-    """The folder of one cell: its status, per-sample parts while running, final parquet files."""
+    """The folder of one cell: its status, per-sample parts while running, final parquet files.
+
+    Inside a relayed batch (`mmflow.relay`) the folder is the actor's scratch copy and every write is
+    also sent to the driver, which writes it into `results_dir`.
+    """
 
     def __init__(self, results_dir: str | Path, config: Mapping[str, Any]):
         self.config = dict(config)
         self.id = cell_id(self.config)
-        self.dir = Path(results_dir) / self.id
+        self.relay = current_relay()
+        self.dir = (self.relay.root if self.relay else Path(results_dir)) / self.id
         self.parts = self.dir / "parts"
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Write one file of this cell atomically (and relay it to the driver)."""
+        atomic_write_bytes(path, data)
+        if self.relay is not None:
+            self.relay.send(("write", self.id, path.relative_to(self.dir).as_posix(), data))
 
     @property
     def meta_path(self) -> Path:
@@ -150,6 +168,9 @@ class CellStore:
             target.mkdir(parents=True, exist_ok=True)
             dest = target / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
             os.replace(path, dest)
+            if self.relay is not None:
+                rel = (path.relative_to(self.dir).as_posix(), dest.relative_to(self.dir).as_posix())
+                self.relay.send(("move", self.id, *rel))
             log.warning("moved %s to %s: %s", path, dest, why)
 
     def write_meta(self, **fields: Any) -> dict[str, Any]:
@@ -159,7 +180,7 @@ class CellStore:
         meta = {**self.read_meta(), **fields, "cell_id": self.id, "schema_version": SCHEMA_VERSION}
         meta["parity"] = effective_parity(self.config)  # null: a model without paper-code differences
         meta["config"] = redact(self.config)
-        atomic_write_json(self.meta_path, meta)
+        self._write(self.meta_path, json_bytes(meta))
         return meta
 
     def done_question_ids(self) -> set[str]:
@@ -191,8 +212,8 @@ class CellStore:
         """Record one sample atomically: results first, then the sample row that marks it done."""
         key = hashlib.sha1(question_id.encode()).hexdigest()[:12]
         if result_rows:
-            atomic_write_parquet(self.parts / f"results-{key}.parquet", pd.DataFrame(result_rows))
-        atomic_write_parquet(self.parts / f"samples-{key}.parquet", pd.DataFrame([sample_row]))
+            self._write(self.parts / f"results-{key}.parquet", parquet_bytes(pd.DataFrame(result_rows)))
+        self._write(self.parts / f"samples-{key}.parquet", parquet_bytes(pd.DataFrame([sample_row])))
 
     def _merge(self, kind: str, columns: list[str]) -> pd.DataFrame:
         frames = []
@@ -222,8 +243,8 @@ class CellStore:
         results = (
             results.sort_values(sort_by, kind="stable").reset_index(drop=True) if len(results) else results
         )
-        atomic_write_parquet(self.dir / "samples.parquet", samples, sample_schema)
-        atomic_write_parquet(self.dir / "results.parquet", results, result_schema)
+        self._write(self.dir / "samples.parquet", parquet_bytes(samples, sample_schema))
+        self._write(self.dir / "results.parquet", parquet_bytes(results, result_schema))
         return samples, results
 
     def clear_parts(self) -> None:
@@ -231,6 +252,8 @@ class CellStore:
             part.unlink()
         if self.parts.exists():
             self.parts.rmdir()
+        if self.relay is not None:
+            self.relay.send(("clear_parts", self.id, "parts", None))
 
 
 def _schema_and_columns(spec: Any) -> tuple[Any, list[str]]:

@@ -2,6 +2,9 @@
 
 Actors ask Ray for the resources of their model config (`model.resources`, overridden per model by
 `SweepSettings.models`) and are spread across nodes. Every Ray call the driver makes has a timeout.
+
+With `write_results=driver` (the default when joining a cluster) actors write nothing where they run:
+the driver drains each actor's finished samples while it works and writes them (`mmflow.relay`).
 """
 
 from __future__ import annotations
@@ -12,18 +15,22 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayError, RayTaskError
 
 from mmflow.context import RunContext
+from mmflow.relay import Op, Relay, relaying
 from mmflow.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.executor import Event, ModelWorker, short_error
+from mmflow.sweep.inbox import DriverBatch
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import RaySettings, SweepSettings
 
@@ -32,6 +39,10 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 # A Ray that mmflow starts itself listens on loopback only (`loopback_only`).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DRAIN_WAIT_S = 0.2  # an actor's `drain` waits this long for a first write (a long poll)
+DRAIN_MAX_OPS = 256  # writes per `drain` reply
+SETTLE_WAIT_S = 60.0  # for the last writes of a finished batch
+WRITE_RESULTS = ("auto", "driver", "workers")
 
 
 class ModelActor:
@@ -44,6 +55,7 @@ class ModelActor:
         self.worker = ModelWorker(model, backend)
         self.token = ""
         self.batch_samples = 0
+        self.relay: Relay | None = None
 
     def ready(self) -> dict[str, Any]:
         """Where this actor runs (also the sign that it was scheduled)."""
@@ -58,7 +70,16 @@ class ModelActor:
     def progress(self) -> dict[str, Any]:
         return {"token": self.token, "samples": self.batch_samples}
 
-    def run_batch(self, configs: list[dict], context: RunContext, token: str) -> list[dict]:
+    def run_batch(
+        self,
+        configs: list[dict],
+        context: RunContext,
+        token: str,
+        seeds: dict[str, dict[str, bytes]] | None = None,
+        relay_buffer: int = 64,
+    ) -> list[dict]:
+        """Compute a cell batch; with `seeds` (the driver's files of its cells) inside a scratch
+        folder whose writes wait in a queue of `relay_buffer` for the driver's `drain` calls."""
         from transformers.utils import logging as hf_logging
 
         self.token, self.batch_samples = token, 0
@@ -67,7 +88,16 @@ class ModelActor:
         context = context.replace(
             node_id=info["node_id"], actor_id=info["actor_id"], host=info["host"], pid=info["pid"]
         )
-        return self.worker.run(configs, context, on_sample=self._tick)
+        if seeds is None:
+            return self.worker.run(configs, context, on_sample=self._tick)
+        self.relay = Relay(Path(tempfile.mkdtemp(prefix="mmflow-relay-")), relay_buffer)
+        with relaying(self.relay, seeds):
+            return self.worker.run(configs, context, on_sample=self._tick)
+
+    def drain(self, wait_s: float, max_ops: int) -> list[Op]:
+        """The writes the running (or just finished) batch has made since the last call, oldest first."""
+        relay = self.relay
+        return relay.take(wait_s, max_ops) if relay is not None else []
 
     def _tick(self, n: int) -> None:
         self.batch_samples += n
@@ -87,6 +117,8 @@ class _Actor:
     token: str = ""
     progress_ref: Any = None
     samples: int | None = None
+    inbox: DriverBatch | None = None  # write_results=driver: the batch's cells on the driver
+    drain_ref: Any = None
 
 
 class RayExecutor:
@@ -97,6 +129,8 @@ class RayExecutor:
         self.actors: dict[str, _Actor] = {}
         self.options: dict[str, dict[str, Any]] = {}
         self.tokens = 0
+        self.relay = relay_results(settings)
+        self.settled: list[Event] = []  # batches the driver settled without an actor (all cached)
 
     def prepare(self, plans: list[ModelPlan]) -> dict[str, str]:
         limits, errors = cluster_limits(), {}
@@ -115,18 +149,83 @@ class RayExecutor:
         actor = self.actors[worker]
         self.tokens += 1
         actor.state, actor.token, actor.samples, actor.progress_ref = "busy", f"b{self.tokens}", 0, None
-        actor.ref = actor.handle.run_batch.remote(batch.configs, context, actor.token)
+        if not self.relay:
+            actor.ref = actor.handle.run_batch.remote(batch.configs, context, actor.token)
+            return
+        inbox = actor.inbox = DriverBatch.open(batch.configs)
+        if not inbox.configs:  # nothing left to compute: settled here
+            actor.state, actor.inbox = "idle", None
+            self.settled.append(Event(worker, "finished", outcomes=inbox.outcomes))
+            return
+        buffer = self.settings.relay_buffer
+        actor.ref = actor.handle.run_batch.remote(inbox.configs, context, actor.token, inbox.seeds, buffer)
+        actor.drain_ref = actor.handle.drain.remote(DRAIN_WAIT_S, DRAIN_MAX_OPS)
 
     def poll(self, timeout_s: float) -> list[Event]:
-        refs = {a.ref: n for n, a in self.actors.items() if a.state == "busy"}
-        refs.update({a.ready_ref: n for n, a in self.actors.items() if a.state == "starting"})
-        if not refs:
-            time.sleep(timeout_s)
-            return []
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
-        if ready:
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        return [self._event(refs[ref], ref) for ref in ready]
+        """Events since the last poll; relayed writes that arrive meanwhile are written at once."""
+        events, self.settled = self.settled, []
+        deadline = time.monotonic() + timeout_s
+        while not events:
+            refs = {a.ref: n for n, a in self.actors.items() if a.state == "busy" and a.ref is not None}
+            refs.update({a.ready_ref: n for n, a in self.actors.items() if a.state == "starting"})
+            drains = {a.drain_ref: n for n, a in self.actors.items() if a.drain_ref is not None}
+            left = deadline - time.monotonic()
+            if not refs and not drains:
+                time.sleep(max(0.0, left))
+                return []
+            ready, _ = ray.wait([*refs, *drains], num_returns=1, timeout=max(0.0, left))
+            if ready:
+                ready, _ = ray.wait([*refs, *drains], num_returns=len(refs) + len(drains), timeout=0)
+            for ref in (r for r in ready if r in drains):
+                try:
+                    self._drained(drains[ref])
+                except RayError:  # the actor died: its batch's result says so
+                    pass
+            events = [self._event(refs[ref], ref) for ref in ready if ref in refs]
+            if time.monotonic() >= deadline:
+                break
+        return events
+
+    def _drained(self, worker: str, again: bool = True, wait_s: float | None = None) -> int:
+        """Write what the actor's pending `drain` call brought; ask for more when `again`.
+
+        Raises RayError when the actor is gone or does not answer within `wait_s` (default: poll_s).
+        """
+        actor = self.actors[worker]
+        ref, actor.drain_ref = actor.drain_ref, None
+        if ref is None or actor.inbox is None:
+            return 0
+        ops = ray.get(ref, timeout=wait_s or self.settings.poll_s)
+        actor.inbox.apply(ops)
+        if again:
+            actor.drain_ref = actor.handle.drain.remote(DRAIN_WAIT_S, DRAIN_MAX_OPS)
+        return len(ops)
+
+    def _settle(self, worker: str, outcomes: list[dict] | None) -> list[dict]:
+        """Write every relayed write still on its way, release the cell locks (write_results=driver)."""
+        actor = self.actors[worker]
+        inbox = actor.inbox
+        if inbox is None:
+            return outcomes or []
+        try:
+            if outcomes is not None:  # the batch returned: its last writes wait in the actor
+                self._drained(worker, wait_s=SETTLE_WAIT_S)  # asked before it returned: may miss some
+                while self._drained(worker, wait_s=SETTLE_WAIT_S):  # asked after: empty means all
+                    pass
+            else:
+                self._drained(worker, again=False)
+        except RayError as exc:
+            if outcomes is not None:  # never report done what the driver did not get in full
+                error = f"the driver did not receive every file of this batch: {short_error(exc, 300)}"
+                outcomes = [{**o, "status": "failed", "error": error} for o in outcomes]
+        finally:
+            actor.drain_ref, actor.inbox = None, None
+            inbox.close()
+        log.info(
+            "%s: %d file write(s), %.1f MiB received from the actor (%.2f s writing)",
+            *(worker, inbox.ops, inbox.bytes / 2**20, inbox.apply_s),
+        )
+        return inbox.settle(outcomes or [])
 
     def _event(self, worker: str, ref: Any) -> Event:
         actor = self.actors[worker]
@@ -142,10 +241,12 @@ class RayExecutor:
         try:
             outcomes = ray.get(ref, timeout=wait_s)
         except RayTaskError as exc:  # the batch raised inside a healthy actor
+            self._settle(worker, [])
             return Event(worker, "batch_failed", error=task_error(exc))
         except RayError as exc:  # the actor or its node died
+            self._settle(worker, None)
             return Event(worker, "lost", error=short_error(exc, 300))
-        return Event(worker, "finished", outcomes=outcomes)
+        return Event(worker, "finished", outcomes=self._settle(worker, outcomes))
 
     def progress(self, worker: str) -> int | None:
         actor = self.actors.get(worker)
@@ -165,9 +266,12 @@ class RayExecutor:
         return actor.samples
 
     def cancel(self, worker: str) -> None:
-        actor = self.actors.pop(worker, None)
+        actor = self.actors.get(worker)
         if actor is None:
             return
+        if actor.inbox is not None:  # its unfinished cells stay as the driver has them (resumable)
+            self._settle(worker, None)
+        self.actors.pop(worker, None)
         try:
             ray.kill(actor.handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead or unreachable
@@ -212,12 +316,24 @@ def actor_options(plan: ModelPlan, settings: SweepSettings, limits: dict[str, fl
         "num_cpus": cpus,
         "num_gpus": gpus,
         "scheduling_strategy": settings.scheduling,
-        "max_concurrency": 2,  # `progress` answers while `run_batch` works
+        "max_concurrency": 3,  # `progress` and `drain` answer while `run_batch` works
         "max_restarts": 0,  # the scheduler replaces a dead actor itself and requeues its batch
     }
     if memory:
         options["memory"] = int(memory)
     return options
+
+
+def relay_results(settings: SweepSettings) -> bool:
+    """Whether the driver writes the cell files (see `SweepSettings.write_results`)."""
+    mode = settings.write_results
+    if mode not in WRITE_RESULTS:
+        known = ", ".join(WRITE_RESULTS)
+        raise ValueError(f"hydra.launcher.write_results must be one of {known}, got {mode!r}")
+    if mode == "auto":
+        address = str(((settings.ray.init or {}) if settings.ray else {}).get("address") or "").strip()
+        return bool(address)
+    return mode == "driver"
 
 
 @contextmanager

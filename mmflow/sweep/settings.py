@@ -55,6 +55,11 @@ class SweepSettings:
     models: dict[str, Any] = field(default_factory=dict)
     # false: one cell per batch and a fresh worker (weight load) per cell; for comparisons only.
     reuse_models: bool = True
+    # Who writes the cell files (Ray only): driver (actors send every finished sample to the driver,
+    # which writes results_dir: no shared disk needed) | workers (actors write results_dir themselves:
+    # every node must see it) | auto (driver when joining a cluster, workers for a local Ray).
+    write_results: str = "auto"
+    relay_buffer: int = 64  # write_results=driver: files an actor hands over before it waits for the driver
     # Ray scheduling strategy for the actors: SPREAD (one per node first) or DEFAULT.
     scheduling: str = "SPREAD"
     # Times a cell batch is requeued after its worker died, hung or timed out (then its cells fail).

@@ -138,7 +138,9 @@ class WandbCellLogger:
 
     def _seed_from_parts(self) -> None:
         """On resume, count the samples an earlier, interrupted run already recorded."""
-        parts = Path(self.config["results_dir"]) / self.id / "parts"
+        from mmflow.store import CellStore
+
+        parts = CellStore(self.config["results_dir"], self.config).parts  # a relayed batch's scratch copy
         for path in sorted(parts.glob("samples-*.parquet")):
             for row in pd.read_parquet(path).to_dict("records"):
                 if row.get("status") != ERRORED:  # computed again in this run, counted then
