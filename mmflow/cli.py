@@ -2,14 +2,15 @@
 
 mmflow run [overrides]           one cell (a sweep of one cell, computed in this process)
 mmflow run -m [overrides]        a sweep: every combination of comma-separated values
-mmflow run experiment=smoke      a named sweep (mmflow/conf/experiment/*.yaml)
+mmflow run -cn smoke             a named sweep (sweeps/*.yaml; -cd DIR adds a folder of your own)
 mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
 mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
-mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy)
+mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy_training)
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,31 +20,37 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mmflow.locks import register_resolvers
+from mmflow.paths import CONF_DIR
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
-CONFIG_PATH = "pkg://mmflow.conf"
+CONFIG_PATH = str(CONF_DIR)  # conf/ of the checkout, or mmflow/conf/ of an installed wheel
+RETIRED_EXPERIMENT = re.compile(r"^[+~]{0,2}experiment=(.*)$")
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder (and for `data=table`
     absolute data paths and the file's digest, `mmflow.data.resolve_data`).
 
-    Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
-    nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block.
+    Its analysis's config (`conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
+    nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block and
+    `CellConfigError` for a key no config of the cell defines (`mmflow.known_keys`).
     """
     from hydra.utils import to_absolute_path
 
     from mmflow.analyses import canonical_config
     from mmflow.data import resolve_data
+    from mmflow.known_keys import check_known_keys
 
     if "ray" in cfg:
         raise ValueError(
             "the `ray:` settings moved to `hydra.launcher.ray` (e.g. hydra.launcher.ray.init.address=auto, "
             "hydra.launcher.ray.init.num_cpus=2); see README 'Sweeps'"
         )
-    config = canonical_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     config.pop("hydra", None)
+    check_known_keys(config)  # `+n_sampels=3`: refused, naming n_samples
+    config = canonical_config(config)
     config["results_dir"] = str(Path(to_absolute_path(config["results_dir"])).resolve())
     config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
     return config
@@ -107,6 +114,9 @@ def run_hydra() -> int:
 
     from mmflow.locks import ConfigError
 
+    if retired := retired_spelling(sys.argv[1:]):
+        print(f"[mmflow] error: {retired}", file=sys.stderr)
+        return 2
     try:
         hydra_main()
     except ConfigError as exc:
@@ -117,6 +127,15 @@ def run_hydra() -> int:
             print("[mmflow] interrupted", file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     return 0
+
+
+def retired_spelling(args: Sequence[str]) -> str | None:
+    """One line for the retired `experiment=NAME` override: named sweeps are `-cn NAME` now."""
+    for arg in args:
+        if found := RETIRED_EXPERIMENT.match(arg):
+            name = found.group(1) or "NAME"
+            return f"`experiment={name}` is now `mmflow run -cn {name}` (named sweeps live in sweeps/)"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

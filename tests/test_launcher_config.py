@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from mmflow.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -22,7 +24,7 @@ def readme_overrides() -> list[str]:
 
 
 def launcher_cfg(overrides: list[str]):
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra.launcher
 
 

@@ -1,6 +1,6 @@
 """Hydra launcher plugin: a multirun's jobs become cells for mmflow's sweep core (`mmflow.sweep`).
 
-Select it with `hydra/launcher=mmflow` (the default of `mmflow/conf/config.yaml`). The launcher only
+Select it with `hydra/launcher=mmflow` (the default of `conf/config.yaml`). The launcher only
 composes each job's config, resolves it into a cell, hands the cells to `mmflow.sweep.core.Sweep`
 (Ray actors by default) and turns the outcome into one `JobReturn` per job with Hydra's job folder.
 This module stays light: Hydra imports it whenever it scans plugins.

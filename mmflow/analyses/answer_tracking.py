@@ -194,7 +194,7 @@ def top_columns(probs: torch.Tensor, tokenizer) -> dict[str, list]:
 class AnswerTrackingAnalysis(Analysis):
     """Logit lens at the last position: the answer's probability per layer in each surface form.
 
-    Config (`mmflow/conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
+    Config (`conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
     """
 
     name = "answer_tracking"

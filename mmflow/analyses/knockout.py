@@ -1,6 +1,6 @@
 """The knockout analysis: windows of one block type -> per-layer change of the answer probability.
 
-Config (`mmflow/conf/analysis/knockout.yaml`): `knockout` (name, source, target: a `conf/knockout/` entry)
+Config (`conf/analysis/knockout.yaml`): `knockout` (name, source, target: a `conf/knockout/` entry)
 and `window` (the width k of the window of blocked layers around each centre layer).
 """
 
