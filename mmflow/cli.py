@@ -72,6 +72,9 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     overrides = list(hydra_cfg.overrides.task)
     job = CellJob.resolve(0, overrides, lambda: cell_config(cfg))
     if job.cell is None:
+        from mmflow.known_keys import refuse_unknown_keys
+
+        refuse_unknown_keys([job])  # one line, exit 2, as for a sweep
         raise SystemExit(f"invalid cell config: {job.error}")
     name = str(cfg.get("sweep_name") or "single")
     sweep = Sweep(name, hydra_cfg.runtime.output_dir, [job], settings, single=True)

@@ -12,7 +12,7 @@ knockout defines. Mappings in a YAML (e.g. `model.resources`, `patching`) are ch
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from mmflow.checks import CellConfigError
 from mmflow.paths import CONF_DIR
 
 GLOBAL_PACKAGE = "# @package _global_"
+UNKNOWN = "unknown key, no config of this cell defines it"
 
 
 @cache
@@ -132,4 +133,13 @@ def check_known_keys(config: Mapping[str, Any]) -> None:
         if close
         else f"{prefix or 'top-level '}keys: {', '.join(siblings)}"
     )
-    raise CellConfigError(key, _value(config, key), f"unknown key, no config of this cell defines it; {hint}")
+    raise CellConfigError(key, _value(config, key), f"{UNKNOWN}; {hint}")
+
+
+def refuse_unknown_keys(jobs: Sequence[Any]) -> None:
+    """A key no config defines, in every job (`CellJob.error`; from the command line or the sweep's
+    YAML): one line and exit 2 before anything runs (`ConfigError`), not one invalid job each."""
+    from mmflow.locks import ConfigError
+
+    if jobs and all(job.error and UNKNOWN in job.error for job in jobs):
+        raise ConfigError(str(jobs[0].error).removeprefix("CellConfigError: "))

@@ -51,6 +51,7 @@ class MmflowLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
 
+        from mmflow.known_keys import refuse_unknown_keys
         from mmflow.secrets import redact_hydra_files
         from mmflow.sweep.core import Sweep
 
@@ -59,6 +60,7 @@ class MmflowLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         composed = [self.compose(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         jobs = [job for job, _ in composed]
+        refuse_unknown_keys(jobs)  # a key no config defines: one line before anything runs
         logger = self.config.get("logger")
         sweep = Sweep(
             str(self.config.get("sweep_name") or self.config.hydra.job.config_name),
