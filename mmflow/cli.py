@@ -45,7 +45,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     if "ray" in cfg:
         raise ValueError(
             "the `ray:` settings moved to `hydra.launcher.ray` (e.g. hydra.launcher.ray.init.address=auto, "
-            "hydra.launcher.ray.init.num_cpus=2); see README 'Sweeps'"
+            "hydra.launcher.ray.init.num_cpus=2); see docs/running.md"
         )
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     config.pop("hydra", None)

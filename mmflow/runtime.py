@@ -54,7 +54,7 @@ PREFETCH_DEPTH = 2  # samples prepared ahead of the model (mmflow.pipeline)
 
 
 def normalise_answer(text: str) -> str:
-    """Stripped, lower-cased, trailing full stop removed (METHOD.md, "Metric")."""
+    """Stripped, lower-cased, trailing full stop removed (docs/method.md, "Metric")."""
     return text.strip().lower().rstrip(".").strip()
 
 

@@ -4,7 +4,7 @@ Values of environment variables (any `env_vars` mapping, e.g. `ray.runtime_env.e
 of keys named like secrets (`HF_TOKEN`, `WANDB_API_KEY`, `password`, ...) are replaced by `REDACTED`
 in `cell.json`, W&B configs, `sweep.json`, `multirun.yaml` and Hydra's `.hydra/*.yaml`. Pass secrets
 to actors through the environment of the processes that start them, never through the config
-(README, "Secrets").
+(docs/running.md, "Secrets").
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def forwarded_env(names: Iterable[str], environ: Mapping[str, str]) -> dict[str,
     """The variables of `ray.forward_env` to copy into a Ray runtime_env, secrets left out.
 
     Ray writes runtime_env values to its own logs, so secret-named variables (HF_TOKEN, ...) are never
-    forwarded: export them where the Ray workers start (README, "Secrets").
+    forwarded: export them where the Ray workers start (docs/running.md, "Secrets").
     """
     out = {}
     for name in names:

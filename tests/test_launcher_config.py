@@ -1,4 +1,4 @@
-"""Every `hydra.launcher…` override the README shows composes, and reaches `ray.init` as written."""
+"""Every `hydra.launcher…` override the README and docs/ show composes, and reaches `ray.init` as written."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from mmflow.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def readme_overrides() -> list[str]:

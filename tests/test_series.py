@@ -34,7 +34,7 @@ DECODERS = {
 }
 # Parity images: the smallest that still exercise each family's tiling (tall anyres tiles with unpadding
 # for LLaVA-NeXT, a wide OneVision grid, Qwen2.5-VL's dynamic resolution at a GQA size); the 500 x 375
-# figures of the README table come from `scripts/series_table.py`.
+# figures of the table in docs/models.md come from `scripts/series_table.py`.
 PARITY_SIZES = {
     "tiny-llava-1.6-mistral": (120, 200),
     "tiny-llava-1.6-34b": (120, 200),

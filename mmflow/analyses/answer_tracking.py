@@ -1,4 +1,4 @@
-"""Answer tracking: a logit lens on the last position's residual stream (METHOD.md, "Answer tracking").
+"""Answer tracking: a logit lens on the last position's residual stream (docs/method.md, "Answer tracking").
 
 Every layer's hidden state at the last position (`CleanPass.last_hidden` [L+1, D]: the embeddings,
 then the output of each decoder layer, before the final norm) is projected onto the vocabulary, and

@@ -61,7 +61,7 @@ def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-# Token groups in prompt order (METHOD.md, "Token groups"): the image comes first, then the question,
+# Token groups in prompt order (docs/method.md, "Token groups"): the image comes first, then the question,
 # then the last position; object/nonobject lie inside the image, the options inside the question.
 GROUP_RANK = {
     "image": 0,
