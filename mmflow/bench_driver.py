@@ -60,13 +60,14 @@ class Driver:
     """The launcher in this process, as `mmflow run -m` sets it up (Hydra's context, master config)."""
 
     def __init__(self, results: Path, sweeps: Path) -> None:
-        from hydra import initialize_config_module
+        from hydra import initialize_config_dir
 
+        from mmflow.config_dirs import CONF_DIR
         from mmflow.locks import register_resolvers
 
         register_resolvers()
         self.results, self.sweeps, self.n = results, sweeps, 0
-        self.context = initialize_config_module("mmflow.conf", version_base="1.3")
+        self.context = initialize_config_dir(str(CONF_DIR), version_base="1.3")
         self.context.__enter__()
 
     def launcher(self, *extra: str, **settings: Any) -> Any:

@@ -2,7 +2,7 @@
 
 mmflow run [overrides]           one cell (a sweep of one cell, computed in this process)
 mmflow run -m [overrides]        a sweep: every combination of comma-separated values
-mmflow run experiment=smoke      a named sweep (mmflow/conf/experiment/*.yaml)
+mmflow run -cn smoke             a named sweep (sweeps/*.yaml; -cd DIR adds a folder of your own)
 mmflow plan [overrides]          the sweep's plan (cells new/cached/partial/failed, batches, actors,
                                  samples, clean passes, GPU-hours); runs nothing (= mmflow run --plan)
 mmflow run -m --no-preflight     skip the checks of each model and data source before a sweep starts
@@ -10,11 +10,12 @@ mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
 mmflow wandb publish SWEEP_DIR   create/update the sweep's W&B workspace and report (after `wandb sync`)
 mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
 mmflow bench --driver --cells N  the sweep driver's benchmark on a synthetic grid (mmflow.bench_driver)
-mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy)
+mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy_training)
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from mmflow.config_dirs import CONF_DIR
 from mmflow.locks import register_resolvers
 from mmflow.sweep.config import cell_config, cell_from_container
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
-CONFIG_PATH = "pkg://mmflow.conf"
+CONFIG_PATH = str(CONF_DIR)  # conf/ of the checkout, or mmflow/conf/ of an installed wheel
+RETIRED_EXPERIMENT = re.compile(r"^[+~]{0,2}experiment=(.*)$")
 
 __all__ = ["cell_config", "cell_from_container", "main", "run_hydra"]
 
@@ -54,6 +57,9 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     overrides = list(hydra_cfg.overrides.task)
     job = CellJob.resolve(0, overrides, lambda: cell_config(cfg))
     if job.cell is None:
+        from mmflow.known_keys import refuse_unknown_keys
+
+        refuse_unknown_keys([job])  # one line, exit 2, as for a sweep
         raise SystemExit(f"invalid cell config: {job.error}")
     name = str(cfg.get("sweep_name") or "single")
     sweep = Sweep(name, hydra_cfg.runtime.output_dir, [job], settings, single=True)
@@ -129,6 +135,9 @@ def run_hydra() -> int:
     from mmflow.locks import ConfigError
     from mmflow.sweep.core import SweepFailed
 
+    if retired := retired_spelling(sys.argv[1:]):
+        print(f"[mmflow] error: {retired}", file=sys.stderr)
+        return 2
     try:
         for override in sys.argv[1:]:
             refuse_env_interpolation(override)
@@ -160,6 +169,15 @@ def run_arguments(command: str, args: list[str]) -> list[str]:
             out.insert(0, "-m")
         out.append("hydra.launcher.plan=true")
     return out
+
+
+def retired_spelling(args: Sequence[str]) -> str | None:
+    """One line for the retired `experiment=NAME` override: named sweeps are `-cn NAME` now."""
+    for arg in args:
+        if found := RETIRED_EXPERIMENT.match(arg):
+            name = found.group(1) or "NAME"
+            return f"`experiment={name}` is now `mmflow run -cn {name}` (named sweeps live in sweeps/)"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 The mode only exists for models whose config carries `parity: ${parity}` (the four checkpoints the
 paper evaluated). Other models (tiny, toy, new families) have no paper code to match: both modes
 compute the same thing for them, so the mode is not part of their cell id (`effective_parity`).
-The differences are listed in the README table "Paper parity".
+The differences are listed in docs/models.md, "Paper parity".
 """
 
 from __future__ import annotations

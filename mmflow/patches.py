@@ -3,7 +3,7 @@
 A white-on-black box mask goes through the model's own image processor (padding, resizing, anyres
 tiles, dynamic resolution) and then through the model's own feature packing (unpadding, newline
 tokens, OneVision's feature downsizing, Qwen2.5-VL's 2 x 2 patch merging), so every image token's
-provenance is the model's, not a re-derivation (METHOD.md, "Token groups").
+provenance is the model's, not a re-derivation (docs/method.md, "Token groups").
 """
 
 from __future__ import annotations

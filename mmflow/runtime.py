@@ -55,7 +55,7 @@ OOM = "out_of_memory"  # a sample the accelerator had no memory for: an error (r
 
 
 def normalise_answer(text: str) -> str:
-    """Stripped, lower-cased, trailing full stop removed (METHOD.md, "Metric")."""
+    """Stripped, lower-cased, trailing full stop removed (docs/method.md, "Metric")."""
     return text.strip().lower().rstrip(".").strip()
 
 

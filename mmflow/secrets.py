@@ -108,7 +108,7 @@ def forwarded_env(names: Iterable[str], environ: Mapping[str, str]) -> dict[str,
     """The variables of `ray.forward_env` to copy into a Ray runtime_env, secrets left out.
 
     Ray writes runtime_env values to its own logs, so secret-named variables (HF_TOKEN, ...) are never
-    forwarded: export them where the Ray workers start (README, "Secrets").
+    forwarded: export them where the Ray workers start (docs/running.md, "Secrets").
     """
     out = {}
     for name in names:

@@ -28,7 +28,7 @@ from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
 from mmflow.models.registry import get_model
 
-CONF = Path(__file__).resolve().parents[1] / "mmflow" / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 DEFAULT = ["tiny-llava-1.6-mistral", "tiny-llava-1.6-34b", "tiny-llava-onevision", "tiny-qwen2.5-vl"]
 
 

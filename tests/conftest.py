@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_config(name: str, resolve: bool = True) -> dict:
     """conf/model/<name>.yaml as plain data (interpolations left as written with resolve=False)."""
-    path = ROOT / "mmflow" / "conf" / "model" / f"{name}.yaml"
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
     return OmegaConf.to_container(OmegaConf.load(path), resolve=resolve)
 
 

@@ -13,11 +13,11 @@ NEXT_MODELS = ("llava-1.6-vicuna-7b", "llama3-llava-next-8b")
 
 
 def model_yaml(name: str) -> Path:
-    """conf/model/<name>.yaml wherever the config tree lives (conf/ or mmflow/conf/)."""
-    for base in (ROOT / "conf", ROOT / "mmflow" / "conf"):
-        if (base / "model" / f"{name}.yaml").is_file():
-            return base / "model" / f"{name}.yaml"
-    raise FileNotFoundError(name)
+    """conf/model/<name>.yaml."""
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
 
 
 def real_model_config(name: str, parity: str, checkpoint: str | None = None, legacy: bool | None = None):

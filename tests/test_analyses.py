@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 
 from mmflow.analyses import (
     Analysis,
@@ -67,10 +66,11 @@ def compose(overrides: list[str]) -> dict:
     from hydra import initialize_config_dir
 
     from mmflow.cli import cell_config
+    from mmflow.config_dirs import CONF_DIR
 
     if not any(o.startswith("results_dir=") for o in overrides):
         overrides = ["results_dir=/results", *overrides]
-    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return cell_config(hydra_compose("config", overrides=overrides))
 
 

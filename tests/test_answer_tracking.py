@@ -262,8 +262,9 @@ def _compose(overrides: list[str], results_dir: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from mmflow.cli import cell_config
+    from mmflow.config_dirs import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"results_dir={results_dir}", *overrides])
     return cell_config(cfg)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 
 from mmflow.cli import cell_config, main
+from mmflow.config_dirs import CONF_DIR
 
 
 def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
@@ -16,7 +17,7 @@ def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
     for command in (
         "mmflow run",
         "mmflow run -m",
-        "experiment=smoke",
+        "-cn smoke",
         "mmflow report",
         "mmflow bench",
         "toy train",
@@ -42,7 +43,7 @@ def test_subcommands_reach_their_modules(command: str, prog: str, capsys) -> Non
 
 def test_the_retired_ray_block_is_refused_with_its_new_place(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+ray.address=auto", f"results_dir={tmp_path}"])
         ok = compose("config", overrides=[f"results_dir={tmp_path}"])
     with pytest.raises(ValueError, match="moved to `hydra.launcher.ray`.*init.address=auto"):

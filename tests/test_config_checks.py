@@ -118,12 +118,14 @@ def test_seed_changes_no_knockout_cell_and_cell_ids_stay_the_same():
     for path in legacy:  # cells computed by main 13f7c92, each with `seed: 0` in its config
         old = json.loads(path.read_text())["config"]
         assert old.pop("seed") == 0 and cell_id(old) == path.parent.name
-    # seed is patching's noise seed (mmflow/conf/analysis/patching.yaml): other cells have no such key,
+    # seed is patching's noise seed (conf/analysis/patching.yaml): other cells have no such key,
     # so `seed=7` on a knockout cell is an error instead of a new id for the same computation
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    from mmflow.config_dirs import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         assert "seed" not in compose(config_name="config")
         assert compose(config_name="config", overrides=["analysis=patching"]).seed == 0
         with pytest.raises(ConfigCompositionException):

@@ -23,7 +23,7 @@ from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, windo
 from mmflow.models.anatomy import anatomy_of
 from mmflow.models.registry import get_model
 
-CONF = Path(__file__).resolve().parents[1] / "mmflow" / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TOLERANCE = 1e-5  # max |p_new difference| over the whole vocabulary, float32
 LOGP_TOLERANCE = 1e-4  # the same in log-probability: random-weight models have p ~ 1/V everywhere
 KNOCKOUTS = {**NAMED_KNOCKOUTS, "true_option_to_last": ("true_option", "last")}

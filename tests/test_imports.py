@@ -137,10 +137,11 @@ def test_resolving_and_planning_cells_does_not_import_transformers(analysis: str
     analyses' config rules, not the model code (importing transformers costs seconds per launch)."""
     code = (
         "import sys\n"
-        "from hydra import compose, initialize_config_module\n"
+        "from hydra import compose, initialize_config_dir\n"
         "from mmflow.cli import cell_config\n"
         "from mmflow.store import cell_id\n"
-        "with initialize_config_module(config_module='mmflow.conf', version_base='1.3'):\n"
+        "from mmflow.config_dirs import CONF_DIR\n"
+        "with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
         f"    cfg = compose('config', overrides=['analysis={analysis}', 'results_dir={tmp_path}'])\n"
         "from mmflow.sweep.plan import plan_models\n"
         "from mmflow.sweep.settings import SweepSettings\n"

@@ -1,4 +1,4 @@
-"""The reference knockout is exactly METHOD.md's: checked against a plain re-implementation."""
+"""The reference knockout is exactly docs/method.md's: checked against a plain re-implementation."""
 
 from __future__ import annotations
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import add_loopback_node
-from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from mmflow.config_dirs import CONF_DIR
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 
@@ -96,8 +98,8 @@ def combos(cells: list[dict]) -> set[tuple[str, int]]:
 )
 def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # the configs are found in the package, from any folder
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.sweep_name == name
     sizes = [len(str(v).split(",")) for v in cfg.hydra.sweeper.params.values()]
@@ -107,7 +109,7 @@ def test_named_sweeps_compose_onto_the_mmflow_launcher(name: str, n_jobs: int, m
 
 
 def test_default_config_uses_the_launcher_and_a_local_ray() -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "mmflow" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.mmflow_launcher.MmflowLauncher"
     assert cfg.hydra.launcher.reuse_models is True and not cfg.hydra.launcher.ray.init.address

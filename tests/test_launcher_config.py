@@ -1,4 +1,4 @@
-"""Every `hydra.launcher…` override the README shows composes, and reaches `ray.init` as written."""
+"""Every `hydra.launcher…` override the README and docs/ show composes, and reaches `ray.init` as written."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mmflow.config_dirs import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def readme_overrides() -> list[str]:
@@ -22,7 +24,7 @@ def readme_overrides() -> list[str]:
 
 
 def launcher_cfg(overrides: list[str]):
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra.launcher
 
 

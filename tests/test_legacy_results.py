@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 
 from mmflow.cli import cell_config
+from mmflow.config_dirs import CONF_DIR
 from mmflow.store import cell_id
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.settings import SweepSettings
@@ -36,7 +37,7 @@ def results(tmp_path: Path) -> Path:
 
 
 def compose_cell(overrides: list[str], results: Path) -> dict:
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"results_dir={results}", "logger=none"])
     return cell_config(cfg)
 

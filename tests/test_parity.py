@@ -316,14 +316,15 @@ def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
     from today's composed config, whichever mode is chosen (they are all tiny/toy-model cells)."""
     import json
 
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from mmflow.analyses import canonical_config
+    from mmflow.config_dirs import CONF_DIR
     from mmflow.store import cell_id
 
     cells = json.loads((Path(__file__).parent / "fixtures" / "legacy_results" / "cells.json").read_text())
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for old_id, overrides in cells.items():
             for parity in ("paper", "corrected"):
                 cfg = compose(config_name="config", overrides=[*overrides, "logger=none", f"parity={parity}"])

@@ -288,7 +288,7 @@ def test_report_of_really_computed_cells(tmp_path: Path) -> None:
     from mmflow.models.registry import get_model
     from mmflow.runtime import run_cells
 
-    model = OmegaConf.to_container(OmegaConf.load(REPO / "mmflow/conf/model/tiny-llava.yaml"))
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
     loaded = get_model(model)
     base = cell_config(tmp_path / "results", task=TASK, model=model["name"])
     configs = [

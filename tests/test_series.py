@@ -34,7 +34,7 @@ DECODERS = {
 }
 # Parity images: the smallest that still exercise each family's tiling (tall anyres tiles with unpadding
 # for LLaVA-NeXT, a wide OneVision grid, Qwen2.5-VL's dynamic resolution at a GQA size); the 500 x 375
-# figures of the README table come from `scripts/series_table.py`.
+# figures of the table in docs/models.md come from `scripts/series_table.py`.
 PARITY_SIZES = {
     "tiny-llava-1.6-mistral": (120, 200),
     "tiny-llava-1.6-34b": (120, 200),
@@ -251,11 +251,13 @@ REAL = {  # name: (layers, default window, decoder family in the legend)
 
 def test_series_sweep_has_every_llava_model_at_its_scaled_window(monkeypatch):
     from conftest import ROOT
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
+
+    from mmflow.config_dirs import CONF_DIR
 
     monkeypatch.chdir(ROOT)
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=series"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="series", return_hydra_config=True)
         params = cfg.hydra.sweeper.params
         models = params.model.split(",")
         assert cfg.sweep_name == "series" and params.data == "gqa"
@@ -263,7 +265,7 @@ def test_series_sweep_has_every_llava_model_at_its_scaled_window(monkeypatch):
         assert set(REAL) - set(models) == {"qwen2.5-vl-7b"}  # every LLaVA model of the issue
         assert {"llava-1.5-7b", "llava-1.5-13b", "llava-1.6-vicuna-7b", "llama3-llava-next-8b"} <= set(models)
         for name, (layers, window, _) in REAL.items():
-            one = compose(config_name="config", overrides=["experiment=series", f"model={name}"])
+            one = compose(config_name="series", overrides=[f"model={name}"])
             assert (one.model.n_layers, one.window) == (layers, window)
             assert abs(window - 7 * layers / 32) <= 1  # the paper's 7 of 32, scaled
 

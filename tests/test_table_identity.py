@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import cell_config
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mmflow.cell import Cell, start
+from mmflow.config_dirs import CONF_DIR
 from mmflow.data import DataError, resolve_data
 from mmflow.runtime import run_cells
 from mmflow.store import cell_id
@@ -61,7 +62,7 @@ def run_config(results: Path) -> dict:
     ]
     from mmflow.cli import cell_config as resolve
 
-    with initialize_config_module(config_module="mmflow.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return resolve(compose("config", overrides=overrides))
 
 

@@ -55,7 +55,7 @@ def computed(tmp_path_factory):
     from mmflow.runtime import run_cells
 
     tmp = tmp_path_factory.mktemp("wandb")
-    model = OmegaConf.to_container(OmegaConf.load(REPO / "mmflow/conf/model/tiny-llava.yaml"))
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
     base = cell_config(tmp / "results", sweep_name="wbtest", logger=logger_section(tmp / "wb", curve_every=1))
     configs = [dict(base, knockout={"name": k, "source": s, "target": t}) for k, (s, t) in KNOCKOUTS.items()]
     with pytest.MonkeyPatch.context() as patch:

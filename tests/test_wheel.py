@@ -3,8 +3,9 @@
 No downloads: the fresh environment sees this project's dependencies through a `.pth` file that
 points at the test interpreter's site-packages (it installs none of them), and the wheel goes in
 with `pip install --no-deps --no-index`. Then `mmflow run` computes the smoke sweep in a temporary
-folder, with the configs, toy weights and launcher plugin the wheel carries, and `mmflow report`
-writes the report of that sweep.
+folder, with the configs (the checkout's `conf/` and `sweeps/`, carried as `mmflow/conf` and
+`mmflow/sweeps`), toy weights and launcher plugin the wheel carries, and `mmflow report` writes the
+report of that sweep.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def test_the_wheel_carries_configs_data_weights_plugin_and_command(wheel: Path) 
     for needed in (
         "mmflow/conf/config.yaml",
         "mmflow/conf/model/toy-llava.yaml",
-        "mmflow/conf/experiment/smoke.yaml",
+        "mmflow/sweeps/smoke.yaml",
+        "mmflow/sweeps/paper.yaml",
         "mmflow/data/gqa_tasks/ChooseAttr.csv",
         "mmflow/toy_weights/toy-llava/model.safetensors",
         "mmflow/sweep/scheduler.py",
         "hydra_plugins/mmflow_launcher/__init__.py",
+        "hydra_plugins/mmflow_sweeps/__init__.py",
     ):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
@@ -93,14 +96,15 @@ def test_wheel_in_a_fresh_venv_runs_the_smoke_sweep_and_the_report(wheel: Path, 
     where = sh(
         python,
         "-c",
-        "import mmflow.sweep, hydra_plugins.mmflow_launcher as h; print(mmflow.sweep.__file__, h.__file__)",
+        "import mmflow.sweep, mmflow.config_dirs as p, hydra_plugins.mmflow_launcher as h; "
+        "print(mmflow.sweep.__file__, h.__file__, p.CONF_DIR, p.SWEEPS_DIR)",
         cwd=work,
         env=env,
     )
     assert all(str(venv) in p for p in where.split()), where  # the wheel's code, not the checkout's
 
     # the smoke sweep on one of its two models (4 cells), in this process: the Ray path has its own tests
-    overrides = ["experiment=smoke", "model=tiny-llava", "n_samples=1", "logger=none", "results_dir=results"]
+    overrides = ["-cn", "smoke", "model=tiny-llava", "n_samples=1", "logger=none", "results_dir=results"]
     out = sh(venv / "bin" / "mmflow", "run", *overrides, "hydra.launcher.executor=local", cwd=work, env=env)
     assert "4 done, 0 cached, 0 failed" in out
     (sweep_json,) = (work / "results" / "_hydra" / "sweeps" / "smoke").glob("*/sweep.json")

@@ -1,6 +1,6 @@
 """Hydra launcher plugin: a multirun's jobs become cells for mmflow's sweep core (`mmflow.sweep`).
 
-Select it with `hydra/launcher=mmflow` (the default of `mmflow/conf/config.yaml`). The launcher only
+Select it with `hydra/launcher=mmflow` (the default of `conf/config.yaml`). The launcher only
 composes each job's config (`_compose`: each distinct group selection once, then values on plain
 data), resolves it into a cell, hands the cells to `mmflow.sweep.core.Sweep` (Ray actors by default)
 or prints their plan (`hydra.launcher.plan=true`), writes each job's `<n>/.hydra/overrides.yaml` and
@@ -59,6 +59,7 @@ class MmflowLauncher(Launcher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import configure_log, setup_globals
 
+        from mmflow.known_keys import refuse_unknown_keys
         from mmflow.secrets import redact_argv
         from mmflow.sweep.core import Sweep, SweepFailed
         from mmflow.sweep.display import own_log_lines
@@ -75,6 +76,7 @@ class MmflowLauncher(Launcher):
             lambda i, o: self.compose(composer, initial_job_idx + i, o),
             progress=self.settings.progress != "none",
         )
+        refuse_unknown_keys(jobs)  # a key no config defines: one line before anything runs
         logger = self.config.get("logger")
         HydraConfig.instance().set_config(self.config)  # the composer set its bases' configs
         sweep = Sweep(

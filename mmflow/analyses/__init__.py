@@ -1,7 +1,7 @@
 """Analyses: what is computed from a sample's clean pass and the engine's jobs, and how it is shown.
 
 Each analysis is a plug-in implementing `mmflow.analyses.base.Analysis` (one module here and one
-config `mmflow/conf/analysis/<name>.yaml`); `analysis_for(config)` finds it by the config's `analysis` key.
+config `conf/analysis/<name>.yaml`); `analysis_for(config)` finds it by the config's `analysis` key.
 """
 
 from mmflow.analyses.base import (

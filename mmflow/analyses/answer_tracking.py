@@ -1,4 +1,4 @@
-"""Answer tracking: a logit lens on the last position's residual stream (METHOD.md, "Answer tracking").
+"""Answer tracking: a logit lens on the last position's residual stream (docs/method.md, "Answer tracking").
 
 Every layer's hidden state at the last position (`CleanPass.last_hidden` [L+1, D]: the embeddings,
 then the output of each decoder layer, before the final norm) is projected onto the vocabulary, and
@@ -210,7 +210,7 @@ def top_columns(probs: torch.Tensor, tokenizer) -> dict[str, list]:
 class AnswerTrackingAnalysis(Analysis):
     """Logit lens at the last position: the answer's probability per layer in each surface form.
 
-    Config (`mmflow/conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
+    Config (`conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
     """
 
     name = "answer_tracking"

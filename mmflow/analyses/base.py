@@ -1,6 +1,6 @@
 """The analysis protocol and the registry of analyses.
 
-An analysis is one kind of cell (`mmflow/conf/analysis/<name>.yaml` sets `analysis: <name>` and only the
+An analysis is one kind of cell (`conf/analysis/<name>.yaml` sets `analysis: <name>` and only the
 keys that analysis reads). Everything that depends on the kind goes through this protocol: the
 runtime asks it for the jobs of a sample's clean pass and turns the engine's log-probs into rows;
 the store asks it for the result schema; the W&B logger and the report ask it for the headline, the
@@ -8,7 +8,7 @@ per-layer curve table, the figures and the labels. Nothing outside `mmflow/analy
 string.
 
 Adding an analysis: one module `mmflow/analyses/<name>.py` with a subclass of `Analysis` decorated
-by `@register`, and one config `mmflow/conf/analysis/<name>.yaml` (`# @package _global_`, `analysis: <name>`
+by `@register`, and one config `conf/analysis/<name>.yaml` (`# @package _global_`, `analysis: <name>`
 plus the analysis's own keys). `analysis_for(config)` imports the module by its name.
 """
 
@@ -103,7 +103,7 @@ class Analysis(ABC):
         missing = [k for k in self.config_keys if k not in config]
         if missing:
             raise ValueError(
-                f"analysis {self.name!r} needs config keys {missing} (mmflow/conf/analysis/{self.name}.yaml)"
+                f"analysis {self.name!r} needs config keys {missing} (conf/analysis/{self.name}.yaml)"
             )
         self.config = dict(config)
         self.loaded: LoadedModel | None = None

@@ -1,6 +1,6 @@
 """The knockout analysis: windows of one block type -> per-layer change of the answer probability.
 
-Config (`mmflow/conf/analysis/knockout.yaml`): `knockout` (name, source, target: a `conf/knockout/` entry)
+Config (`conf/analysis/knockout.yaml`): `knockout` (name, source, target: a `conf/knockout/` entry)
 and `window` (the width k of the window of blocked layers around each centre layer).
 """
 
@@ -76,7 +76,7 @@ def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-# Token groups in prompt order (METHOD.md, "Token groups"): the image comes first, then the question,
+# Token groups in prompt order (docs/method.md, "Token groups"): the image comes first, then the question,
 # then the last position; object/nonobject lie inside the image, the options inside the question.
 GROUP_RANK = {
     "image": 0,

@@ -96,7 +96,7 @@ def group_label(name: str) -> str:
 class PatchingAnalysis(Analysis):
     """Restore each group in the window around every centre layer of a corrupted run.
 
-    Config (`mmflow/conf/analysis/patching.yaml`): `window`, `corruption` (noise | counterfactual |
+    Config (`conf/analysis/patching.yaml`): `window`, `corruption` (noise | counterfactual |
     blank), `patching` (groups, noise_scale, margin); `engine.name` picks the patcher.
     """
 

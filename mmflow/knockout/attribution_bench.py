@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,10 +121,10 @@ def toy_loaded():
     """toy-llava with its committed weights (its model config, as a cell would load it)."""
     from omegaconf import OmegaConf
 
-    import mmflow.conf
+    from mmflow.config_dirs import CONF_DIR
     from mmflow.models.registry import get_model
 
-    path = Path(mmflow.conf.__file__).parent / "model" / "toy-llava.yaml"
+    path = CONF_DIR / "model" / "toy-llava.yaml"
     return get_model(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 

@@ -1,7 +1,7 @@
 """What an exact knockout must recompute, in multiply-accumulates (MACs) of the decoder.
 
 A job that blocks edges into targets from layer `lo` on changes nothing below `lo` nor before its
-first target (the first position it can change, METHOD.md "Knockout"); anything from there to T-1,
+first target (the first position it can change, docs/method.md "Knockout"); anything from there to T-1,
 from `lo` up, may change. So no exact method (the fast engine included) can recompute less than
 those positions in those layers. At the top layer only the last position's query, attention and MLP
 feed the answer, but every suffix position's key and value is still needed.

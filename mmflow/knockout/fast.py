@@ -1,6 +1,6 @@
 """The fast engine: recompute only what a knockout can change, exactly, for all jobs of a sample at once.
 
-Why it is exact (METHOD.md, "Knockout"): blocking edges into targets B changes nothing at positions
+Why it is exact (docs/method.md, "Knockout"): blocking edges into targets B changes nothing at positions
 before its first target t (causal attention) nor below the window's first layer lo. So the
 clean pass (the reference's own forward, no job active) keeps, per layer, the post-rotary keys/values
 of the whole sequence and the layer inputs from the earliest planned target on; each job then

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The paper's block types (METHOD.md, "Knockout") by config name.
+# The paper's block types (docs/method.md, "Knockout") by config name.
 NAMED_KNOCKOUTS: dict[str, tuple[str, str]] = {
     "image_to_question": ("image", "question"),
     "image_to_last": ("image", "last"),

@@ -1,4 +1,4 @@
-"""The paper's prompts (METHOD.md, "Prompt"), built by mmflow for every model.
+"""The paper's prompts (docs/method.md, "Prompt"), built by mmflow for every model.
 
 The llava-hf processors' default chat templates differ from what the paper used (no system
 sentence), so mmflow builds the text itself and records where the question sits in it.

@@ -97,7 +97,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def _apply_preprocess(processor, image_preprocess: str):
-    """Make the image processor do what the checkpoint was trained with (METHOD.md: pad vs crop)."""
+    """Make the image processor do what the checkpoint was trained with (docs/method.md: pad vs crop)."""
     if image_preprocess == "pad":
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 

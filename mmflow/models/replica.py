@@ -9,7 +9,7 @@ tokenizer with `<image>` (and `<pad>`) added as llava-hf's conversion scripts do
 
     python -m mmflow.models.replica build llava-1.5-7b --out DIR [--full-size] [--dtype float16]
 
-Every field's source is in `mmflow.models.replica_specs` (comments) and the README "Replica checkpoints".
+Every field's source is in `mmflow.models.replica_specs` (comments) and docs/models.md, "Replica checkpoints".
 Another model family is one more `ReplicaSpec` entry.
 """
 

@@ -1,6 +1,6 @@
 """The real checkpoints a replica copies (`mmflow.models.replica`): one `ReplicaSpec` per model.
 
-Every value is sourced in a comment and in the README table "Replica checkpoints". Another model
+Every value is sourced in a comment and in the table "Replica checkpoints" of docs/models.md. Another model
 family is one more entry in `REPLICA_SPECS`.
 """
 

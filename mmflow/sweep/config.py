@@ -12,7 +12,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved cell config as plain data, with an absolute results folder (and for `data=table`
     absolute data paths and the file's digest, `mmflow.data.resolve_data`).
 
-    Its analysis's config (`mmflow/conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
+    Its analysis's config (`conf/analysis/<name>.yaml`) brings only the keys that analysis reads, so
     nothing it ignores can change its cell id. Raises ValueError for the retired top-level `ray:` block.
     """
     if "ray" in cfg:
@@ -22,7 +22,7 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 
 RAY_MOVED = (
     "the `ray:` settings moved to `hydra.launcher.ray` (e.g. hydra.launcher.ray.init.address=auto, "
-    "hydra.launcher.ray.init.num_cpus=2); see README 'Sweeps'"
+    "hydra.launcher.ray.init.num_cpus=2); see docs/running.md"
 )
 
 
@@ -32,12 +32,15 @@ def cell_from_container(container: dict[str, Any]) -> dict[str, Any]:
 
     from mmflow.analyses import canonical_config
     from mmflow.data import resolve_data
+    from mmflow.known_keys import check_known_keys
     from mmflow.paths import expand_path
 
     if "ray" in container:
         raise ValueError(RAY_MOVED)
+    container = dict(container)
+    container.pop("hydra", None)
+    check_known_keys(container)  # `+n_sampels=3`: refused, naming n_samples
     config = canonical_config(container)
-    config.pop("hydra", None)
     results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset variable: refused
     config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
     config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest

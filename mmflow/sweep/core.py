@@ -61,7 +61,10 @@ class CellJob:
             job.cell_id = CellStore(job.cell["results_dir"], job.cell).id
             validate_cell(job.cell)
         except CellConfigError as exc:  # this cell fails alone, with the key named
-            job.invalid = f"{type(exc).__name__}: {exc}"
+            if job.cell is None:  # refused while resolving (an unknown key): no cell, an invalid job
+                job.error = f"{type(exc).__name__}: {exc}"
+            else:
+                job.invalid = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             job.cell, job.error = None, f"{type(exc).__name__}: {short_error(exc)}"
         return job

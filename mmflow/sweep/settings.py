@@ -46,7 +46,7 @@ DEPRECATED_KEYS = {"group_retries": "batch_retries", "group_timeout_s": "batch_t
 
 @dataclass
 class SweepSettings:
-    """Every knob of a sweep (see README "Sweeps"); defaults suit one machine."""
+    """Every knob of a sweep (see docs/running.md); defaults suit one machine."""
 
     executor: str = "ray"  # ray (actors, one model each) | local (this process, one batch at a time)
     # Workers per model; each loads its model once and runs whole cell batches from the queue.

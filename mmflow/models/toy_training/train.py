@@ -263,10 +263,12 @@ def train(cfg: ToyConfig, out: Path, command: str) -> dict[str, Any]:
 
 
 def model_config(path: Path | str | None = None) -> dict[str, Any]:
-    """mmflow/conf/model/toy-llava.yaml as a dict, optionally pointing at another weights folder."""
+    """conf/model/toy-llava.yaml as a dict, optionally pointing at another weights folder."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / "toy-llava.yaml"  # mmflow/conf
+    from mmflow.config_dirs import CONF_DIR
+
+    conf = CONF_DIR / "model" / "toy-llava.yaml"
     config = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
     if path is not None:
         config["checkpoint"] = str(path)
