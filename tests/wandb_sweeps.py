@@ -64,7 +64,8 @@ def read_runs(folder: Path) -> dict[str, dict]:
 
 
 def run_smoke(tmp_path_factory) -> dict:
-    """The smoke sweep (`mmflow run -cn smoke`): tiny-llava and tiny-llava-next x 2 knockouts x windows 1, 3 (8 cells)."""
+    """The smoke sweep (`mmflow run -cn smoke`): tiny-llava and tiny-llava-next x 2 knockouts x
+    windows 1, 3 (8 cells)."""
     tmp = tmp_path_factory.mktemp("smoke")
     configs = []
     for model in ("tiny-llava", "tiny-llava-next"):
