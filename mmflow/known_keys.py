@@ -21,6 +21,12 @@ from mmflow.checks import CellConfigError
 from mmflow.config_dirs import CONF_DIR
 
 GLOBAL_PACKAGE = "# @package _global_"
+# Keys a cell may add (`+model.device_map=auto`) that the shipped YAML files leave out, so that the ids
+# of cells without them stay what they were: docs/configuration.md describes each.
+OPTIONAL_KEYS: dict[tuple[str, str], dict[str, Any]] = {  # (group, option or "*"): keys
+    ("model", "*"): {"device_map": None, "max_tokens": None},  # placement over GPUs; a shorter context
+    ("data", "table"): {"allow_images_outside": None},  # table images outside data.image_dir
+}
 UNKNOWN = "unknown key, no config of this cell defines it"
 
 
@@ -87,7 +93,11 @@ def schema(config: Mapping[str, Any]) -> dict[str, Any]:
     for group in ("model", "data", "engine", "logger"):
         chosen = config.get(group)
         if group in out and isinstance(chosen, Mapping):
-            out[group] = _group(group, chosen.get("name"))
+            optional = {
+                **OPTIONAL_KEYS.get((group, "*"), {}),
+                **OPTIONAL_KEYS.get((group, chosen.get("name")), {}),
+            }
+            out[group] = {**_group(group, chosen.get("name")), **optional}
     return out
 
 

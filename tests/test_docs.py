@@ -26,7 +26,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`((?:mmflow|python launch\.py|python -m|make run)\b[^`]*)`")
 PLACEHOLDER = re.compile(r"<[^>]*>|…|\.\.\.|^\[.*\]$")
-SUBCOMMANDS = {"run", "report", "bench", "toy"}
+SUBCOMMANDS = {"run", "plan", "report", "wandb", "bench", "toy"}
 COMMAND_LINE = re.compile(r"^\s*([A-Z_]+=\S+\s+)*((mmflow|python3?|make) |scripts/\S+\.(sh|py)\b)")
 
 
@@ -54,8 +54,8 @@ def commands(page: Path) -> list[str]:
 def run_args(command: str) -> list[str] | None:
     """The arguments of `mmflow run …` / `python launch.py …` / `make run ARGS=…`, else None."""
     words = shlex.split(command)
-    if words[:2] == ["mmflow", "run"] or words[:2] == ["python", "launch.py"]:
-        return words[2:]
+    if words[:2] in (["mmflow", "run"], ["mmflow", "plan"], ["python", "launch.py"]):
+        return [w for w in words[2:] if w not in ("--plan", "--no-preflight")]  # mmflow's own flags
     if words[:2] == ["make", "run"]:
         return [w for a in words[2:] if a.startswith("ARGS=") for w in shlex.split(a[5:])]
     return None

@@ -53,6 +53,24 @@ def test_a_key_no_config_of_the_cell_defines_is_refused_naming_the_closest(overr
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+model.device_map=auto"],
+        ["+model.max_tokens=512"],
+        ["data=table", "data.path=x.csv", "data.image_dir=imgs", "+data.allow_images_outside=true"],
+    ],
+)
+def test_optional_keys_the_yaml_leaves_out_are_accepted(overrides: list[str]) -> None:
+    """Keys mmflow reads but no shipped YAML sets (so existing cell ids keep them out)."""
+    check_known_keys(composed(overrides))
+
+
+def test_a_misspelt_optional_key_is_refused() -> None:
+    with pytest.raises(CellConfigError, match="did you mean model.device_map?"):
+        check_known_keys(composed(["+model.devise_map=auto"]))
+
+
 def test_answer_tracking_has_no_window_and_lists_the_keys_it_has() -> None:
     with pytest.raises(CellConfigError, match=r"window=3: unknown key.*top-level keys: .*lens"):
         check_known_keys(composed(["analysis=answer_tracking", "+window=3"]))
