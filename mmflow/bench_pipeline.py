@@ -140,6 +140,7 @@ def run_pipeline(
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         samples = write_noise_images(task, n_samples, tmp / "images")
+        window = min(window, loaded.n_layers)  # the paper's 7 of 32, at most the model's depth (dry runs)
         configs = cell_configs(loaded, task, n_samples, window, knockouts, tmp / "images", tmp / "r0")
         if len(samples) != len(load_samples(configs[0])):
             raise RuntimeError(f"the first {n_samples} rows of {task} are not all usable samples")

@@ -13,7 +13,10 @@ class CellConfigError(ValueError):
     """A cell config that cannot compute anything meaningful; the message names the key."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{key}={value!r}: {allowed}")
+        from mmflow.secrets import is_secret_name
+
+        shown = "<redacted>" if is_secret_name(key.rsplit(".", 1)[-1]) else repr(value)  # never echo a token
+        super().__init__(f"{key}={shown}: {allowed}")
         self.key = key
 
 

@@ -25,7 +25,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 OBJECT_STORE = str(100 * 2**20)
 # Token auth off for these private test clusters (a shared ~/.ray/auth_token must not decide it);
 # drivers that join them get the same environment (`ENV`).
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# Separate `ray start` processes form a multi-node cluster, which Ray refuses in the single-machine mode
+# the other tests use for loopback (conftest): here Ray runs in its normal mode, and then it replaces
+# `--node-ip-address=127.0.0.1` with the machine's own address (ray._private.services).
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
 
 def free_port() -> int:

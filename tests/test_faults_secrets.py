@@ -20,11 +20,10 @@ from mmflow.secrets import REDACTED, redact_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_SECRETS = {"HF_TOKEN": "hf_EnvS3cretA", "WANDB_API_KEY": "wb_EnvS3cretB"}
-ARG_SECRETS = {
-    "+hydra.launcher.ray.init.runtime_env.env_vars.HF_TOKEN": "hf_ArgS3cretC",
-    "+logger.api_key": "wb_ArgS3cretD",
-    "+db.password": "pw_ArgS3cretE",
-}
+ARG_SECRETS = {"+hydra.launcher.ray.init.runtime_env.env_vars.HF_TOKEN": "hf_ArgS3cretC"}
+# Keys no config of a cell defines: refused before anything runs (mmflow.known_keys), value not echoed.
+REFUSED_SECRETS = {"+logger.api_key": "wb_ArgS3cretD", "+db.password": "pw_ArgS3cretE"}
+ALL_ARG_SECRETS = {**ARG_SECRETS, **REFUSED_SECRETS}
 
 
 def leaks(folder: Path, values) -> list[str]:
@@ -45,9 +44,9 @@ def short_tmp() -> Iterator[Path]:
 
 
 def test_command_line_secrets_are_redacted_in_place():
-    argv = ["launch.py", "-m", *(f"{k}={v}" for k, v in ARG_SECRETS.items()), "window=3"]
+    argv = ["launch.py", "-m", *(f"{k}={v}" for k, v in ALL_ARG_SECRETS.items()), "window=3"]
     assert redact_argv(argv) is argv
-    assert argv == ["launch.py", "-m", *(f"{k}={REDACTED}" for k in ARG_SECRETS), "window=3"]
+    assert argv == ["launch.py", "-m", *(f"{k}={REDACTED}" for k in ALL_ARG_SECRETS), "window=3"]
 
 
 def test_wandb_run_files_hold_no_secret_from_the_command_line(tmp_path, monkeypatch):
@@ -55,14 +54,14 @@ def test_wandb_run_files_hold_no_secret_from_the_command_line(tmp_path, monkeypa
     from mmflow.wandb_logger.settings import init_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    argv = ["launch.py", *(f"{k}={v}" for k, v in ARG_SECRETS.items()), "n_samples=1"]
+    argv = ["launch.py", *(f"{k}={v}" for k, v in ALL_ARG_SECRETS.items()), "n_samples=1"]
     monkeypatch.setattr(sys, "argv", list(argv))
     run = init_run({"project": "mmflow-test", "mode": "offline"}, tmp_path, id="secrets")
     run.log({"x": 1})
     run.finish()
     assert sys.argv == argv  # given back as it was
     assert list(tmp_path.glob("wandb/offline-run-*/*.wandb"))
-    assert leaks(tmp_path, ARG_SECRETS.values()) == []
+    assert leaks(tmp_path, ALL_ARG_SECRETS.values()) == []
 
 
 @pytest.mark.ray
@@ -120,3 +119,10 @@ def test_a_sweep_writes_no_secret_in_results_wandb_or_ray_session(short_tmp):
     secrets = [*ENV_SECRETS.values(), *ARG_SECRETS.values()]
     assert leaks(short_tmp, secrets) == []
     assert not any(s in proc.stdout + proc.stderr for s in secrets)
+    for key, value in REFUSED_SECRETS.items():  # a secret under a key no config defines: one line, no echo
+        refused = subprocess.run(
+            [*cmd, f"{key}={value}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+        )
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"{key.lstrip('+')}=<redacted>: unknown key" in refused.stderr
+        assert value not in refused.stdout + refused.stderr and leaks(short_tmp, [value]) == []

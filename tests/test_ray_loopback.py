@@ -46,5 +46,5 @@ def test_test_clusters_put_every_node_on_loopback(ray_cluster) -> None:
             ray.shutdown()
     finally:
         ray_cluster.remove_node(node)
-    assert len(addresses) == 2 and set(addresses) == {LOOPBACK}
+    assert len(addresses) >= 2 and set(addresses) == {LOOPBACK}  # other tests may have added nodes
     assert ray_cluster.address.startswith(f"{LOOPBACK}:")

@@ -52,9 +52,10 @@ def test_smoke_workspace_sections_and_panels(smoke: dict) -> None:
     assert workspace.runset_settings.filters == f'Metric("ID") in {smoke["ids"] + sweep_runs}'
     for panel in (p for s in workspace.sections for p in s.panels):
         assert panel.x.name == "rel_depth" and len(panel.y) == 2  # one line per model
-        assert sorted(panel.line_titles.values()) == ["LLaVA-1.5 tiny", "LLaVA-NeXT (LLaMA-3) tiny"]
+        one, next_ = "LLaVA-1.5 tiny [random weights]", "LLaVA-NeXT (LLaMA-3) tiny [random weights]"
+        assert sorted(panel.line_titles.values()) == [one, next_]  # random weights marked (issue 23)
         colours = {title: panel.line_colors[series]["color"] for series, title in panel.line_titles.items()}
-        assert colours == {"LLaVA-1.5 tiny": "#1f77b4", "LLaVA-NeXT (LLaMA-3) tiny": "#d62728"}  # by family
+        assert colours == {one: "#1f77b4", next_: "#d62728"}  # by family
     first = workspace.sections[0].panels[0]
     assert [m.name for m in first.y] == [
         "flow/ChooseAttr/image_to_question/tiny-llava/w1/rel_change_pct",
