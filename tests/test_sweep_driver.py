@@ -268,3 +268,17 @@ def test_missing_first_images_warn_once_and_block_nothing(tmp_path: Path, caplog
     assert preflight(sweep.cells, SweepSettings()) == {}  # missing images are per-sample skips
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preflight:")]
     assert "lacks the first rows' images" in line and line.endswith("(3 cells)")
+
+
+def test_the_command_line_sweep_composes_each_job_once_and_a_bad_value_fails_alone(tmp_path: Path) -> None:
+    """Hydra's basic sweeper would compose every job up front and stop the whole sweep at the first
+    value that does not compose; mmflow's sweeper leaves that to the launcher (job by job)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "launch.py"), "-m", "model=tiny-llava,tiny-lava", "logger=none"]
+    command += [f"results_dir={tmp_path}", "hydra.launcher.plan=true"]
+    planned = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "2 jobs -> 1 cells: 1 new" in planned.stdout and "1 invalid jobs" in planned.stdout

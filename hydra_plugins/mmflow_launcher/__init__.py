@@ -22,11 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.mmflow_launcher._compose import JobComposer, compose_all
 from hydra_plugins.mmflow_launcher._config import MmflowLauncherConf  # registers hydra/launcher=mmflow
+from hydra_plugins.mmflow_launcher._sweeper import MmflowSweeper  # registers hydra/sweeper=mmflow
 
 if TYPE_CHECKING:
     from mmflow.sweep.core import CellJob, Sweep
 
-__all__ = ["MmflowLauncher", "MmflowLauncherConf"]
+__all__ = ["MmflowLauncher", "MmflowLauncherConf", "MmflowSweeper"]
 
 
 class MmflowLauncher(Launcher):
