@@ -67,8 +67,11 @@ class RayNode:
             private.mkdir(parents=True, exist_ok=True)
             mount = 'mount -t tmpfs mmflow-private "$0" && exec "$@"'
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(private), *cmd]
+        # conftest's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) makes `ray start
+        # --address` refuse to add a worker; these nodes are pinned to 127.0.0.1 by their own flag
+        env = {**ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         self.output: list[str] = []
         started = threading.Event()

@@ -183,7 +183,18 @@ class Sweep:
         with the number of cells it blocks; those cells fail with it, the others go on."""
         from mmflow.sweep.preflight import preflight
 
-        for cause, cell_ids in preflight(todo, self.settings).items():
+        return self.fail_blocked(todo, preflight(todo, self.settings))
+
+    def joins_cluster(self) -> bool:
+        """This sweep's actors run on a Ray cluster it joins (other nodes may lack a model)."""
+        init = self.settings.ray.init or {} if self.settings.ray else {}
+        return self.executor is None and self.settings.executor == "ray" and bool(init.get("address"))
+
+    def fail_blocked(
+        self, todo: dict[str, dict[str, Any]], blocked: dict[str, list[str]]
+    ) -> dict[str, dict[str, Any]]:
+        """Fail the cells of each preflight root cause (one line each); the rest of `todo`."""
+        for cause, cell_ids in blocked.items():
             log.warning("preflight: %s (blocks %d cell%s)", cause, len(cell_ids), "s" * (len(cell_ids) > 1))
             error = f"preflight: {cause}"
             for cell_id in cell_ids:
@@ -199,6 +210,12 @@ class Sweep:
         from mmflow.sweep.scheduler import Scheduler
 
         with self.executor_session() as executor:
+            if self.joins_cluster() and self.settings.preflight:
+                from mmflow.prefetch import node_preflight
+
+                todo = self.fail_blocked(todo, node_preflight(todo))
+                if not todo:
+                    return
             scheduler = Scheduler(
                 self.settings, plan_models(todo, self.settings), executor, self.record, self.context
             )
