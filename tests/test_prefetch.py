@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from ray_nodes import ENV, can_unshare, start_head, start_worker
 
-from mmflow.prefetch import root_causes, sweep_models
+from mmflow.sweep.prefetch import root_causes, sweep_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

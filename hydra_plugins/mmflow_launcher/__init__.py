@@ -94,7 +94,7 @@ class MmflowLauncher(Launcher):
             self.plan = print_plan(sweep, compose_s=self.compose_s)
             return [self.job_return(sweep, job) for job in jobs]
         if self.settings.prefetch:
-            from mmflow.prefetch import prefetch
+            from mmflow.sweep.prefetch import prefetch
 
             if prefetch(sweep.cells, self.settings.ray if self.settings.executor == "ray" else None):
                 raise SweepFailed(sweep)  # one line per root cause was printed

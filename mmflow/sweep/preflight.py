@@ -1,6 +1,6 @@
 """Preflight: what would fail every cell of a model or data source, checked once before any cell runs.
 
-Per model: the checkpoint is reachable here (on every node when joining a cluster: mmflow.prefetch)
+Per model: the checkpoint is reachable here (on every node when joining a cluster: mmflow.sweep.prefetch)
 (a built-in `toy:`/`tiny:`/`replica:` model, a local folder,
 the Hugging Face cache, or the hub when not offline), the packages its settings need are importable
 (`accelerate` for `device_map`), the GPUs it asks for exist (on a local Ray with GPUs; without any,
@@ -114,7 +114,7 @@ def preflight(
             counted["n"] = gpus()
         return counted["n"]
 
-    # joining a cluster: the checkpoint is checked on every node (mmflow.prefetch.node_preflight)
+    # joining a cluster: the checkpoint is checked on every node (mmflow.sweep.prefetch.node_preflight)
     joins = settings.executor == "ray" and bool((settings.ray.init or {}).get("address"))
     checkpoint_check = (lambda m: None) if joins else checkpoint_problem
     seen: dict[str, str | None] = {}
