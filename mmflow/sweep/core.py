@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mmflow.context import RunContext
-from mmflow.locks import CellLock, describe, mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.locks import (
+    CellLock,
+    ConfigError,
+    describe,
+    mark_stale_sweeps,
+    sigterm_as_interrupt,
+    this_process,
+)
 from mmflow.secrets import redact_hydra_files
 from mmflow.store import CellStore
 from mmflow.sweep.display import make_display
@@ -144,6 +151,7 @@ class Sweep:
             redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
 
     def _run(self) -> None:
+        self.use_results_store()
         for cell_id, cell in self.cells.items():
             self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
         for job in (j for j in self.jobs if j.invalid and j.cell is not None):
@@ -178,6 +186,21 @@ class Sweep:
             print_summary(self)
         self.publish()
 
+    def use_results_store(self) -> None:
+        """A results_dir URI (`mmflow.objectstore`): the driver is its single writer; its cells are
+        read from the store into the local mirror first, so resume sees what the store holds."""
+        if not any(cell.get("results_uri") for cell in self.cells.values()):
+            return
+        from mmflow.objectstore import pull_cells
+
+        if self.settings.write_results == "workers":
+            raise ConfigError(
+                "results_dir is an object-store URI: only the driver writes it; "
+                "drop hydra.launcher.write_results=workers (or use driver)"
+            )
+        self.settings.write_results = "driver"
+        pull_cells(self.cells)
+
     def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Check each model and data source once (`mmflow.sweep.preflight`): one line per root cause
         with the number of cells it blocks; those cells fail with it, the others go on."""
@@ -211,7 +234,7 @@ class Sweep:
 
         with self.executor_session() as executor:
             if self.joins_cluster() and self.settings.preflight:
-                from mmflow.prefetch import node_preflight
+                from mmflow.sweep.prefetch import node_preflight
 
                 todo = self.fail_blocked(todo, node_preflight(todo))
                 if not todo:
