@@ -139,3 +139,30 @@ def test_workers_writing_a_store_is_refused(s3) -> None:
     proc = sweep(env, f"s3://{BUCKET}/w", 1, "hydra.launcher.write_results=workers")
     out = finish(proc)
     assert proc.returncode == 2 and "only the driver writes it" in out, out[-3000:]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_on_a_cluster_writes_its_cells_to_the_store(ray_cluster, s3) -> None:
+    """Actors relay every write to the driver (forced for a URI), which uploads it."""
+    from ray_nodes import ENV
+
+    fs, env = s3
+    uri = f"s3://{BUCKET}/cluster"
+    proc = sweep(
+        {**env, "RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"]},
+        uri,
+        2,
+        "knockout=image_to_question,question_to_last",
+        "hydra.launcher.executor=ray",
+        f"hydra.launcher.ray.init.address={ray_cluster.address}",
+    )
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "file write(s)" in out  # relayed through the driver
+    fs.invalidate_cache()
+    metas = [json.loads(fs.cat(key)) for key in fs.glob(f"{BUCKET}/cluster/*/cell.json")]
+    assert len(metas) == 2 and {m["status"] for m in metas} == {"done"}
+    for meta in metas:
+        samples = pd.read_parquet(io.BytesIO(fs.cat(f"{BUCKET}/cluster/{meta['cell_id']}/samples.parquet")))
+        assert len(samples) == 2
