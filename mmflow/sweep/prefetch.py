@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("mmflow.sweep")
 BUILTIN = ("toy", "tiny", "replica")
+CHECK_TIMEOUT_S = 120.0  # the preflight's presence checks on all nodes; a node silent longer is warned about
 Model = tuple[str, str | None]  # (checkpoint, revision)
 
 
@@ -87,9 +89,11 @@ def on_every_node(models: list[Model], download: bool) -> dict[str, dict[str, An
             strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
             refs[node["NodeID"]] = task.options(scheduling_strategy=strategy).remote(models, download)
     results = {}
+    deadline = time.monotonic() + CHECK_TIMEOUT_S
     for node_id, ref in refs.items():
-        try:
-            results[node_id] = ray.get(ref)
+        try:  # a check answers at once; a download may take hours
+            wait = None if download else max(deadline - time.monotonic(), 1.0)
+            results[node_id] = ray.get(ref, timeout=wait)
         except Exception as exc:  # noqa: BLE001 - a node that died meanwhile: said, not raised
             results[node_id] = {"node": "?", "error": f"{type(exc).__name__}: {exc}"}
     return results
