@@ -95,6 +95,24 @@ def test_uris_map_to_their_mirror_and_back(tmp_path, monkeypatch) -> None:
         mirror_dir("s3://")
 
 
+def test_a_store_uri_leaves_the_cell_id_as_a_local_folder_gives_it(tmp_path, monkeypatch) -> None:
+    """The same cell in a bucket and in a folder: one id (results_dir/results_uri are not semantic)."""
+    from hydra import compose, initialize_config_dir
+
+    from mmflow.cli import cell_config
+    from mmflow.config_dirs import CONF_DIR
+    from mmflow.store import cell_id
+
+    monkeypatch.setenv("MMFLOW_RESULTS_MIRROR", str(tmp_path / "mirror"))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        local = cell_config(
+            compose("config", overrides=[f"results_dir={tmp_path / 'r'}", "model=tiny-llava"])
+        )
+        stored = cell_config(compose("config", overrides=["results_dir=s3://b/r/", "model=tiny-llava"]))
+    assert stored["results_uri"] == "s3://b/r" and stored["results_dir"] == str(tmp_path / "mirror/s3/b/r")
+    assert "results_uri" not in local and cell_id(local) == cell_id(stored)
+
+
 def test_a_killed_cell_resumes_from_the_store_on_a_fresh_machine(s3, tmp_path) -> None:
     fs, env = s3
     uri = f"s3://{BUCKET}/runs"
