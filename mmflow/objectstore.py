@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger("mmflow.sweep")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-LOCAL_ONLY = (".lock",)  # a driver's own lock files stay in its mirror
+LOCAL_ONLY = ".lock"  # `.lock`, `.lock.owner.json`: a driver's own lock files stay in its mirror
 
 
 def is_uri(value: object) -> bool:
@@ -67,7 +67,7 @@ def sync(*paths: Path) -> None:
     that does not; paths outside a mirror and lock files are left alone."""
     for path in paths:
         uri = uri_of(path)
-        if uri is None or Path(path).name.endswith(LOCAL_ONLY):
+        if uri is None or Path(path).name.startswith(LOCAL_ONLY):
             continue
         fs, remote = filesystem(uri)
         if Path(path).is_file():
@@ -99,7 +99,7 @@ def pull(uri: str, cell_ids: Iterable[str]) -> int:
         folder = local / cell_id
         if folder.is_dir():
             for item in folder.iterdir():
-                if not item.name.endswith(LOCAL_ONLY):
+                if not item.name.startswith(LOCAL_ONLY):
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
         for relative in remote_files.get(cell_id, []):
             target = local / relative
