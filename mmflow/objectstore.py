@@ -70,19 +70,22 @@ def sync(*paths: Path) -> None:
         if uri is None or Path(path).name.startswith(LOCAL_ONLY):
             continue
         fs, remote = filesystem(uri)
-        if Path(path).is_file():
-            fs.put_file(str(path), remote)
-        elif not Path(path).exists():
-            try:
+        try:
+            if Path(path).is_file():
+                fs.put_file(str(path), remote)  # a missing bucket raises FileNotFoundError here
+            elif not Path(path).exists() and fs.exists(remote):
                 fs.rm_file(remote)
-            except FileNotFoundError:
-                pass
+        except Exception as exc:  # noqa: BLE001 - say which object, whatever the filesystem raised
+            raise OSError(f"results store: writing {uri} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def pull(uri: str, cell_ids: Iterable[str]) -> int:
     """Make the mirror's folders of `cell_ids` hold what the store holds (files the store lacks are
     removed, lock files kept); the number of files read."""
     fs, root = filesystem(uri)
+    bucket = root.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"results_dir={uri}: bucket {bucket} does not exist (or is not visible)")
     local = mirror_dir(uri)
     wanted = set(cell_ids)
     remote_files: dict[str, list[str]] = {}

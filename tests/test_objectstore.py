@@ -153,6 +153,15 @@ def test_a_killed_cell_resumes_from_the_store_on_a_fresh_machine(s3, tmp_path) -
     assert third.returncode == 0 and "cached" in out, out[-3000:]
 
 
+def test_a_missing_bucket_is_one_line_before_anything_runs(s3, tmp_path) -> None:
+    _, env = s3
+    proc = sweep(env, "s3://no-such-bucket/r", 1)
+    out = finish(proc)
+    assert proc.returncode == 2, out[-3000:]
+    assert "results store unreachable" in out and "bucket no-such-bucket does not exist" in out
+    assert "Traceback" not in out and not list((tmp_path / "mirror").rglob("cell.json"))
+
+
 def test_workers_writing_a_store_is_refused(s3) -> None:
     _, env = s3
     proc = sweep(env, f"s3://{BUCKET}/w", 1, "hydra.launcher.write_results=workers")

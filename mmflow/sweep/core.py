@@ -199,7 +199,10 @@ class Sweep:
                 "drop hydra.launcher.write_results=workers (or use driver)"
             )
         self.settings.write_results = "driver"
-        pull_cells(self.cells)
+        try:
+            pull_cells(self.cells)
+        except Exception as exc:  # noqa: BLE001 - no bucket, no credentials, no endpoint: one line
+            raise ConfigError(f"results store unreachable: {type(exc).__name__}: {exc}") from None
 
     def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Check each model and data source once (`mmflow.sweep.preflight`): one line per root cause
