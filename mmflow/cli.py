@@ -5,6 +5,8 @@ mmflow run -m [overrides]        a sweep: every combination of comma-separated v
 mmflow run -cn smoke             a named sweep (sweeps/*.yaml; -cd DIR adds a folder of your own)
 mmflow plan [overrides]          the sweep's plan (cells new/cached/partial/failed, batches, actors,
                                  samples, clean passes, GPU-hours); runs nothing (= mmflow run --plan)
+mmflow prefetch [overrides]      put every model of the sweep on every node (hub ids: HF cache; local
+                                 folders: checked); runs nothing else
 mmflow run -m --no-preflight     skip the checks of each model and data source before a sweep starts
 mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
 mmflow wandb publish SWEEP_DIR   create/update the sweep's W&B workspace and report (after `wandb sync`)
@@ -164,7 +166,11 @@ def run_arguments(command: str, args: list[str]) -> list[str]:
     out = [a for a in args if a not in ("--plan", "--no-preflight")]
     if "--no-preflight" in args:
         out.append("hydra.launcher.preflight=false")
-    if plan:
+    if command == "prefetch":
+        if not any(a in ("-m", "--multirun") for a in out):
+            out.insert(0, "-m")
+        out.append("hydra.launcher.prefetch=true")
+    elif plan:
         if not any(a in ("-m", "--multirun") for a in out):
             out.insert(0, "-m")
         out.append("hydra.launcher.plan=true")
@@ -184,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `mmflow` console script (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command, rest = (args[0], args[1:]) if args else ("", [])
-    if command in ("run", "plan"):
+    if command in ("run", "plan", "prefetch"):
         sys.argv = ["mmflow run", *run_arguments(command, rest)]
         return run_hydra()
     if command == "report":

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.objectstore import sync
+
 
 def current_umask() -> int:
     """The process umask (read from /proc where it can be, so no thread ever sees it changed)."""
@@ -67,6 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync(path)  # a mirror of an object store (results_dir=s3://…): the whole file, one PUT
 
 
 def json_bytes(payload: Mapping[str, Any]) -> bytes:

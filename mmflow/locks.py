@@ -166,11 +166,15 @@ def exclusive_dir(base: str) -> str:
     Two launches that name their folder by the same one-second timestamp get two folders.
     Registered as the OmegaConf resolver `mmflow.unique_dir` (see `register_resolvers`).
     """
+    from mmflow.objectstore import is_uri, mirror_dir
     from mmflow.paths import PathConfigError, expand_path
 
     results, sep, rest = str(base).partition("/_hydra/")
-    try:  # `~/x`, `$HOME/x`: never a folder named `$HOME`
-        root = Path(expand_path(results, "results_dir") + sep + rest)
+    try:  # `~/x`, `$HOME/x`: never a folder named `$HOME`; a store URI: its local mirror
+        local = (
+            str(mirror_dir(results.rstrip("/"))) if is_uri(results) else expand_path(results, "results_dir")
+        )
+        root = Path(local + sep + rest)
     except PathConfigError as exc:
         raise ConfigError(str(exc)) from None
     try:

@@ -29,6 +29,7 @@ from mmflow.files import (  # noqa: F401 (atomic_write_* re-exported)
     json_bytes,
     parquet_bytes,
 )
+from mmflow.objectstore import sync
 from mmflow.parity import effective_parity
 from mmflow.relay import current_relay
 
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
-NON_SEMANTIC_KEYS = frozenset({"results_dir", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"})
+NON_SEMANTIC_KEYS = frozenset(
+    {"results_dir", "results_uri", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"}
+)
 NON_SEMANTIC_MODEL_KEYS = frozenset({"resources", "family", "size"})  # requests and legend labels
 # Keys dropped from some cells with the value every earlier id had: knockout and answer-tracking cells
 # read no `seed` (patching's noise seed), so it left their configs; their ids still include `seed: 0`.
@@ -168,6 +171,7 @@ class CellStore:
             target.mkdir(parents=True, exist_ok=True)
             dest = target / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
             os.replace(path, dest)
+            sync(dest, path)
             if self.relay is not None:
                 rel = (path.relative_to(self.dir).as_posix(), dest.relative_to(self.dir).as_posix())
                 self.relay.send(("move", self.id, *rel))
@@ -248,10 +252,12 @@ class CellStore:
         return samples, results
 
     def clear_parts(self) -> None:
-        for part in self.parts.glob("*"):  # parts, and temp files of a writer that was killed mid-write
+        removed = list(self.parts.glob("*"))  # parts, and temp files of a writer killed mid-write
+        for part in removed:
             part.unlink()
         if self.parts.exists():
             self.parts.rmdir()
+        sync(*removed)
         if self.relay is not None:
             self.relay.send(("clear_parts", self.id, "parts", None))
 

@@ -26,7 +26,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`((?:mmflow|python launch\.py|python -m|make run)\b[^`]*)`")
 PLACEHOLDER = re.compile(r"<[^>]*>|…|\.\.\.|^\[.*\]$")
-SUBCOMMANDS = {"run", "plan", "report", "wandb", "bench", "toy"}
+SUBCOMMANDS = {"run", "plan", "prefetch", "report", "wandb", "bench", "toy"}
 COMMAND_LINE = re.compile(r"^\s*([A-Z_]+=\S+\s+)*((mmflow|python3?|make) |scripts/\S+\.(sh|py)\b)")
 
 

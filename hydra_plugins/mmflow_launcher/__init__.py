@@ -94,6 +94,12 @@ class MmflowLauncher(Launcher):
 
             self.plan = print_plan(sweep, compose_s=self.compose_s)
             return [self.job_return(sweep, job) for job in jobs]
+        if self.settings.prefetch:
+            from mmflow.sweep.prefetch import prefetch
+
+            if prefetch(sweep.cells, self.settings.ray if self.settings.executor == "ray" else None):
+                raise SweepFailed(sweep)  # one line per root cause was printed
+            return [self.job_return(sweep, job) for job in jobs]
         sweep.run()
         write_job_overrides(sweep.sweep_dir, jobs)  # written redacted: no second pass over them
         if sweep.failed_ids() or sweep.invalid_jobs():

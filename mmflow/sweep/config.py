@@ -33,6 +33,7 @@ def cell_from_container(container: dict[str, Any]) -> dict[str, Any]:
     from mmflow.analyses import canonical_config
     from mmflow.data import resolve_data
     from mmflow.known_keys import check_known_keys
+    from mmflow.objectstore import is_uri, mirror_dir
     from mmflow.paths import expand_path
 
     if "ray" in container:
@@ -41,7 +42,11 @@ def cell_from_container(container: dict[str, Any]) -> dict[str, Any]:
     container.pop("hydra", None)
     check_known_keys(container)  # `+n_sampels=3`: refused, naming n_samples
     config = canonical_config(container)
-    results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset variable: refused
-    config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
+    if is_uri(config["results_dir"]):  # an object store: the driver writes a local mirror of it
+        config["results_uri"] = str(config["results_dir"]).rstrip("/")
+        config["results_dir"] = str(mirror_dir(config["results_uri"]))
+    else:
+        results = expand_path(config["results_dir"], "results_dir")  # `~/x`, `$HOME/x`; unset: refused
+        config["results_dir"] = str(Path(to_absolute_path(results)).resolve())
     config["data"] = resolve_data(config["data"], to_absolute_path("."))  # a table: absolute, digest
     return config

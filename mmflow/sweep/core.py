@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mmflow.context import RunContext
-from mmflow.locks import CellLock, describe, mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.locks import (
+    CellLock,
+    ConfigError,
+    describe,
+    mark_stale_sweeps,
+    sigterm_as_interrupt,
+    this_process,
+)
 from mmflow.secrets import redact_hydra_files
 from mmflow.store import CellStore
 from mmflow.sweep.display import make_display
@@ -144,6 +151,7 @@ class Sweep:
             redact_hydra_files(self.sweep_dir)  # the jobs' .hydra folders
 
     def _run(self) -> None:
+        self.use_results_store()
         for cell_id, cell in self.cells.items():
             self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
         for job in (j for j in self.jobs if j.invalid and j.cell is not None):
@@ -178,12 +186,41 @@ class Sweep:
             print_summary(self)
         self.publish()
 
+    def use_results_store(self) -> None:
+        """A results_dir URI (`mmflow.objectstore`): the driver is its single writer; its cells are
+        read from the store into the local mirror first, so resume sees what the store holds."""
+        if not any(cell.get("results_uri") for cell in self.cells.values()):
+            return
+        from mmflow.objectstore import pull_cells
+
+        if self.settings.write_results == "workers":
+            raise ConfigError(
+                "results_dir is an object-store URI: only the driver writes it; "
+                "drop hydra.launcher.write_results=workers (or use driver)"
+            )
+        self.settings.write_results = "driver"
+        try:
+            pull_cells(self.cells)
+        except Exception as exc:  # noqa: BLE001 - no bucket, no credentials, no endpoint: one line
+            raise ConfigError(f"results store unreachable: {type(exc).__name__}: {exc}") from None
+
     def preflight(self, todo: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Check each model and data source once (`mmflow.sweep.preflight`): one line per root cause
         with the number of cells it blocks; those cells fail with it, the others go on."""
         from mmflow.sweep.preflight import preflight
 
-        for cause, cell_ids in preflight(todo, self.settings).items():
+        return self.fail_blocked(todo, preflight(todo, self.settings))
+
+    def joins_cluster(self) -> bool:
+        """This sweep's actors run on a Ray cluster it joins (other nodes may lack a model)."""
+        init = self.settings.ray.init or {} if self.settings.ray else {}
+        return self.executor is None and self.settings.executor == "ray" and bool(init.get("address"))
+
+    def fail_blocked(
+        self, todo: dict[str, dict[str, Any]], blocked: dict[str, list[str]]
+    ) -> dict[str, dict[str, Any]]:
+        """Fail the cells of each preflight root cause (one line each); the rest of `todo`."""
+        for cause, cell_ids in blocked.items():
             log.warning("preflight: %s (blocks %d cell%s)", cause, len(cell_ids), "s" * (len(cell_ids) > 1))
             error = f"preflight: {cause}"
             for cell_id in cell_ids:
@@ -199,6 +236,12 @@ class Sweep:
         from mmflow.sweep.scheduler import Scheduler
 
         with self.executor_session() as executor:
+            if self.joins_cluster() and self.settings.preflight:
+                from mmflow.sweep.prefetch import node_preflight
+
+                todo = self.fail_blocked(todo, node_preflight(todo))
+                if not todo:
+                    return
             scheduler = Scheduler(
                 self.settings, plan_models(todo, self.settings), executor, self.record, self.context
             )

@@ -11,6 +11,7 @@ from typing import Any
 
 from mmflow.files import atomic_write_bytes
 from mmflow.locks import CellLock, describe, lock_wait_s
+from mmflow.objectstore import sync
 from mmflow.relay import Op, safe_name
 from mmflow.store import CellStore
 
@@ -74,12 +75,15 @@ class DriverBatch:
                     target = folder / safe_name(payload)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(source, target)
+                    sync(target, source)
             elif kind == "clear_parts":
                 parts = folder / "parts"
-                for path in parts.glob("*"):
+                removed = list(parts.glob("*"))
+                for path in removed:
                     path.unlink()
                 if parts.exists():
                     parts.rmdir()
+                sync(*removed)
             else:
                 raise ValueError(f"unknown relayed operation {kind!r}")
             self.ops += 1

@@ -77,8 +77,10 @@ def cell_units(cell: dict[str, Any], shape: Any, length: int) -> float:
 def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> dict[str, Any]:
     """The plan as plain data (what `print_plan` prints)."""
     from mmflow.knockout.cost import clean_macs
+    from mmflow.objectstore import pull_cells
 
     settings = sweep.settings
+    pull_cells(sweep.cells)  # a results_dir URI: the plan reads what the store holds
     states = {cid: cell_state(cell) for cid, cell in sweep.cells.items()}
     counts = Counter(state for state, _ in states.values())
     todo = {cid: cell for cid, cell in sweep.cells.items() if states[cid][0] != "cached"}

@@ -1,6 +1,7 @@
 """Preflight: what would fail every cell of a model or data source, checked once before any cell runs.
 
-Per model: the checkpoint is reachable (a built-in `toy:`/`tiny:`/`replica:` model, a local folder,
+Per model: the checkpoint is reachable here (on every node when joining a cluster: mmflow.sweep.prefetch)
+(a built-in `toy:`/`tiny:`/`replica:` model, a local folder,
 the Hugging Face cache, or the hub when not offline), the packages its settings need are importable
 (`accelerate` for `device_map`), the GPUs it asks for exist (on a local Ray with GPUs; without any,
 models run on CPU). Per data source: the GQA image folder is set (else its cells are blocked) and
@@ -113,13 +114,16 @@ def preflight(
             counted["n"] = gpus()
         return counted["n"]
 
+    # joining a cluster: the checkpoint is checked on every node (mmflow.sweep.prefetch.node_preflight)
+    joins = settings.executor == "ray" and bool((settings.ray.init or {}).get("address"))
+    checkpoint_check = (lambda m: None) if joins else checkpoint_problem
     seen: dict[str, str | None] = {}
     blocked: dict[str, list[str]] = {}
     warned: dict[str, list[str]] = {}
     for cell_id, cell in cells.items():
         model = cell.get("model") or {}
         checks = [
-            ("model", model, lambda m=model: checkpoint_problem(m) or package_problem(m)),
+            ("model", model, lambda m=model: checkpoint_check(m) or package_problem(m)),
             ("gpu", model, lambda m=model: gpu_problem(m, settings, gpu_count)),
             (
                 "data",

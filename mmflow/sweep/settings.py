@@ -76,6 +76,8 @@ class SweepSettings:
     record_every_s: float = 30.0
     plan: bool = False  # print the plan (cells, batches, actors, compute, GPU-hours) and run nothing
     preflight: bool = True  # check each model and data source once before any cell starts
+    # put every model of the sweep on every node (`mmflow prefetch`, mmflow.sweep.prefetch) and run nothing
+    prefetch: bool = False
     # Clean-pass seconds per sample on one GPU, by model name, for the plan's GPU-hours (overrides
     # mmflow.sweep.planview.CLEAN_PASS_S; hydra.launcher.models.<name>.clean_pass_s works too).
     clean_pass_s: dict[str, float] = field(default_factory=dict)
