@@ -282,3 +282,10 @@ def test_the_command_line_sweep_composes_each_job_once_and_a_bad_value_fails_alo
     planned = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "2 jobs -> 1 cells: 1 new" in planned.stdout and "1 invalid jobs" in planned.stdout
+
+
+def test_headline_numbers_have_one_format() -> None:
+    from mmflow.sweep.record import headline_text
+
+    text = headline_text({"min_rel_change_pct": -12.3456, "tiny": 1.2e-05, "layer": 3, "n": 8})
+    assert text == "min_rel_change_pct=-12.346 tiny=0.000 layer=3 n=8"

@@ -76,9 +76,11 @@ def labels(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def headline_text(headline: dict[str, Any]) -> str:
+    """`key=value …` of a cell's headline: every float in one fixed-point format (three decimals, for the
+    headline's percentages and correlations alike), integers as they are."""
     parts = []
     for key, value in headline.items():
-        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+        parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
 
 
@@ -139,8 +141,12 @@ def print_summary(sweep: Sweep) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"mmflow sweep '{sweep.name}'", show_lines=False)
-    for column in ("cell", "model", "task", "analysis", "window", "status", "time s", "headline", "node"):
-        table.add_column(column, no_wrap=column in ("cell", "status"))
+    # "batch s": the seconds of the cell batch the cell ran in (its cells share one clean pass per sample)
+    columns = ("cell", "model", "task", "analysis", "window", "status", "batch s", "headline", "node")
+    for column in columns:
+        table.add_column(
+            column, no_wrap=column in ("cell", "status"), justify="right" if column == "batch s" else "left"
+        )
     styles = {"done": "green", "cached": "cyan", "failed": "bold red"}
     order = sorted(sweep.cells, key=lambda cid: sweep.status.get(cid) != "failed")
     for cell_id in order[:SUMMARY_ROWS]:
