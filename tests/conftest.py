@@ -111,6 +111,24 @@ def noise_sample(
 LOOPBACK = "127.0.0.1"
 
 
+def ray_sweep_cmd(results: Path, sweep_dir: Path, address: str, *overrides: str) -> list[str]:
+    """`python launch.py -m …` joining the Ray cluster at `address`, logging progress every 2 s."""
+    import sys
+
+    return [
+        sys.executable,
+        "launch.py",
+        "-m",
+        f"results_dir={results}",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.launcher.ray.init.address={address}",
+        "hydra.launcher.progress=log",
+        "hydra.launcher.log_every_s=2",
+        "logger=none",
+        *overrides,
+    ]
+
+
 def add_loopback_node(cluster, **node_args):
     """A worker node of a test cluster, on loopback like its head."""
     return cluster.add_node(**node_args)

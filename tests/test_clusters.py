@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+from conftest import ray_sweep_cmd
 from ray_nodes import ENV, can_unshare, start_head, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,20 +35,7 @@ def tiny_model_built() -> None:
 
 
 def sweep_cmd(results: Path, sweep_dir: Path, address: str, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "launch.py",
-        "-m",
-        f"results_dir={results}",
-        f"hydra.sweep.dir={sweep_dir}",
-        f"hydra.launcher.ray.init.address={address}",
-        "hydra.launcher.progress=log",
-        "hydra.launcher.log_every_s=2",
-        "logger=none",
-        "model=tiny-llava",
-        "window=1",
-        *overrides,
-    ]
+    return ray_sweep_cmd(results, sweep_dir, address, "model=tiny-llava", "window=1", *overrides)
 
 
 class Sweep:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import add_loopback_node
+from conftest import add_loopback_node, ray_sweep_cmd
 from hydra import compose, initialize_config_dir
 
 from mmflow.config_dirs import CONF_DIR
@@ -35,23 +34,8 @@ def tiny_models_built() -> None:
     ensure_tiny_model("tiny-llava-next")
 
 
-def sweep_cmd(results: Path, sweep_dir: Path, address: str, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "launch.py",
-        "-m",
-        f"results_dir={results}",
-        f"hydra.sweep.dir={sweep_dir}",
-        f"hydra.launcher.ray.init.address={address}",
-        "hydra.launcher.progress=log",
-        "hydra.launcher.log_every_s=2",
-        "logger=none",
-        *overrides,
-    ]
-
-
 def run_sweep(results: Path, sweep_dir: Path, address: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = sweep_cmd(results, sweep_dir, address, *overrides)
+    cmd = ray_sweep_cmd(results, sweep_dir, address, *overrides)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -247,7 +231,7 @@ def test_multi_node_sweep_survives_losing_a_node(ray_cluster, tmp_path: Path) ->
         f"n_samples={n_samples}",
         "hydra.launcher.replicas=3",
     )
-    cmd = sweep_cmd(results, tmp_path / "sweep", ray_cluster.address, *overrides)
+    cmd = ray_sweep_cmd(results, tmp_path / "sweep", ray_cluster.address, *overrides)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     interrupted: set[str] = set()
     try:
