@@ -13,10 +13,11 @@ class CellConfigError(ValueError):
     """A cell config that cannot compute anything meaningful; the message names the key."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
-        from mmflow.secrets import is_secret_name
+        from mmflow.secrets import redact
 
-        shown = "<redacted>" if is_secret_name(key.rsplit(".", 1)[-1]) else repr(value)  # never echo a token
-        super().__init__(f"{key}={shown}: {allowed}")
+        name = key.rsplit(".", 1)[-1]
+        shown = redact({name: value})[name]  # never echo a token, nor one inside a mapping
+        super().__init__(f"{key}={shown!r}: {allowed}")
         self.key = key
 
 

@@ -134,9 +134,11 @@ def add_loopback_node(cluster, **node_args):
     return cluster.add_node(**node_args)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One Ray cluster for the whole session (starting one costs seconds); tests may add nodes to it.
+    """One Ray cluster per test module (starting one costs seconds); tests may add nodes to it. Per
+    module, so that what one module's sweeps leave on it (nodes, actors of a killed driver) cannot
+    starve the next module's actors.
 
     A `ray.cluster_utils.Cluster` on 127.0.0.1 whose head offers 2 logical CPUs; drivers (e.g.
     `launch.py -m` in a subprocess) join it with `hydra.launcher.ray.init.address=<cluster.address>`; add

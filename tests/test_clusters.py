@@ -8,6 +8,7 @@ Each test stops the nodes it started (by process id) and bounds every wait.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -41,10 +42,12 @@ def sweep_cmd(results: Path, sweep_dir: Path, address: str, *overrides: str) -> 
 class Sweep:
     """A sweep in a subprocess: its output lines with their times, and the driver's memory."""
 
-    def __init__(self, cmd: list[str]) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str] = ENV) -> None:
+        """`env`: `ray_nodes.ENV` to join `ray start` nodes; the tests' own environment to join the
+        loopback `ray_cluster` (Ray's two modes cannot reach each other's addresses)."""
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         self.lines: list[tuple[float, str]] = []
         self.max_rss = 0
@@ -124,7 +127,7 @@ def test_driver_written_cells_equal_worker_written_ones(ray_cluster, tmp_path):
     for mode in ("workers", "driver"):
         results = folders[mode] = tmp_path / mode
         cmd = sweep_cmd(results, tmp_path / f"sweep-{mode}", ray_cluster.address, *grid)
-        sweep = Sweep([*cmd, f"hydra.launcher.write_results={mode}"])
+        sweep = Sweep([*cmd, f"hydra.launcher.write_results={mode}"], env=dict(os.environ))
         assert sweep.wait(300) and sweep.proc.returncode == 0, sweep.output[-3000:]
         assert ("file write(s)" in sweep.output) == (mode == "driver")
     shared, relayed = read_cells(folders["workers"]), read_cells(folders["driver"])

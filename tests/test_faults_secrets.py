@@ -124,5 +124,5 @@ def test_a_sweep_writes_no_secret_in_results_wandb_or_ray_session(short_tmp):
             [*cmd, f"{key}={value}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
         )
         assert refused.returncode == 2, refused.stderr[-2000:]
-        assert f"{key.lstrip('+')}=<redacted>: unknown key" in refused.stderr
+        assert "unknown key" in refused.stderr and "<redacted>" in refused.stderr
         assert value not in refused.stdout + refused.stderr and leaks(short_tmp, [value]) == []

@@ -7,6 +7,7 @@ models folder is an empty private tmpfs (`unshare --mount`), as a machine with i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,8 +53,11 @@ def prefetch_cmd(tmp_path: Path, checkpoints: str, *overrides: str) -> list[str]
     ]
 
 
-def run(cmd: list[str], timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout_s)
+def run(
+    cmd: list[str], timeout_s: float = 180, env: dict[str, str] = ENV
+) -> subprocess.CompletedProcess[str]:
+    """`env`: `ray_nodes.ENV` to join `ray start` nodes; the tests' own one for the loopback `ray_cluster`."""
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def test_root_causes_name_the_nodes_and_the_cells_each_missing_model_blocks() -> None:
@@ -98,9 +102,10 @@ def test_prefetch_on_a_cluster_checks_every_alive_node(
     present = checkpoint_copy(tiny_folder, tmp_path)
     missing = tmp_path / "models" / "absent"
     address = f"hydra.launcher.ray.init.address={ray_cluster.address}"
-    done = run(prefetch_cmd(tmp_path, f"{present},{missing}", address))
+    own = dict(os.environ)  # the loopback test cluster: joined in the tests' own Ray mode
+    done = run(prefetch_cmd(tmp_path, f"{present},{missing}", address), env=own)
     assert done.returncode == 1, done.stdout + done.stderr
-    nodes = len(json.loads(run([sys.executable, "-c", NODES, ray_cluster.address]).stdout))
+    nodes = len(json.loads(run([sys.executable, "-c", NODES, ray_cluster.address], env=own).stdout))
     assert done.stdout.count(f"{present}: ready") == nodes >= 1
     assert done.stdout.count(f"{missing}: missing: checkpoint folder {missing} does not exist") == nodes
 

@@ -61,12 +61,13 @@ class MmflowLauncher(Launcher):
         from hydra.core.utils import configure_log, setup_globals
 
         from mmflow.known_keys import refuse_unknown_keys
-        from mmflow.secrets import redact_argv
+        from mmflow.secrets import redact_argv, redact_hydra_files
         from mmflow.sweep.core import Sweep, SweepFailed
         from mmflow.sweep.display import own_log_lines
 
         assert self.config is not None and self.hydra_context is not None, "setup() was not called"
         redact_argv()  # Hydra has parsed it; W&B and Ray record the driver's command line
+        redact_hydra_files(Path(str(self.config.hydra.sweep.dir)))  # multirun.yaml, before any refusal
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         own_log_lines(verbose=bool(self.config.hydra.verbose))
