@@ -173,12 +173,10 @@ def test_workers_writing_a_store_is_refused(s3) -> None:
 @pytest.mark.slow
 def test_a_sweep_on_a_cluster_writes_its_cells_to_the_store(ray_cluster, s3) -> None:
     """Actors relay every write to the driver (forced for a URI), which uploads it."""
-    from ray_nodes import ENV
-
     fs, env = s3
     uri = f"s3://{BUCKET}/cluster"
-    proc = sweep(
-        {**env, "RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"]},
+    proc = sweep(  # joins the loopback test cluster in the tests' own Ray settings (as test_launcher)
+        env,
         uri,
         2,
         "knockout=image_to_question,question_to_last",
