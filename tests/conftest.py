@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # Every Ray these tests start (test clusters, `ray start`, sweeps in subprocesses) listens on 127.0.0.1:
-# Ray's single-machine mode, which must be chosen before Ray is imported (mmflow.sweep.ray_executor).
+# Ray's single-machine mode, which must be chosen before Ray is imported (mmflow.sweep.ray_session).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from functools import cache

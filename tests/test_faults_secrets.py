@@ -70,7 +70,7 @@ def test_a_local_ray_gets_runtime_env_secrets_without_logging_them(short_tmp, mo
     """The actors see `runtime_env.env_vars`; Ray's runtime_env agent log never does."""
     import ray
 
-    from mmflow.sweep.ray_executor import ray_session
+    from mmflow.sweep.ray_session import ray_session
     from mmflow.sweep.settings import RaySettings
 
     monkeypatch.delenv("HF_TOKEN", raising=False)

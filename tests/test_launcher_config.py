@@ -61,7 +61,7 @@ def test_ray_init_keys_need_no_plus(override: str) -> None:
 def test_ray_init_gets_only_the_keys_that_are_set(monkeypatch) -> None:
     import ray
 
-    from mmflow.sweep import ray_executor
+    from mmflow.sweep import ray_session as session
     from mmflow.sweep.settings import SweepSettings
 
     cfg = launcher_cfg(["hydra.launcher.ray.init.num_cpus=2"])
@@ -70,8 +70,8 @@ def test_ray_init_gets_only_the_keys_that_are_set(monkeypatch) -> None:
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.setattr(ray_executor, "forwarded_env", lambda *a: {})
-    with ray_executor.ray_session(settings.ray):
+    monkeypatch.setattr(session, "forwarded_env", lambda *a: {})
+    with session.ray_session(settings.ray):
         pass
     assert seen == {
         "address": "local",

@@ -18,7 +18,7 @@ def test_a_local_sweep_starts_ray_on_loopback_without_dashboard(monkeypatch) -> 
     import ray
     from ray._private import ray_constants
 
-    from mmflow.sweep.ray_executor import LOOPBACK_ENV, ray_session
+    from mmflow.sweep.ray_session import LOOPBACK_ENV, ray_session
     from mmflow.sweep.settings import RaySettings
 
     # as in a user's process: Ray in its normal mode (the tests' conftest chose loopback for all)

@@ -262,7 +262,8 @@ class Sweep:
         elif self.settings.executor == "local":
             yield InProcessExecutor(progress_bar=self.settings.progress in ("auto", "rich"))
         elif self.settings.executor == "ray":
-            from mmflow.sweep.ray_executor import RayExecutor, ray_session
+            from mmflow.sweep.ray_executor import RayExecutor
+            from mmflow.sweep.ray_session import ray_session
 
             with ray_session(self.settings.ray) if self.settings.ray else nullcontext():
                 yield RayExecutor(self.settings)

@@ -139,7 +139,7 @@ def prefetch(cells: dict[str, dict[str, Any]], ray_settings: Any | None) -> dict
         return {}
     address = ((getattr(ray_settings, "init", None) or {}).get("address") or "") if ray_settings else ""
     if address:
-        from mmflow.sweep.ray_executor import ray_session
+        from mmflow.sweep.ray_session import ray_session
 
         with ray_session(ray_settings):
             results = on_every_node(list(models), download=True)

@@ -9,7 +9,6 @@ the driver drains each actor's finished samples while it works and writes them (
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import os
@@ -17,8 +16,6 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +25,14 @@ from ray.exceptions import RayError, RayTaskError
 
 from mmflow.context import RunContext
 from mmflow.relay import Op, Relay, relaying
-from mmflow.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.inbox import DriverBatch
 from mmflow.sweep.plan import CellBatch, ModelPlan
-from mmflow.sweep.settings import RaySettings, SweepSettings
+from mmflow.sweep.settings import SweepSettings
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-# A Ray that mmflow starts itself listens on loopback only (`loopback_only`).
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DRAIN_WAIT_S = 0.2  # an actor's `drain` waits this long for a first write (a long poll)
 DRAIN_MAX_OPS = 256  # writes per `drain` reply
 SETTLE_WAIT_S = 60.0  # for the last writes of a finished batch
@@ -334,87 +328,6 @@ def relay_results(settings: SweepSettings) -> bool:
         address = str(((settings.ray.init or {}) if settings.ray else {}).get("address") or "").strip()
         return bool(address)
     return mode == "driver"
-
-
-@contextmanager
-def ray_session(settings: RaySettings) -> Iterator[None]:
-    """Join `init.address` (`auto`, `ray://…`, host:port) or start a local Ray when it is empty."""
-    if ray.is_initialized():
-        yield
-        return
-    init = {k: v for k, v in copy.deepcopy(dict(settings.init or {})).items() if v is not None}
-    address = str(init.pop("address", None) or "").strip() or None
-    env = forwarded_env(settings.forward_env or [], os.environ)  # never secret-named variables
-    runtime_env = init.pop("runtime_env", None) or {}
-    if address is not None:
-        warn_runtime_env_secrets(runtime_env)
-    if env:
-        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
-    kwargs: dict[str, Any] = {"log_to_driver": True, **init, "runtime_env": runtime_env or None}
-    if address is None:  # a local Ray for this sweep only: on loopback, no dashboard
-        kwargs.setdefault("include_dashboard", False)
-    else:
-        for local_only in ("num_cpus", "num_gpus"):
-            kwargs.pop(local_only, None)
-    log.info("Ray: %s", f"joining {address}" if address else "starting a local instance")
-    if address is not None:
-        check_reachable(address, float(settings.connect_timeout_s or 60))
-    # "local": a private instance even when another Ray runs on this machine (plain `None` would join it)
-    with ExitStack() as stack:
-        if address is None:  # a local Ray: on loopback; env_vars reach it through its environment
-            stack.enter_context(loopback_only())
-            if kwargs["runtime_env"]:
-                clean = stack.enter_context(env_vars_to_environ(kwargs["runtime_env"]))
-                kwargs["runtime_env"] = clean or None
-        ray.init(address=address or "local", **kwargs)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
-@contextmanager
-def loopback_only() -> Iterator[None]:
-    """Start Ray's processes on 127.0.0.1 only (nothing outside this machine can reach them).
-
-    Ray replaces a node address of 127.0.0.1 with the machine's network address
-    (`ray._private.services.resolve_ip_for_localhost`) unless it runs in its single-machine mode,
-    which the variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 selects: the processes Ray starts read the
-    variable, this process reads `ray_constants.ENABLE_RAY_CLUSTER` (set here while Ray starts).
-    """
-    from ray._private import ray_constants
-
-    before_env = os.environ.get(LOOPBACK_ENV)
-    before_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before_flag
-        if before_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = before_env
-
-
-def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast when a `host:port` or `ray://host:port` address does not answer (Ray would retry for
-    many minutes); `auto` is left to Ray, which fails at once when no cluster is known."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise ConnectionError(
-                    f"no Ray cluster answers at {address} after {timeout_s:g} s ({exc}); start one with "
-                    "`ray start --head` or fix hydra.launcher.ray.init.address"
-                ) from None
-            time.sleep(1)
 
 
 def task_error(exc: RayTaskError) -> str:
