@@ -14,11 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import cell_config
 
 from mmflow.runtime import run_cells
 from mmflow.store import CellStore
 from mmflow.sweep.curve import status_line
+
+pytestmark = pytest.mark.slow  # runs cells on a model per case: `make test`, not `make test-fast`
 
 
 def _without_patch_size(loaded):

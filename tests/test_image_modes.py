@@ -24,6 +24,8 @@ from mmflow.inputs import encode, load_image
 from mmflow.models.registry import _Attr, load_model
 from mmflow.prepare import prepare_or_skip
 
+pytestmark = pytest.mark.slow  # runs cells on a model per case: `make test`, not `make test-fast`
+
 JUNK = (1, 2, 3)  # the colour hidden under transparent pixels
 
 
