@@ -10,9 +10,9 @@ mmflow prefetch [overrides]      put every model of the sweep on every node (hub
 mmflow run -m --no-preflight     skip the checks of each model and data source before a sweep starts
 mmflow report DIR [--out OUT]    the HTML report of every done cell below DIR
 mmflow wandb publish SWEEP_DIR   create/update the sweep's W&B workspace and report (after `wandb sync`)
-mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench)
-mmflow bench --driver --cells N  the sweep driver's benchmark on a synthetic grid (mmflow.bench_driver)
-mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.toy_training)
+mmflow bench [--geometry ...]    the fast-engine benchmark (mmflow.bench.engine)
+mmflow bench --driver --cells N  the sweep driver's benchmark on a synthetic grid (mmflow.bench.driver)
+mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.models.synthetic.toy_training)
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
-from mmflow.config_dirs import CONF_DIR
-from mmflow.locks import register_resolvers
+from mmflow.config.dirs import CONF_DIR
+from mmflow.storage.locks import register_resolvers
 from mmflow.sweep.config import cell_config, cell_from_container
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
@@ -43,7 +43,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     """A single run: one cell through the sweep core, in this process (`sweep.json`, summary, curve)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mmflow.secrets import redact_argv
+    from mmflow.storage.secrets import redact_argv
     from mmflow.sweep.core import CellJob, Sweep, SweepFailed
     from mmflow.sweep.curve import nothing_scored, print_cell_curve, print_unscored, read_meta, status_line
     from mmflow.sweep.display import own_log_lines
@@ -59,7 +59,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     overrides = list(hydra_cfg.overrides.task)
     job = CellJob.resolve(0, overrides, lambda: cell_config(cfg))
     if job.cell is None:
-        from mmflow.known_keys import refuse_unknown_keys
+        from mmflow.config.known_keys import refuse_unknown_keys
 
         refuse_unknown_keys([job])  # one line, exit 2, as for a sweep
         raise SystemExit(f"invalid cell config: {job.error}")
@@ -87,7 +87,7 @@ def redact_hydra_output() -> None:
     """Redact secrets in the config files Hydra saved for this run (`.hydra/*.yaml`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mmflow.secrets import redact_hydra_files
+    from mmflow.storage.secrets import redact_hydra_files
 
     if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir:
         redact_hydra_files(Path(HydraConfig.get().runtime.output_dir))
@@ -117,7 +117,7 @@ def refuse_env_interpolation(override: str) -> None:
     (mmflow's keys are lower case) and fail with a traceback; the shell's `$NAME` was meant."""
     import re
 
-    from mmflow.locks import ConfigError
+    from mmflow.errors import ConfigError
 
     key, sep, value = override.partition("=")
     match = re.search(r"\$\{([A-Z_][A-Z0-9_]*)\}", value) if sep else None
@@ -134,7 +134,7 @@ def run_hydra() -> int:
     cannot start with (`ConfigError`) with one line and 2; no traceback."""
     import signal
 
-    from mmflow.locks import ConfigError
+    from mmflow.errors import ConfigError
     from mmflow.sweep.core import SweepFailed
 
     if retired := retired_spelling(sys.argv[1:]):
@@ -202,17 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return wandb_main(rest)
     if command == "bench" and "--driver" in rest:
-        from mmflow.bench_driver import main as driver_main
+        from mmflow.bench.driver import main as driver_main
 
         driver_main([a for a in rest if a != "--driver"])
         return 0
     if command == "bench":
-        from mmflow.bench import main as bench_main
+        from mmflow.bench.engine import main as bench_main
 
         bench_main(rest)
         return 0
     if command == "toy":
-        from mmflow.models.toy_training.train import main as toy_main
+        from mmflow.models.synthetic.toy_training.train import main as toy_main
 
         toy_main(rest)
         return 0

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: full-size random-weight LLaVA-1.5-7B and LLaMA-3-LLaVA-NeXT-8B,
 # engine + pipeline benchmarks, fast-vs-reference difference and peak memory on CUDA; one JSON line
-# per check (mmflow/gpu_check.py). Needs no network: when the python here lacks what mmflow needs
+# per check (mmflow/bench/gpu_check.py). Needs no network: when the python here lacks what mmflow needs
 # (transformers >= 5, ...), it installs the wheels carried in .gpu-wheels/ (scripts/fetch_gpu_wheels.sh)
 # into .gpu-site/ and puts that first on PYTHONPATH. Cells run in process (no Ray).
 #   scripts/gpu_check.sh             # on the GPU machine, < 8 minutes on one large GPU
 #   scripts/gpu_check.sh --dry-run   # tiny widths on any machine (CI): says what it could not do
-# Extra arguments go to `python -m mmflow.gpu_check` (--models, --dtypes, --samples, --checks).
+# Extra arguments go to `python -m mmflow.bench.gpu_check` (--models, --dtypes, --samples, --checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,4 +48,4 @@ else
 fi
 export MMFLOW_CACHE=${MMFLOW_CACHE:-$ROOT/.cache/mmflow} WANDB_MODE=${WANDB_MODE:-disabled}
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-exec "$PY" -m mmflow.gpu_check "$@"
+exec "$PY" -m mmflow.bench.gpu_check "$@"

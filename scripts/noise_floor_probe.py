@@ -11,12 +11,12 @@ import argparse
 
 import torch
 
-from mmflow.inputs import ModelInputs
+from mmflow.inputs.encode import ModelInputs
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.noise import top_distance
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
-from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
 from mmflow.models.registry import LoadedModel
+from mmflow.models.synthetic.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
 
 
 def main() -> None:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from PIL import Image
 
-import mmflow.patches as patches_module
+import mmflow.inputs.object_patches as patches_module
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv
 from mmflow.data.sample import TASKS, Sample
-from mmflow.groups import GroupError, build_token_groups
-from mmflow.inputs import encode
+from mmflow.errors import GroupError
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from replica_helpers import REAL_MODELS, loaded_replica  # noqa: E402

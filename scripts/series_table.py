@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mmflow.data.sample import Box, Sample
-from mmflow.groups import build_token_groups
-from mmflow.inputs import encode
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 from mmflow.knockout import make_engine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers

@@ -28,8 +28,8 @@ def model_config(name: str, resolve: bool = True) -> dict:
 
 
 def tiny_tokenizer(name: str):
-    """The tokenizer `mmflow.models.tiny` builds for the tiny model `name` (corpus built once)."""
-    from mmflow.models import tiny
+    """The tokenizer `mmflow.models.synthetic.tiny` builds for the tiny model `name` (corpus built once)."""
+    from mmflow.models.synthetic import tiny
 
     spec = tiny.TINY_SPECS[name]
     return tiny.build_tokenizer(spec.tokenizer_style, spec.vocab_size, list(_tiny_corpus()))
@@ -37,7 +37,7 @@ def tiny_tokenizer(name: str):
 
 @cache
 def _tiny_corpus() -> tuple[str, ...]:
-    from mmflow.models.tiny import tokenizer_corpus
+    from mmflow.models.synthetic.tiny import tokenizer_corpus
 
     return tuple(tokenizer_corpus())
 

@@ -22,7 +22,7 @@ def model_yaml(name: str) -> Path:
 
 def real_model_config(name: str, parity: str, checkpoint: str | None = None, legacy: bool | None = None):
     """A real model's resolved config (its `parity: ${parity}` bound), on CPU in float32, on a replica."""
-    from mmflow.models.replica import ensure_replica
+    from mmflow.models.synthetic.replica import ensure_replica
 
     tree = OmegaConf.create({"parity": parity, "model": OmegaConf.load(model_yaml(name))})
     config = OmegaConf.to_container(tree, resolve=True)["model"]

@@ -19,7 +19,7 @@ from mmflow.analyses import (
     register,
 )
 from mmflow.analyses.curves import curve_minimum, curve_stats
-from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
+from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 
 # Cell configs as the code on main (13f7c92, before analyses were a config group) composed and wrote
 # them into cell.json, with the cell ids it gave them. Composed again from today's configs, each must
@@ -66,7 +66,7 @@ def compose(overrides: list[str]) -> dict:
     from hydra import initialize_config_dir
 
     from mmflow.cli import cell_config
-    from mmflow.config_dirs import CONF_DIR
+    from mmflow.config.dirs import CONF_DIR
 
     if not any(o.startswith("results_dir=") for o in overrides):
         overrides = ["results_dir=/results", *overrides]
@@ -75,7 +75,7 @@ def compose(overrides: list[str]) -> dict:
 
 
 def semantic(config: dict) -> dict:
-    from mmflow.store import semantic_config
+    from mmflow.storage.store import semantic_config
 
     return semantic_config(config)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import model_config, noise_sample
 
-from mmflow.answer import answer_from_clean, generate_answer, greedy_token_ids, not_plain_greedy
 from mmflow.data import load_shapes
-from mmflow.inputs import encode
+from mmflow.execution.answer import answer_from_clean, generate_answer, greedy_token_ids, not_plain_greedy
+from mmflow.inputs.encode import encode
 from mmflow.knockout import make_engine
 from mmflow.knockout.fast import FastCleanPass
 

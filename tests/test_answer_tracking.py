@@ -28,10 +28,10 @@ from mmflow.analyses.answer_tracking import (
 )
 from mmflow.analyses.knockout import RESULT_COLUMNS as KNOCKOUT_COLUMNS
 from mmflow.data import Sample, load_shapes
-from mmflow.groups import GroupError
-from mmflow.inputs import encode
+from mmflow.errors import GroupError
+from mmflow.inputs.encode import encode
+from mmflow.inputs.prompts import build_prompt
 from mmflow.knockout.reference import ReferenceEngine
-from mmflow.models.prompts import build_prompt
 from mmflow.models.registry import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def _compose(overrides: list[str], results_dir: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from mmflow.cli import cell_config
-    from mmflow.config_dirs import CONF_DIR
+    from mmflow.config.dirs import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"results_dir={results_dir}", *overrides])
@@ -272,7 +272,7 @@ def _compose(overrides: list[str], results_dir: Path) -> dict:
 def test_cell_configs_hold_only_the_keys_their_analysis_reads(tmp_path):
     from hydra.errors import ConfigCompositionException
 
-    from mmflow.store import cell_id
+    from mmflow.storage.store import cell_id
 
     base = ["task=ChooseAttr", "analysis=answer_tracking"]
     at = _compose(base, tmp_path)
@@ -288,7 +288,7 @@ def test_cell_configs_hold_only_the_keys_their_analysis_reads(tmp_path):
 
 
 def test_both_analyses_share_one_clean_pass_per_sample(tmp_path, monkeypatch):
-    import mmflow.runtime as runtime
+    import mmflow.execution.runtime as runtime
 
     common = ["model=tiny-llava", "task=ChooseAttr", "n_samples=2", "max_new_tokens=2"]
     configs = [

@@ -14,9 +14,11 @@ from conftest import cell_config, noise_sample
 
 from mmflow.analyses import analysis_for
 from mmflow.analyses.attribution_agreement import agreement
-from mmflow.checks import CellConfigError
-from mmflow.groups import build_token_groups
-from mmflow.inputs import encode
+from mmflow.config.validate import validate_cell
+from mmflow.errors import CellConfigError
+from mmflow.execution.runtime import run_cells
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 from mmflow.knockout.attribution import (
     LayerState,
     answer_gradients,
@@ -27,8 +29,6 @@ from mmflow.knockout.attribution import (
 )
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
-from mmflow.runtime import run_cells
-from mmflow.validate import validate_cell
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -261,7 +261,7 @@ def test_suffix_run_gives_the_full_runs_gradients(tiny_llava, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_prints_one_json_line(capsys):
-    from mmflow.bench import main
+    from mmflow.bench.engine import main
 
     summary = main(
         ["--analysis", "attribution", "--layers", "2", "--hidden", "64", "--heads", "4", "--samples", "1"]

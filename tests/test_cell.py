@@ -15,9 +15,9 @@ import torch
 from conftest import ROOT, cell_config, model_config
 from PIL import Image
 
-from mmflow.cell import SAMPLE_COLUMNS
-from mmflow.runtime import run_cells
-from mmflow.store import CellStore
+from mmflow.execution.cell import SAMPLE_COLUMNS
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.store import CellStore
 
 RESULT_COLUMNS = {"question_id", "layer", "p_base", "p_new", "rel_change_pct", "logp_change", "top1_changed"}
 
@@ -64,7 +64,7 @@ def test_launch_one_cell_writes_auditable_results(tmp_path):
 
     # prompt + image_path reproduce the model input and p_base with the model's own processor
     from mmflow.models.registry import _Attr, load_model
-    from mmflow.models.tiny import IMAGE_TOKEN
+    from mmflow.models.synthetic.tiny import IMAGE_TOKEN
 
     loaded = load_model(_Attr(model_config("tiny-llava")))
     row = samples.iloc[0]

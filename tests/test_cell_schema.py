@@ -16,9 +16,9 @@ import pytest
 from conftest import cell_config
 
 from mmflow.analyses import analysis_for
-from mmflow.cell import SAMPLE_COLUMNS
-from mmflow.runtime import run_cells
-from mmflow.schema import SAMPLE_TYPES, arrow_schema
+from mmflow.execution.cell import SAMPLE_COLUMNS
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.schema import SAMPLE_TYPES, arrow_schema
 
 ANALYSES = {
     "knockout": {},

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mmflow.cli import cell_config, main
-from mmflow.config_dirs import CONF_DIR
+from mmflow.config.dirs import CONF_DIR
 
 
 def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
@@ -32,7 +32,7 @@ def test_without_a_command_it_prints_the_commands_and_fails(capsys) -> None:
         ("report", "python -m mmflow.report"),
         ("bench", "python -m mmflow.bench"),
         ("bench --driver", "python -m mmflow.bench --driver"),
-        ("toy", "python -m mmflow.models.toy"),
+        ("toy", "python -m mmflow.models.synthetic.toy"),
     ],
 )
 def test_subcommands_reach_their_modules(command: str, prog: str, capsys) -> None:
@@ -61,7 +61,7 @@ def test_the_retired_ray_block_is_refused_with_its_new_place(tmp_path, monkeypat
 )
 def test_an_interrupt_ends_with_its_signal_code(raised, code, printed, monkeypatch, capsys) -> None:
     import mmflow.cli as cli
-    from mmflow.locks import Terminated
+    from mmflow.storage.locks import Terminated
 
     def stopped() -> None:
         exc = Terminated(15) if raised == "sigterm" else KeyboardInterrupt()
@@ -99,7 +99,7 @@ def test_a_read_only_results_dir_is_one_line_and_exit_2(monkeypatch, tmp_path, c
     from pathlib import Path
 
     import mmflow.cli as cli
-    from mmflow.locks import exclusive_dir
+    from mmflow.storage.locks import exclusive_dir
 
     def read_only(self, *args, **kwargs) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))

@@ -30,7 +30,7 @@ SAME_META = ("cell_id", "status", "config", "rows", "counts", "headline", "engin
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model_built() -> None:
-    from mmflow.models.tiny import ensure_tiny_model
+    from mmflow.models.synthetic.tiny import ensure_tiny_model
 
     ensure_tiny_model("tiny-llava")
 

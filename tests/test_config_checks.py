@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import cell_config
 
-from mmflow.runtime import run_cells
-from mmflow.store import cell_id
-from mmflow.validate import CellConfigError, validate_cell
+from mmflow.config.validate import CellConfigError, validate_cell
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.store import cell_id
 
 
 def meta_of(outcome) -> dict:
@@ -89,7 +89,7 @@ def test_configs_that_compute_nothing_fail_instead_of_finishing_done(tiny_llava,
 
 
 def test_seed_changes_no_knockout_cell_and_cell_ids_stay_the_same():
-    # ids computed on main before the change (mmflow.store.cell_id of these exact configs)
+    # ids computed on main before the change (mmflow.storage.store.cell_id of these exact configs)
     config = {
         "model": {
             "name": "tiny-llava",
@@ -123,7 +123,7 @@ def test_seed_changes_no_knockout_cell_and_cell_ids_stay_the_same():
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    from mmflow.config_dirs import CONF_DIR
+    from mmflow.config.dirs import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         assert "seed" not in compose(config_name="config")

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from mmflow.config_dirs import CONF_DIR
-from mmflow.known_keys import check_known_keys
+from mmflow.config.dirs import CONF_DIR
+from mmflow.config.known_keys import check_known_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -144,7 +144,10 @@ def test_no_page_cites_a_file_outside_the_repository() -> None:
     for page in PAGES:
         text = page.read_text()
         assert "METHOD.md" not in text and "../shared" not in text, page
-        assert "python -m mmflow.models.toy " not in text and "python -m mmflow.models.toy`" not in text, page
+        assert (
+            "python -m mmflow.models.synthetic.toy " not in text
+            and "python -m mmflow.models.synthetic.toy`" not in text
+        ), page
         for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))(?:#[^)]*)?\)", text):
             assert (page.parent / target).is_file() or target in OTHERS, f"{page.name} links {target}"
 

@@ -15,15 +15,16 @@ import socket
 import pytest
 from test_scheduler import Clock, FakeExecutor, cells
 
-from mmflow.locks import CellLock, mark_stale_sweeps, this_process
-from mmflow.store import CellStore
+from mmflow.storage.locks import CellLock, mark_stale_sweeps, this_process
+from mmflow.storage.store import CellStore
 from mmflow.sweep import core
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.settings import SweepSettings
 
 
 class InterruptedWorkers(FakeExecutor):
-    """Workers that record their cells `running` (as `mmflow.cell.start` does in a Ray actor), then the
+    """Workers that record their cells `running` (as `mmflow.execution.cell.start` does in a Ray
+    actor), then the
     user presses Ctrl-C in the driver while they compute."""
 
     def __init__(self, clock, todo, hold=None) -> None:

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from conftest import cell_config
 
-from mmflow.runtime import run_cells
-from mmflow.store import CellStore
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.store import CellStore
 from mmflow.sweep.curve import status_line
 
 pytestmark = pytest.mark.slow  # runs cells on a model per case: `make test`, not `make test-fast`

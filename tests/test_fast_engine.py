@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mmflow.data.sample import Box, Sample
-from mmflow.groups import build_token_groups
-from mmflow.inputs import encode
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 from mmflow.knockout import fast as fast_module
 from mmflow.knockout import kernels, make_engine, rows
 from mmflow.knockout.fast import FastEngine

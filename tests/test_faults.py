@@ -23,11 +23,11 @@ from PIL import Image
 
 from mmflow.data import DataError, Sample, Skip, read_table, resolve_data
 from mmflow.data.gqa import read_task_csv, required_columns
-from mmflow.locks import sigterm_as_interrupt
-from mmflow.prepare import prepare_or_skip
-from mmflow.runtime import run_cells
-from mmflow.secrets import REDACTED, forwarded_env, redact, redact_yaml_file
-from mmflow.store import CellStore, cell_id
+from mmflow.execution.prepare import prepare_or_skip
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.locks import sigterm_as_interrupt
+from mmflow.storage.secrets import REDACTED, forwarded_env, redact, redact_yaml_file
+from mmflow.storage.store import CellStore, cell_id
 from mmflow.wandb_logger import cell_logger, sync_hint
 
 QUESTIONS = [

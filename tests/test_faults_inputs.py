@@ -16,15 +16,16 @@ from test_data import QUERY_HEADER, query_row, write_csv
 from test_faults import meta_of, table_config, write_table
 
 from mmflow.cli import refuse_env_interpolation
+from mmflow.config.paths import expand_path
+from mmflow.config.validate import CellConfigError, validate_cell
 from mmflow.data import load_table, read_table, resolve_data
 from mmflow.data.gqa import BOX_TOLERANCE_PX, read_task_csv
 from mmflow.data.sample import Box, Sample, Skip
-from mmflow.locks import ConfigError, exclusive_dir
+from mmflow.errors import ConfigError, PathConfigError
+from mmflow.execution.prepare import PROMPT_TOO_LONG, prepare_or_skip
+from mmflow.execution.runtime import run_cells
 from mmflow.models.registry import resolve_checkpoint
-from mmflow.paths import PathConfigError, expand_path
-from mmflow.prepare import PROMPT_TOO_LONG, prepare_or_skip
-from mmflow.runtime import run_cells
-from mmflow.validate import CellConfigError, validate_cell
+from mmflow.storage.locks import exclusive_dir
 from mmflow.wandb_logger.settings import run_root
 
 ROOT = Path(__file__).resolve().parents[1]

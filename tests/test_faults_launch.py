@@ -25,7 +25,7 @@ SECRET = "hf_N0tForF1les"
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model_built() -> None:
-    from mmflow.models.tiny import ensure_tiny_model
+    from mmflow.models.synthetic.tiny import ensure_tiny_model
 
     ensure_tiny_model("tiny-llava")
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from mmflow.secrets import REDACTED, redact_argv
+from mmflow.storage.secrets import REDACTED, redact_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_SECRETS = {"HF_TOKEN": "hf_EnvS3cretA", "WANDB_API_KEY": "wb_EnvS3cretB"}
 ARG_SECRETS = {"+hydra.launcher.ray.init.runtime_env.env_vars.HF_TOKEN": "hf_ArgS3cretC"}
-# Keys no config of a cell defines: refused before anything runs (mmflow.known_keys), value not echoed.
+# Keys no config of a cell defines: refused before anything runs (mmflow.config.known_keys), value not echoed.
 REFUSED_SECRETS = {"+logger.api_key": "wb_ArgS3cretD", "+db.password": "pw_ArgS3cretE"}
 ALL_ARG_SECRETS = {**ARG_SECRETS, **REFUSED_SECRETS}
 
@@ -93,7 +93,7 @@ def test_a_local_ray_gets_runtime_env_secrets_without_logging_them(short_tmp, mo
 @pytest.mark.slow
 def test_a_sweep_writes_no_secret_in_results_wandb_or_ray_session(short_tmp):
     """`launch.py -m` with W&B offline and a local Ray: secrets in the environment and as overrides."""
-    from mmflow.models.tiny import ensure_tiny_model
+    from mmflow.models.synthetic.tiny import ensure_tiny_model
 
     ensure_tiny_model("tiny-llava")
     results, ray_dir = short_tmp / "res", short_tmp / "ray"

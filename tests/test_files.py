@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mmflow.files import (
+from mmflow.storage.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
@@ -65,7 +65,7 @@ def test_staging_folders_get_the_mode_mkdir_would_give(umask: int, tmp_path: Pat
 
 
 def test_a_finished_folder_is_opened_to_the_umask(umask: int, tmp_path: Path) -> None:
-    from mmflow.files import apply_umask
+    from mmflow.storage.files import apply_umask
 
     folder = make_temp_dir(tmp_path, ".stage-")
     (folder / "sub").mkdir(mode=0o700)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from mmflow.gpu_check import GRID_SAMPLES_PER_MODEL, grid_hours
+from mmflow.bench.gpu_check import GRID_SAMPLES_PER_MODEL, grid_hours
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 

@@ -8,8 +8,9 @@ import torch
 from conftest import noise_sample
 
 from mmflow.data.sample import Box
-from mmflow.groups import GroupError, build_token_groups
-from mmflow.inputs import encode
+from mmflow.errors import GroupError
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 
 
 @pytest.fixture(params=["tiny_llava", "tiny_llava_next"])

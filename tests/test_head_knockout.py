@@ -12,15 +12,15 @@ from test_knockout_reference import _embeds, plain_forward
 
 from mmflow.analyses import canonical_config
 from mmflow.analyses.knockout import head_sets
-from mmflow.groups import build_token_groups
-from mmflow.inputs import encode
+from mmflow.execution.runtime import run_cells
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
 from mmflow.knockout import kernels
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers
 from mmflow.models.registry import get_model
-from mmflow.runtime import run_cells
-from mmflow.store import cell_id
+from mmflow.storage.store import cell_id
 
 TOLERANCE, LOGP_TOLERANCE = 1e-5, 1e-4
 

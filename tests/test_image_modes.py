@@ -19,10 +19,11 @@ from PIL import Image
 
 from mmflow.data.sample import Sample, Skip
 from mmflow.data.shapes import load_shapes
-from mmflow.images import UNSUPPORTED_IMAGE_MODE, to_rgb
-from mmflow.inputs import encode, load_image
+from mmflow.errors import UNSUPPORTED_IMAGE_MODE
+from mmflow.execution.prepare import prepare_or_skip
+from mmflow.inputs.encode import encode, load_image
+from mmflow.inputs.images import to_rgb
 from mmflow.models.registry import _Attr, load_model
-from mmflow.prepare import prepare_or_skip
 
 pytestmark = pytest.mark.slow  # runs cells on a model per case: `make test`, not `make test-fast`
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import model_config, noise_sample
 
-from mmflow.groups import build_token_groups
-from mmflow.hooks import record_layer_inputs
-from mmflow.inputs import encode
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
+from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import check_prepared
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers

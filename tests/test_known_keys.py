@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmflow.checks import CellConfigError
 from mmflow.cli import cell_config
-from mmflow.config_dirs import CONF_DIR
-from mmflow.known_keys import check_known_keys, schema, unknown_keys
+from mmflow.config.dirs import CONF_DIR
+from mmflow.config.known_keys import check_known_keys, schema, unknown_keys
+from mmflow.errors import CellConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,11 @@ import pytest
 from conftest import cell_config
 from replica_helpers import loaded_replica
 
-from mmflow.checks import CellConfigError, window_for_depth
+from mmflow.config.checks import window_for_depth
+from mmflow.errors import CellConfigError
+from mmflow.execution.runtime import run_cells
 from mmflow.report.cells import load_cell
 from mmflow.report.figures import plot_cross_model
-from mmflow.runtime import run_cells
 
 NOTE = "shrunk replica, 2 of 32 layers, random weights"
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import add_loopback_node, ray_sweep_cmd
 from hydra import compose, initialize_config_dir
 
-from mmflow.config_dirs import CONF_DIR
+from mmflow.config.dirs import CONF_DIR
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 
@@ -28,7 +28,7 @@ TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "Q
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models_built() -> None:
     """Build (or find) the tiny models once, so concurrent actors never race to build them."""
-    from mmflow.models.tiny import ensure_tiny_model
+    from mmflow.models.synthetic.tiny import ensure_tiny_model
 
     ensure_tiny_model("tiny-llava")
     ensure_tiny_model("tiny-llava-next")
@@ -124,7 +124,7 @@ def test_actor_resources_map_gpus_to_cpu_and_reject_impossible_requests() -> Non
 
 
 def test_a_temp_file_left_by_a_killed_writer_does_not_block_finishing(tmp_path: Path) -> None:
-    from mmflow.store import CellStore
+    from mmflow.storage.store import CellStore
 
     store = CellStore(tmp_path, {"task": "ChooseAttr", "n_samples": 1})
     store.write_sample("q1", {"order": 0, "question_id": "q1"}, [{"question_id": "q1", "layer": 0}])

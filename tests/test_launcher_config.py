@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmflow.config_dirs import CONF_DIR
+from mmflow.config.dirs import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
 from mmflow.cli import retired_spelling, run_hydra
-from mmflow.config_dirs import CONF_DIR, SWEEPS_DIR, named_sweeps
+from mmflow.config.dirs import CONF_DIR, SWEEPS_DIR, named_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ["paper", "series", "smoke", "toy", "toy_patching", "windows"]

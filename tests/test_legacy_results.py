@@ -19,8 +19,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mmflow.cli import cell_config
-from mmflow.config_dirs import CONF_DIR
-from mmflow.store import cell_id
+from mmflow.config.dirs import CONF_DIR
+from mmflow.storage.store import cell_id
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.settings import SweepSettings
 

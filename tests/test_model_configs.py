@@ -1,7 +1,8 @@
 """Every model mmflow builds keeps its config and seeded weights: tiny, series, toy, GPU check, replicas.
 
 The fixture `fixtures/model_configs.json` was first written from the builders as they were before the
-LLaVA-family configs were built in one place (`mmflow.models.builder`). It holds, for each model (the
+LLaVA-family configs were built in one place (`mmflow.models.synthetic.builder`). It holds, for each model
+(the
 replicas at CPU and at full size, the GPU check's models at dry-run and, on the meta device, at full size),
 the config fields that decide what the model computes (`semantic_fields`: architecture, widths and depths,
 heads, token ids, rope, norms, vision geometry, dtype) and, for the models with weights, a per-tensor
@@ -52,25 +53,25 @@ def build(case: str):
     """(config dict, weight fingerprint or None) of one case, from the public builders."""
     kind, name = case.split("/")
     if kind == "tiny":
-        from mmflow.models import tiny
+        from mmflow.models.synthetic import tiny
 
         spec = tiny.TINY_SPECS[name]
         tokenizer = tiny_tokenizer(name)
         model = tiny.build_model(spec, tokenizer)
     elif kind == "series":
-        from mmflow.models import tiny_series
+        from mmflow.models.synthetic import tiny_series
 
         spec = tiny_series.SERIES_SPECS[name]
         corpus = tiny_series.tokenizer_corpus(("vicuna_v1", "llama3", tiny_series.PROMPT_FORMAT[name]))
         model = tiny_series.build_series_model(spec, tiny_series.build_series_tokenizer(spec, corpus))
     elif kind == "toy":
-        from mmflow.models import toy
+        from mmflow.models.synthetic import toy
 
         cfg = toy.ToyConfig()
         model = toy.build_model(cfg, toy.build_processor_for(cfg).tokenizer)
     elif kind.startswith("replica"):
-        from mmflow.models import replica
-        from mmflow.models.builder import build_weights
+        from mmflow.models.synthetic import replica
+        from mmflow.models.synthetic.builder import build_weights
 
         spec = replica.REPLICA_SPECS[name]
         config = replica.replica_config(spec, replica.build_tokenizer(spec), full_size=kind == "replica-full")
@@ -78,7 +79,7 @@ def build(case: str):
             return config.to_dict(), None
         model = build_weights(config, seed=0, dtype=torch.float32)
     else:
-        from mmflow import gpu_check
+        from mmflow.bench import gpu_check
 
         if kind == "gpu-dry":
             loaded = gpu_check.build_full_size(name, gpu_check.DRY[name], torch.float32, torch.device("cpu"))
@@ -90,7 +91,7 @@ def build(case: str):
 
 
 # The config fields that decide what a model computes, at the top level and inside its text and vision
-# configs: everything `mmflow.models.builder` sets, and the architecture defaults it relies on.
+# configs: everything `mmflow.models.synthetic.builder` sets, and the architecture defaults it relies on.
 MODEL_FIELDS = {
     "model_type", "dtype", "tie_word_embeddings", "image_token_index", "image_token_id", "video_token_id",
     "video_token_index", "vision_start_token_id", "vision_end_token_id", "projector_hidden_act",
@@ -182,7 +183,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
 
 def test_builder_scales_qwen_fields_as_the_real_model() -> None:
     """At Qwen2.5-VL-7B's sizes the derived fields are the real ones (its config.json)."""
-    from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, text_config, vision_config
+    from mmflow.models.synthetic.builder import ModelSpec, TextSpec, VisionSpec, text_config, vision_config
 
     spec = ModelSpec(
         "qwen2_5_vl",
@@ -197,7 +198,7 @@ def test_builder_scales_qwen_fields_as_the_real_model() -> None:
 
 
 def test_builder_architecture_defaults_and_overrides() -> None:
-    from mmflow.models.builder import NEXT_PINPOINTS, ModelSpec, TextSpec, VisionSpec, model_config
+    from mmflow.models.synthetic.builder import NEXT_PINPOINTS, ModelSpec, TextSpec, VisionSpec, model_config
 
     dims = dict(
         text=TextSpec(32, 64, 2, 4, 2), vision=VisionSpec(32, 64, 2, 2), vocab_size=100, image_token_id=99

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmflow.models import tiny
-from mmflow.models.processor_builder import CLIP_MEAN, CLIP_STD
-from mmflow.models.prompts import build_prompt
+from mmflow.inputs.prompts import build_prompt
 from mmflow.models.registry import _apply_preprocess
+from mmflow.models.synthetic import tiny
+from mmflow.models.synthetic.processor_builder import CLIP_MEAN, CLIP_STD
 
 
 def test_prompts_are_the_papers():

@@ -14,13 +14,13 @@ from conftest import cell_config
 
 import mmflow.knockout.fast as fast_module
 from mmflow.analyses.knockout_figures import plot_model_task
-from mmflow.inputs import ModelInputs
+from mmflow.execution.runtime import run_cells
+from mmflow.inputs.encode import ModelInputs
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.noise import PROBE_FACTOR, top_distance
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
-from mmflow.models.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
 from mmflow.models.registry import LoadedModel, get_model
-from mmflow.runtime import run_cells
+from mmflow.models.synthetic.builder import ModelSpec, TextSpec, VisionSpec, build_weights, model_config
 
 OLD_TOLERANCE = {torch.float16: 5e-2, torch.bfloat16: 1e-1}  # main's fixed probe tolerances
 LENGTH = 24
@@ -206,8 +206,8 @@ def test_patching_probe_noise_is_measured_on_the_corrupted_run(tiny_llava, tmp_p
     import numpy as np
     from conftest import noise_sample
 
-    from mmflow.groups import build_token_groups
-    from mmflow.inputs import encode
+    from mmflow.inputs.encode import encode
+    from mmflow.inputs.groups import build_token_groups
     from mmflow.patching.corrupt import embedding_std, make_corruption
     from mmflow.patching.restore import FastPatcher
 
@@ -223,7 +223,7 @@ def test_patching_probe_noise_is_measured_on_the_corrupted_run(tiny_llava, tmp_p
 
 
 def test_noise_floor_of_samples_recorded_before_it_existed():
-    from mmflow.cell import noise_floor
+    from mmflow.execution.cell import noise_floor
 
     old = pd.DataFrame({"status": ["scored", "skipped"], "question_id": ["a", "b"]})
     record = noise_floor(old, "fast", "float16")

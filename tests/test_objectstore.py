@@ -20,7 +20,7 @@ import pytest
 from ray_nodes import free_port
 from test_faults_launch import finish, wait_for
 
-from mmflow.objectstore import is_uri, mirror_dir, uri_of
+from mmflow.storage.objectstore import is_uri, mirror_dir, uri_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "mmflow-test"
@@ -100,8 +100,8 @@ def test_a_store_uri_leaves_the_cell_id_as_a_local_folder_gives_it(tmp_path, mon
     from hydra import compose, initialize_config_dir
 
     from mmflow.cli import cell_config
-    from mmflow.config_dirs import CONF_DIR
-    from mmflow.store import cell_id
+    from mmflow.config.dirs import CONF_DIR
+    from mmflow.storage.store import cell_id
 
     monkeypatch.setenv("MMFLOW_RESULTS_MIRROR", str(tmp_path / "mirror"))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

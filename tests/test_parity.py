@@ -16,10 +16,11 @@ from llava_oracle import oracle, original_image_token_count  # noqa: E402
 from replica_helpers import NEXT_MODELS, REAL_MODELS, loaded_replica, real_model_config  # noqa: E402
 
 from mmflow.data.sample import Box, Sample  # noqa: E402
-from mmflow.groups import GroupError, build_token_groups  # noqa: E402
-from mmflow.inputs import encode  # noqa: E402
-from mmflow.models.builder import NEXT_PINPOINTS  # noqa: E402
-from mmflow.models.processor_builder import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mmflow.errors import GroupError
+from mmflow.inputs.encode import encode  # noqa: E402
+from mmflow.inputs.groups import build_token_groups  # noqa: E402
+from mmflow.models.synthetic.builder import NEXT_PINPOINTS  # noqa: E402
+from mmflow.models.synthetic.processor_builder import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 ORACLE = oracle()
 needs_oracle = pytest.mark.skipif(ORACLE is None, reason="llava-torch not installed (scripts/setup.sh test)")
@@ -197,7 +198,7 @@ def test_bad_box_skips_only_object_groups(tiny_llava, tmp_path: Path, monkeypatc
     import pandas as pd
     from conftest import cell_config
 
-    from mmflow import runtime
+    from mmflow.execution import runtime
 
     path = tmp_path / "img.jpg"
     noise((64, 48)).save(path)
@@ -245,7 +246,7 @@ OLD_IDS = {
 def test_cell_ids_keep_their_old_values_where_the_modes_agree() -> None:
     from conftest import cell_config
 
-    from mmflow.store import cell_id
+    from mmflow.storage.store import cell_id
 
     for model, old in OLD_IDS.items():
         for parity in ("paper", "corrected", None):
@@ -262,7 +263,7 @@ def test_cell_ids_keep_their_old_values_where_the_modes_agree() -> None:
 def test_bad_parity_value_is_refused() -> None:
     from conftest import cell_config
 
-    from mmflow.parity import effective_parity
+    from mmflow.inputs.parity import effective_parity
 
     with pytest.raises(ValueError, match="parity must be one of"):
         effective_parity(cell_config(Path("/tmp/x"), parity="papers"))
@@ -276,8 +277,8 @@ def test_paper_cell_on_a_replica(tmp_path: Path) -> None:
     import pandas as pd
     from conftest import cell_config
 
+    from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import _Attr, load_model
-    from mmflow.runtime import run_cells
 
     model = real_model_config("llama3-llava-next-8b", "paper")
     loaded = load_model(_Attr(model))
@@ -301,7 +302,7 @@ def test_pil_backend_is_pinned(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from mmflow.models.registry import pin_pil_backend
-    from mmflow.models.replica import ensure_replica
+    from mmflow.models.synthetic.replica import ensure_replica
 
     class LlavaNextImageProcessor:  # stands in for the torchvision backend (absent on CPU machines)
         pass
@@ -320,8 +321,8 @@ def test_legacy_cells_keep_their_ids_in_both_modes() -> None:
     from omegaconf import OmegaConf
 
     from mmflow.analyses import canonical_config
-    from mmflow.config_dirs import CONF_DIR
-    from mmflow.store import cell_id
+    from mmflow.config.dirs import CONF_DIR
+    from mmflow.storage.store import cell_id
 
     cells = json.loads((Path(__file__).parent / "fixtures" / "legacy_results" / "cells.json").read_text())
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -340,7 +341,7 @@ def test_launch_with_a_replica_folder(tmp_path: Path) -> None:
 
     from replica_helpers import ROOT
 
-    from mmflow.models.replica import ensure_replica
+    from mmflow.models.synthetic.replica import ensure_replica
 
     folder = ensure_replica("llava-1.5-7b")
     overrides = [

@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import cell_config, noise_sample
 
-from mmflow.groups import build_token_groups
-from mmflow.hooks import record_layer_inputs
-from mmflow.inputs import encode
+from mmflow.execution.runtime import run_cells
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
+from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import window_layers
 from mmflow.patching.corrupt import embedding_std, make_corruption, pair_counterfactuals
 from mmflow.patching.restore import FastPatcher, ReferencePatcher, RestoreJob
-from mmflow.runtime import run_cells
 
 TOLERANCE = 1e-5  # max |p difference| over the vocabulary (float32), as for the fast knockout engine
 LOGP_TOLERANCE = 1e-4

@@ -18,8 +18,8 @@ from mmflow.report.cells import load_cell
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     """A knockout, a patching and a per-head knockout cell of tiny-llava, computed together and logged."""
+    from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import get_model
-    from mmflow.runtime import run_cells
     from mmflow.wandb_logger import cell_logger
 
     tmp = tmp_path_factory.mktemp("patching_report")

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from conftest import cell_config
 
-from mmflow import prepare, runtime
-from mmflow.pipeline import Stages, prefetch
-from mmflow.runtime import run_cells
-from mmflow.store import CellStore
+from mmflow.execution import prepare, runtime
+from mmflow.execution.pipeline import Stages, prefetch
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.store import CellStore
 
 
 def test_prefetch_keeps_order_bounds_the_queue_and_hands_over_errors():
@@ -55,7 +55,7 @@ def _frames(outcome) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 @pytest.mark.slow
 def test_prefetched_cells_same_rows_and_a_failing_sample_is_a_skip(tiny_llava, tmp_path, monkeypatch):
-    load_image = prepare.load_image  # samples are read in mmflow.prepare (issue 15)
+    load_image = prepare.load_image  # samples are read in mmflow.execution.prepare (issue 15)
 
     def flaky(sample):
         if sample.question_id == bad_id:

@@ -14,7 +14,7 @@ from mmflow.models.placement import GIB, device_of, load_kwargs, max_memory, pla
 
 
 def _replica_config(name: str):
-    from mmflow.models import replica
+    from mmflow.models.synthetic import replica
 
     spec = replica.REPLICA_SPECS[name]
     return replica.replica_config(spec, replica.build_tokenizer(spec), full_size=True)
@@ -57,9 +57,9 @@ EXPLICIT = {
 
 @pytest.mark.parametrize("device_map", ["auto", EXPLICIT])
 def test_a_cell_loaded_with_a_device_map_equals_a_plain_load(tmp_path, device_map) -> None:
+    from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import _Attr, load_model
-    from mmflow.runtime import run_cells
-    from mmflow.store import CellStore
+    from mmflow.storage.store import CellStore
 
     plain_cfg = model_config("tiny-llava")
     mapped_cfg = {**plain_cfg, "device_map": device_map}

@@ -13,8 +13,8 @@ import pytest
 
 from mmflow.analyses import Analysis, known_analyses, register
 from mmflow.analyses.base import _REGISTRY
-from mmflow.checks import CellConfigError
-from mmflow.validate import validate_cell
+from mmflow.config.validate import validate_cell
+from mmflow.errors import CellConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_folder() -> Path:
-    from mmflow.models.tiny import ensure_tiny_model
+    from mmflow.models.synthetic.tiny import ensure_tiny_model
 
     return ensure_tiny_model("tiny-llava")
 

@@ -37,13 +37,13 @@ def build(case: str):
     """(processor, prompt format) of one case, from the public builders."""
     kind, name = case.split("/")
     if kind == "tiny":
-        from mmflow.models import tiny
+        from mmflow.models.synthetic import tiny
 
         spec = tiny.TINY_SPECS[name]
         tokenizer = tiny_tokenizer(name)
         return tiny.build_processor(spec, tokenizer), spec.prompt_format
     if kind == "series":
-        from mmflow.models import tiny_series
+        from mmflow.models.synthetic import tiny_series
 
         spec = tiny_series.SERIES_SPECS[name]
         fmt = tiny_series.PROMPT_FORMAT[name]
@@ -52,10 +52,10 @@ def build(case: str):
         )
         return tiny_series.build_series_processor(spec, tokenizer), fmt
     if kind == "toy":
-        from mmflow.models import toy
+        from mmflow.models.synthetic import toy
 
         return toy.build_processor_for(toy.ToyConfig()), toy.PROMPT_FORMAT
-    from mmflow.models import replica
+    from mmflow.models.synthetic import replica
 
     spec = replica.REPLICA_SPECS[name]
     prompt_format = model_config(name, resolve=False)["prompt_format"]
@@ -81,7 +81,7 @@ def _run_length(ids: list[int]) -> list[list[int]]:
 
 def snapshot(case: str) -> dict:
     """The saved files, special tokens and outputs of one case's processor (JSON-ready)."""
-    from mmflow.models.prompts import build_prompt
+    from mmflow.inputs.prompts import build_prompt
 
     processor, fmt = build(case)
     files: dict = {}

@@ -1,4 +1,5 @@
-"""`mmflow.relay` without Ray: an actor's cell-store writes replayed by the driver, in order, bounded."""
+"""`mmflow.storage.relay` without Ray: an actor's cell-store writes replayed by the driver, in order,
+bounded."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mmflow.locks import CellLock
-from mmflow.relay import Relay, relaying, safe_name
-from mmflow.store import CellStore
+from mmflow.storage.locks import CellLock
+from mmflow.storage.relay import Relay, relaying, safe_name
+from mmflow.storage.store import CellStore
 from mmflow.sweep.inbox import DriverBatch
 
 KEYS = ["question_id", "layer"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from conftest import cell_config, model_config
 
+from mmflow.execution.runtime import run_cells
 from mmflow.models.registry import _Attr, load_model, resolve_checkpoint
 from mmflow.models.remote_code import remote_code_files
-from mmflow.runtime import run_cells
 
 CUSTOM = '''from pathlib import Path
 

@@ -17,11 +17,11 @@ from llava_oracle import oracle  # noqa: E402
 from replica_helpers import REAL_MODELS, loaded_replica  # noqa: E402
 
 from mmflow.data.gqa import GQA_TASKS_DIR, read_task_csv  # noqa: E402
-from mmflow.inputs import encode  # noqa: E402
-from mmflow.models.builder import build_weights  # noqa: E402
-from mmflow.models.processor_builder import vocabulary_json  # noqa: E402
-from mmflow.models.prompts import INSTRUCTION, LLAMA3_SYSTEM, VICUNA_SYSTEM, build_prompt  # noqa: E402
-from mmflow.models.replica import REPLICA_SPECS, ensure_replica, replica_config  # noqa: E402
+from mmflow.inputs.encode import encode  # noqa: E402
+from mmflow.inputs.prompts import INSTRUCTION, LLAMA3_SYSTEM, VICUNA_SYSTEM, build_prompt  # noqa: E402
+from mmflow.models.synthetic.builder import build_weights  # noqa: E402
+from mmflow.models.synthetic.processor_builder import vocabulary_json  # noqa: E402
+from mmflow.models.synthetic.replica import REPLICA_SPECS, ensure_replica, replica_config  # noqa: E402
 
 ORACLE = oracle()
 needs_oracle = pytest.mark.skipif(ORACLE is None, reason="llava-torch not installed (scripts/setup.sh test)")
@@ -118,7 +118,7 @@ def test_cli_builds_a_loadable_folder(tmp_path: Path) -> None:
     from replica_helpers import real_model_config
 
     from mmflow.models.registry import _Attr, load_model
-    from mmflow.models.replica import main
+    from mmflow.models.synthetic.replica import main
 
     old_umask = os.umask(0o022)
     try:
@@ -231,7 +231,7 @@ def test_llama3_paper_example() -> None:
 @pytest.mark.parametrize("name", REAL_MODELS)
 def test_group_positions(name: str) -> None:
     """Image span, question span and last position on the replicas, both modes."""
-    from mmflow.groups import build_token_groups
+    from mmflow.inputs.groups import build_token_groups
 
     for parity in ("paper", "corrected"):
         loaded = loaded_replica(name, parity)

@@ -18,7 +18,7 @@ from mmflow.knockout.spec import NAMED_KNOCKOUTS, KnockoutSpec
 from mmflow.report import build_report
 from mmflow.report.cells import find_cell_dirs, load_cells
 from mmflow.report.figures import curve_stats, plot_cross_model, plot_model_overview, plot_model_task
-from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
+from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "ChooseAttr"
@@ -285,8 +285,8 @@ def test_cli_writes_the_report(fabricated: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_report_of_really_computed_cells(tmp_path: Path) -> None:
     """Two knockouts of the tiny LLaVA through the runtime, then the report from their folders."""
+    from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import get_model
-    from mmflow.runtime import run_cells
 
     model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
     loaded = get_model(model)

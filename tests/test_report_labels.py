@@ -19,7 +19,7 @@ from mmflow.analyses.patching_figures import plot_necessity_sufficiency
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
 from mmflow.report import build_report
 from mmflow.report.cells import find_cell_dirs, load_cells
-from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
+from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 
 SHAPES = {"name": "shapes", "seed": 0, "cache_dir": None}
 TABLE = {"name": "table", "path": "/u/vqa.csv", "image_dir": "/u/imgs", "format": "csv", "sha256": "ab" * 32}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mmflow.context import RunContext
-from mmflow.store import CellStore, atomic_write_parquet
+from mmflow.execution.context import RunContext
+from mmflow.storage.store import CellStore, atomic_write_parquet
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.executor import Event
 from mmflow.sweep.plan import plan_models

@@ -13,17 +13,17 @@ from conftest import cell_config, model_config, noise_sample
 from test_fast_engine import KNOCKOUTS, assert_same, named_jobs, prepared, run_both
 
 from mmflow.data.sample import Box
-from mmflow.groups import build_token_groups
-from mmflow.inputs import encode
+from mmflow.execution.runtime import run_cells
+from mmflow.inputs.encode import encode
+from mmflow.inputs.groups import build_token_groups
+from mmflow.inputs.object_patches import object_token_flags
+from mmflow.inputs.prompts import build_prompt
 from mmflow.knockout import make_engine
 from mmflow.knockout.attention import knockout_undefined_reason, prepare_model
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
-from mmflow.models.prompts import build_prompt
 from mmflow.models.registry import _Attr, load_model
-from mmflow.patches import object_token_flags
-from mmflow.runtime import run_cells
 
 SERIES = ("tiny-llava-1.6-mistral", "tiny-llava-1.6-34b", "tiny-llava-onevision", "tiny-qwen2.5-vl")
 DECODERS = {
@@ -170,7 +170,7 @@ def test_object_patches_on_known_boxes_qwen(series, tmp_path):
 def _blank_inputs(loaded, size):
     from PIL import Image
 
-    from mmflow.inputs import ModelInputs
+    from mmflow.inputs.encode import ModelInputs
 
     prompt = build_prompt(loaded.prompt_format, "Is it red?")
     encoded = loaded.processor(text=prompt.text, images=Image.new("RGB", size), return_tensors="pt")
@@ -253,7 +253,7 @@ def test_series_sweep_has_every_llava_model_at_its_scaled_window(monkeypatch):
     from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from mmflow.config_dirs import CONF_DIR
+    from mmflow.config.dirs import CONF_DIR
 
     monkeypatch.chdir(ROOT)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -275,7 +275,7 @@ def test_cross_model_legend_names_family_and_size(tmp_path):
 
     from mmflow.report.cells import load_cells
     from mmflow.report.figures import plot_cross_model
-    from mmflow.store import atomic_write_json, cell_id
+    from mmflow.storage.store import atomic_write_json, cell_id
 
     dirs = []
     for name, (layers, _, legend) in REAL.items():
@@ -296,7 +296,7 @@ def test_cross_model_legend_names_family_and_size(tmp_path):
 def test_answer_from_the_clean_cache_equals_generate(series, tmp_path, name):
     """The answer decoded from the fast clean pass's cache is `generate`'s (Qwen2.5-VL: the decode steps
     continue its multimodal positions through the model's rope deltas)."""
-    from mmflow.answer import greedy_token_ids
+    from mmflow.execution.answer import greedy_token_ids
 
     loaded = series[name]
     inputs, _ = prepared(loaded, tmp_path, np.random.default_rng(8), PARITY_SIZES[name])

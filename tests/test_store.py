@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mmflow.store import CellStore, atomic_write_bytes, cell_id
+from mmflow.storage.store import CellStore, atomic_write_bytes, cell_id
 
 
 def test_cell_id_is_stable_and_ignores_where_results_go():

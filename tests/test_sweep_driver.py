@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmflow.bench_driver import Driver, fabricate, grid
+from mmflow.bench.driver import Driver, fabricate, grid
 from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.record import read_events
 from mmflow.sweep.settings import SweepSettings
@@ -30,7 +30,7 @@ def hydra_cell_id(tmp_path: Path, overrides: list[str]) -> str:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from mmflow.store import CellStore
+    from mmflow.storage.store import CellStore
     from mmflow.sweep.config import cell_config
 
     cfg = compose("config", overrides=overrides, return_hydra_config=True)

@@ -17,11 +17,11 @@ from conftest import cell_config
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from mmflow.cell import Cell, start
-from mmflow.config_dirs import CONF_DIR
+from mmflow.config.dirs import CONF_DIR
 from mmflow.data import DataError, resolve_data
-from mmflow.runtime import run_cells
-from mmflow.store import cell_id
+from mmflow.execution.cell import Cell, start
+from mmflow.execution.runtime import run_cells
+from mmflow.storage.store import cell_id
 
 ROWS = [
     ("q1", "Is the jar full or empty?", "empty", "full"),

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from mmflow.data import TASKS, Sample, load_shapes
-from mmflow.groups import TokenGroups, build_token_groups
-from mmflow.inputs import ModelInputs, encode
+from mmflow.execution.runtime import generate_answer, normalise_answer
+from mmflow.inputs.encode import ModelInputs, encode
+from mmflow.inputs.groups import TokenGroups, build_token_groups
 from mmflow.knockout import make_engine
 from mmflow.knockout.reference import CleanPass, ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
-from mmflow.models.toy import (
+from mmflow.models.synthetic.toy import (
     EVAL_DATA_SEED,
     TOY_ROOT,
     ensure_toy_model,
 )
-from mmflow.models.toy_training.train import load_toy
-from mmflow.runtime import generate_answer, normalise_answer
+from mmflow.models.synthetic.toy_training.train import load_toy
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 
@@ -63,7 +63,7 @@ def reference(loaded) -> ReferenceEngine:
 
 @pytest.fixture(scope="module")
 def heldout(loaded, reference, tmp_path_factory) -> dict[str, list[Evaluated]]:
-    """Every family's held-out samples with the clean pass and the greedy answer (as in mmflow.runtime)."""
+    """Every family's held-out samples with the clean pass and the greedy answer (as in the runtime)."""
     cache = tmp_path_factory.mktemp("shapes")
     out: dict[str, list[Evaluated]] = {}
     for task in TASKS:
@@ -83,7 +83,7 @@ def test_committed_folder_is_small_and_documented():
     assert folder == TOY_ROOT / "toy-llava"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20 * 2**20
     record = json.loads((folder / "training.json").read_text())
-    assert record["command"].startswith("python -m mmflow.models.toy train")
+    assert record["command"].startswith("python -m mmflow.models.synthetic.toy train")
     assert set(record["heldout"]["accuracy"]) == set(TASKS)
     assert math.isfinite(record["final_loss"])
 

@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 
 from mmflow.data import TASKS, load_shapes
 from mmflow.data.shapes import COLORS, SHAPES, SIZES
-from mmflow.inputs import encode
-from mmflow.models.toy import (
+from mmflow.inputs.encode import encode
+from mmflow.models.synthetic.toy import (
     VAL_DATA_SEED,
     ToyConfig,
     build_model,
     build_processor_for,
 )
-from mmflow.models.toy_training.data import (
+from mmflow.models.synthetic.toy_training.data import (
     NAMING_WORDS,
     collate,
     patch_labels,
@@ -36,8 +36,8 @@ from mmflow.models.toy_training.data import (
     validation_data,
     word_facts,
 )
-from mmflow.models.toy_training.probes import GroundingHead, decoder_states
-from mmflow.models.toy_training.train import load_toy
+from mmflow.models.synthetic.toy_training.probes import GroundingHead, decoder_states
+from mmflow.models.synthetic.toy_training.train import load_toy
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
 
@@ -76,7 +76,7 @@ def test_packed_segments_equal_single_turn_prompts(recipe, tmp_path):
 
 
 def test_segments_are_the_analysis_prompt(recipe, tmp_path):
-    """A validation item's shared prefix + segment is exactly what mmflow.inputs feeds the model."""
+    """A validation item's shared prefix + segment is exactly what mmflow.inputs.encode feeds the model."""
     from mmflow.models.registry import LoadedModel
 
     cfg, processor, model = recipe
@@ -238,7 +238,16 @@ def test_patch_labels_mark_each_object_centre(recipe):
 
 
 def _train(out: Path, seed: int = 0) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mmflow.models.toy_training", "train", "--steps", "3", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "mmflow.models.synthetic.toy_training",
+        "train",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    ]
     command += ["--seed", str(seed), "--images", "12", "--vision-steps", "2", "--val-n", "1", "--eval-n", "0"]
     return subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
 
@@ -253,7 +262,7 @@ def test_training_command_smoke(tmp_path):
     assert "toy-llava answers" in run.stderr and "loss=" in run.stderr  # the progress bar
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["steps"] == 3 and math.isfinite(record["final_loss"])
-    assert record["command"].startswith("python -m mmflow.models.toy_training train --steps 3")
+    assert record["command"].startswith("python -m mmflow.models.synthetic.toy_training train --steps 3")
     assert record["train_data"]["images"] == 12
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -268,7 +277,7 @@ def test_training_command_stops_cleanly_on_sigterm(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "mmflow.models.toy_training",
+        "mmflow.models.synthetic.toy_training",
         "train",
         "--steps",
         "100000",

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mmflow import wandb_logger
 from mmflow.analyses.curves import t_quantile
-from mmflow.store import atomic_write_json, atomic_write_parquet, cell_id
+from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 from mmflow.wandb_logger import WandbCellLogger, cell_logger, log_sweep, logger_config, resolve_mode
 
 pytestmark = pytest.mark.slow  # runs sweeps, trains or builds for real: `make test`, not `make test-fast`
@@ -51,8 +51,8 @@ def logger_section(root: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def computed(tmp_path_factory):
     """Two knockout cells of the tiny LLaVA computed together, each logged to its own offline run."""
+    from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import get_model
-    from mmflow.runtime import run_cells
 
     tmp = tmp_path_factory.mktemp("wandb")
     model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny-llava.yaml"))
@@ -146,7 +146,7 @@ def test_each_cell_has_its_own_run_with_its_own_numbers(computed: dict) -> None:
 
 
 def test_cached_cells_log_nothing(computed: dict) -> None:
-    from mmflow.runtime import run_cells
+    from mmflow.execution.runtime import run_cells
 
     before = sorted((computed["root"] / "wandb").glob("offline-run-*"))
     outcomes = run_cells(computed["loaded"], computed["configs"], logger_factory=cell_logger)

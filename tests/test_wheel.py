@@ -96,7 +96,7 @@ def test_wheel_in_a_fresh_venv_runs_the_smoke_sweep_and_the_report(wheel: Path, 
     where = sh(
         python,
         "-c",
-        "import mmflow.sweep, mmflow.config_dirs as p, hydra_plugins.mmflow_launcher as h; "
+        "import mmflow.sweep, mmflow.config.dirs as p, hydra_plugins.mmflow_launcher as h; "
         "print(mmflow.sweep.__file__, h.__file__, p.CONF_DIR, p.SWEEPS_DIR)",
         cwd=work,
         env=env,

@@ -60,8 +60,8 @@ class MmflowLauncher(Launcher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import configure_log, setup_globals
 
-        from mmflow.known_keys import refuse_unknown_keys
-        from mmflow.secrets import redact_argv, redact_hydra_files
+        from mmflow.config.known_keys import refuse_unknown_keys
+        from mmflow.storage.secrets import redact_argv, redact_hydra_files
         from mmflow.sweep.core import Sweep, SweepFailed
         from mmflow.sweep.display import own_log_lines
 
@@ -137,7 +137,7 @@ class MmflowLauncher(Launcher):
 
 def write_job_overrides(sweep_dir: Path, jobs: Sequence[CellJob]) -> None:
     """Each job's `<n>/.hydra/overrides.yaml` (what Hydra users read), one small file per job."""
-    from mmflow.secrets import redact
+    from mmflow.storage.secrets import redact
 
     for job in jobs:
         folder = sweep_dir / str(job.idx) / ".hydra"

@@ -14,8 +14,8 @@ from pathlib import Path
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from mmflow.config_dirs import CONF_DIR, SWEEPS_DIR
-from mmflow.locks import register_resolvers
+from mmflow.config.dirs import CONF_DIR, SWEEPS_DIR
+from mmflow.storage.locks import register_resolvers
 
 register_resolvers()
 

@@ -24,11 +24,12 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import check_choice
+from mmflow.config.checks import check_choice
 from mmflow.data.sample import CHOOSE_TASKS, Sample
-from mmflow.groups import GroupError, TokenGroups
+from mmflow.errors import GroupError
+from mmflow.inputs.groups import TokenGroups
+from mmflow.inputs.prompts import build_prompt
 from mmflow.knockout.spec import KnockoutJob
-from mmflow.models.prompts import build_prompt
 
 if TYPE_CHECKING:
     from mmflow.knockout.reference import CleanPass

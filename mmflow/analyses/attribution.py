@@ -24,9 +24,10 @@ from mmflow.analyses.attribution_agreement import agreement
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.analyses.knockout import KnockoutAnalysis
-from mmflow.checks import CellConfigError, check_choice, check_int
+from mmflow.config.checks import check_choice, check_int
 from mmflow.data.sample import Sample
-from mmflow.groups import TokenGroups
+from mmflow.errors import CellConfigError
+from mmflow.inputs.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
 
 if TYPE_CHECKING:

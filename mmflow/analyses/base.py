@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: the analyses never import the runtime, re
     from matplotlib.figure import Figure
 
     from mmflow.data.sample import Sample
-    from mmflow.groups import TokenGroups
+    from mmflow.inputs.groups import TokenGroups
     from mmflow.knockout.reference import CleanPass
     from mmflow.knockout.spec import KnockoutJob
     from mmflow.models.registry import LoadedModel
@@ -90,7 +90,7 @@ class Analysis(ABC):
     name: ClassVar[str]
     config_keys: ClassVar[tuple[str, ...]] = ()  # top-level keys this analysis reads (its YAML sets them)
     result_columns: ClassVar[list[str]]
-    result_types: ClassVar[dict[str, str]]  # column -> type name (`mmflow.schema`), for every column
+    result_types: ClassVar[dict[str, str]]  # column -> type name (`mmflow.storage.schema`), for every column
     sort_by: ClassVar[list[str]] = ["question_id", "layer"]
     value_columns: ClassVar[tuple[str, ...]] = ()  # result columns the per-layer curve is made of
     minimum_of: ClassVar[str | None] = None  # the curve value whose minimum is the headline, if any
@@ -132,12 +132,12 @@ class Analysis(ABC):
     @property
     def result_schema(self) -> Any:
         """The `pyarrow.Schema` of this cell's `results.parquet`, empty or not."""
-        from mmflow.schema import arrow_schema
+        from mmflow.storage.schema import arrow_schema
 
         types = getattr(self, "result_types", None)
         if types is None:
             raise TypeError(
-                f"analysis {self.name!r} declares no result_types (column -> type, mmflow.schema)"
+                f"analysis {self.name!r} declares no result_types (column -> type, mmflow.storage.schema)"
             )
         return arrow_schema(self.result_columns, types)
 
@@ -173,8 +173,8 @@ class Analysis(ABC):
 
     @classmethod
     def validate(cls, config: Mapping[str, Any]) -> None:
-        """Raise `mmflow.checks.CellConfigError` (naming the key) unless this analysis's own keys in
-        `config` can compute something; called before any model loads (`mmflow.validate`).
+        """Raise `mmflow.config.checks.CellConfigError` (naming the key) unless this analysis's own keys in
+        `config` can compute something; called before any model loads (`mmflow.config.validate`).
         Default: nothing to check."""
         return None
 

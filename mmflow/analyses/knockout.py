@@ -16,9 +16,10 @@ import torch
 
 from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import CellConfigError, check_choice, check_window, window_for_depth
+from mmflow.config.checks import check_choice, check_window, window_for_depth
 from mmflow.data.sample import Sample
-from mmflow.groups import TokenGroups
+from mmflow.errors import CellConfigError
+from mmflow.inputs.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
 
 if TYPE_CHECKING:

@@ -24,9 +24,10 @@ import torch
 
 from mmflow.analyses.base import Analysis, Labels, register
 from mmflow.analyses.curves import curve_stats
-from mmflow.checks import check_choice, check_int, check_window, window_for_depth
+from mmflow.config.checks import check_choice, check_int, check_window, window_for_depth
 from mmflow.data.sample import TASKS, Sample, Skip
-from mmflow.groups import GROUP_NAMES, GroupError, TokenGroups
+from mmflow.errors import GroupError
+from mmflow.inputs.groups import GROUP_NAMES, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
 from mmflow.patching.corrupt import (
     CORRUPTIONS,
@@ -299,7 +300,7 @@ class PatchingAnalysis(Analysis):
 
 def data_source_key(config: Mapping[str, Any]) -> str:
     """A short digest of the data config as the cell id sees it (`store.semantic_config`)."""
-    from mmflow.store import semantic_config
+    from mmflow.storage.store import semantic_config
 
     data = semantic_config(dict(config)).get("data")
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -311,7 +312,7 @@ _CALIBRATED: dict[tuple, dict[str, Any]] = {}  # (model, data source, per task) 
 def calibrate(loaded: LoadedModel, config: Mapping[str, Any], per_task: int) -> dict[str, Any]:
     """The image embeddings' sd over the data source's calibration set (`calibration_samples`: the
     first `per_task` samples of every task), once per model and data source in this process."""
-    from mmflow.runtime import load_samples  # the runtime drives this analysis: no import at load
+    from mmflow.execution.runtime import load_samples  # the runtime drives this analysis: no import at load
 
     key = (id(loaded.model), data_source_key(config), per_task)
     if key not in _CALIBRATED:

@@ -113,14 +113,14 @@ def _values(leaves: Sequence[Mapping[str, Any]], key: str) -> set[str]:
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]], varied: Iterable[str] = ()) -> list[str]:
-    """The semantic keys (dotted, `mmflow.store.semantic_config`) whose values differ among
+    """The semantic keys (dotted, `mmflow.storage.store.semantic_config`) whose values differ among
     `configs`, leaving out `varied` and the keys below them (what the figure shows anyway).
 
     A mapping whose `name` differs is named by that key (`data`); its other keys only where they
     differ between configs of one name (two table files: `data.sha256`, not shapes' `data.seed`).
     """
     from mmflow.analyses.base import canonical_config
-    from mmflow.store import semantic_config
+    from mmflow.storage.store import semantic_config
 
     varied = tuple(varied)
     leaves = [_leaves(semantic_config(canonical_config(dict(c)))) for c in configs]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmflow.config.paths import expand_path, inside
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Box, Sample, Skip
-from mmflow.paths import expand_path, inside
+from mmflow.errors import DataError
 
 GQA_TASKS_DIR = Path(__file__).parent / "gqa_tasks"
 
@@ -46,10 +47,6 @@ BASE_COLUMNS = ("question_id", "img_id", "question", "answer", "image_w", "image
 OPTION_COLUMNS = ("true option", "false option")
 CENTRAL_TASKS = frozenset({"ChooseAttr", "ChooseCat", "QueryAttr"})
 PAIR_TASKS = frozenset({"ChooseRel", "CompareAttr", "LogicalObj"})
-
-
-class DataError(ValueError):
-    """A whole-file or configuration problem: nothing in the file can be used."""
 
 
 class _RowError(Exception):

@@ -16,7 +16,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmflow.data.gqa import GQA_TASKS_DIR, NO_VALUE, DataError, object_prefixes, read_task_csv
+from mmflow.config.paths import expand_path
+from mmflow.data.gqa import GQA_TASKS_DIR, NO_VALUE, object_prefixes, read_task_csv
 from mmflow.data.sample import TASKS, Sample, Skip
 from mmflow.data.scenes import (
     COLORS,
@@ -30,8 +31,8 @@ from mmflow.data.scenes import (
     random_scene,
     unique,
 )
-from mmflow.files import make_temp_dir
-from mmflow.paths import expand_path
+from mmflow.errors import DataError
+from mmflow.storage.files import make_temp_dir
 
 JPEG_QUALITY = 95
 CSV_NAME = "questions.csv"

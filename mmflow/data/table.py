@@ -32,16 +32,10 @@ from typing import Any
 
 import pandas as pd
 
-from mmflow.data.gqa import (
-    MALFORMED_ROW,
-    NO_VALUE,
-    DataError,
-    check_unique_ids,
-    object_prefixes,
-    parse_row,
-)
+from mmflow.config.paths import expand_path
+from mmflow.data.gqa import MALFORMED_ROW, NO_VALUE, check_unique_ids, object_prefixes, parse_row
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Sample, Skip
-from mmflow.paths import expand_path
+from mmflow.errors import DataError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 BASE = ("question_id", "image", "question", "answer", "image_w", "image_h", "objects")

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mmflow.knockout.spec import KnockoutJob
-from mmflow.models.anatomy import anatomy_of
+from mmflow.models.anatomy import DECODERS, anatomy_of
 
 LAYER_ATTR = "_mmflow_layer"
 BACKENDS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
@@ -92,7 +92,7 @@ def prepare_model(model, backend: str = "sdpa") -> None:
 
 
 # Decoder families whose attention over the image is causal self-attention, like the text's.
-CAUSAL_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen2_5_vl_text"})
+CAUSAL_DECODERS = frozenset(DECODERS)
 # Families where "block source -> target before the softmax" is not the paper's knockout, and why.
 _CROSS = "vision enters through cross-attention layers, not through self-attention over image tokens"
 _BIDIRECTIONAL = "image tokens attend to each other bidirectionally, so blocking is not the causal knockout"

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-from mmflow.inputs import ModelInputs
+from mmflow.inputs.encode import ModelInputs
 from mmflow.knockout.attention import blocking, capturing
 from mmflow.knockout.noise import PROBE_FLOOR, dithered_logprobs, probe_tolerance, top_distance
 from mmflow.knockout.reference import CleanPass
+from mmflow.models.anatomy import DECODERS
 from mmflow.models.kv_cache import cache_kwargs
 from mmflow.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
-PLAIN_ROTARY = frozenset({"llama", "mistral", "qwen2"})  # one position id per token: the suffix run applies
+PLAIN_ROTARY = frozenset(k for k, d in DECODERS.items() if d.plain_rotary)  # the suffix run applies
 
 
 @dataclass

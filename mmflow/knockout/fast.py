@@ -39,23 +39,22 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from mmflow.hooks import record_layer_inputs
-from mmflow.inputs import ModelInputs
+from mmflow.inputs.encode import ModelInputs
+from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, prepare_model
 from mmflow.knockout.kernels import attend_prefix, attend_suffix, cat, merge
 from mmflow.knockout.noise import PROBE_FACTOR, PROBE_FLOOR, probe_tolerance, top_distance
 from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
 from mmflow.knockout.rows import SuffixGroup, first_target_of, plan_sweeps
 from mmflow.knockout.spec import KnockoutJob
+from mmflow.models.anatomy import DECODERS
 from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_5_vl_text"})
-SUPPORTED_LAYERS = frozenset(
-    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer"}
-)
+SUPPORTED_MODEL_TYPES = frozenset(DECODERS)
+SUPPORTED_LAYERS = frozenset(d.layer_class for d in DECODERS.values())
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from mmflow.hooks import record_layer_inputs
-from mmflow.inputs import ModelInputs
+from mmflow.inputs.encode import ModelInputs
+from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.noise import change_pct, dithered_logprobs, resolution_pct
 from mmflow.knockout.spec import KnockoutJob
@@ -28,7 +28,8 @@ class CleanPass:
     `logprobs` [V]: last-position log-softmax (float32). `last_hidden` [L+1, D]: the residual stream
     at the last position from the embeddings through the final layer, before the final norm.
     `cache`: the forward's key/value cache (a transformers Cache) and `logits` [V] its raw last-position
-    logits, kept for the greedy answer (`mmflow.answer`), which releases the cache; None if not kept.
+    logits, kept for the greedy answer (`mmflow.execution.answer`), which releases the cache;
+    None if not kept.
     `dithered`, `probe`: what the sample's numerical noise floor is measured from (`noise_floor_pct`).
     """
 

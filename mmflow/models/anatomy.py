@@ -13,6 +13,25 @@ import torch
 
 
 @dataclass(frozen=True)
+class Decoder:
+    """One supported decoder family: its transformers layer class and whether its rotary embedding
+    takes one position id per token (`plain_rotary`; Qwen2.5-VL's multimodal rotary takes three)."""
+
+    layer_class: str
+    plain_rotary: bool = True
+
+
+# The decoders mmflow's engines support, by the text config's `model_type`: the one list (docs/models.md).
+# Each is causal self-attention over image and text tokens alike, so blocking edges is the knockout.
+DECODERS: dict[str, Decoder] = {
+    "llama": Decoder("LlamaDecoderLayer"),
+    "mistral": Decoder("MistralDecoderLayer"),
+    "qwen2": Decoder("Qwen2DecoderLayer"),
+    "qwen2_5_vl_text": Decoder("Qwen2_5_VLDecoderLayer", plain_rotary=False),
+}
+
+
+@dataclass(frozen=True)
 class Anatomy:
     """The language model's parts of one loaded model.
 

@@ -71,7 +71,7 @@ def plan_placement(config, gpu_bytes: list[int], dtype=None) -> tuple[dict[str, 
     from accelerate import infer_auto_device_map, init_empty_weights
     from accelerate.utils import get_balanced_memory
 
-    from mmflow.models.builder import model_class
+    from mmflow.models.synthetic.builder import model_class
 
     dtype = dtype or torch.float16
     with init_empty_weights():

@@ -18,7 +18,7 @@ def weights_info(checkpoint: str, path: str, configured_n_layers: Any) -> dict[s
     """Where the weights come from: `weights` (`random` or `trained`), `replica_of` (the hub id a
     replica copies, else None), `full_size` (replicas), `configured_n_layers` (the config's depth).
 
-    Replicas carry `replica.json` (`mmflow.models.replica`); `tiny:` checkpoints are the project's
+    Replicas carry `replica.json` (`mmflow.models.synthetic.replica`); `tiny:` checkpoints are the project's
     random-weight tiny models.
     """
     marker = Path(path) / "replica.json"

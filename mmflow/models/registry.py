@@ -42,7 +42,9 @@ class LoadedModel:
     prompt_format: str
     image_preprocess: str
     device: torch.device
-    parity: str | None = None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.parity)
+    parity: str | None = (
+        None  # "paper" | "corrected"; None: a model the paper did not run (mmflow.inputs.parity)
+    )
     remote_code: dict[str, Any] | None = None  # trust_remote_code: the checkpoint's Python files that ran
     weights: dict[str, Any] = field(default_factory=dict)  # mmflow.models.provenance.weights_info
 
@@ -68,23 +70,24 @@ class LoadedModel:
 
 def resolve_checkpoint(checkpoint: str) -> str:
     """The local folder or hub id to load: `tiny:<name>` builds (once) the project's tiny model,
-    `replica:<name>` the CPU replica of a real checkpoint (`mmflow.models.replica`), `toy:<name>` is a
+    `replica:<name>` the CPU replica of a real checkpoint (`mmflow.models.synthetic.replica`),
+    `toy:<name>` is a
     committed toy model (`mmflow/toy_weights/<name>`); a local folder or a hub id is passed on.
     Imports no trainer."""
     if checkpoint.startswith("tiny:"):
-        from mmflow.models.tiny_series import ensure_model as ensure_tiny_model
+        from mmflow.models.synthetic.tiny_series import ensure_model as ensure_tiny_model
 
         return str(ensure_tiny_model(checkpoint.removeprefix("tiny:")))
     if checkpoint.startswith("replica:"):
-        from mmflow.models.replica import ensure_replica
+        from mmflow.models.synthetic.replica import ensure_replica
 
         return str(ensure_replica(checkpoint.removeprefix("replica:")))
     if checkpoint.startswith("toy:"):
-        from mmflow.models.toy import ensure_toy_model
+        from mmflow.models.synthetic.toy import ensure_toy_model
 
         return str(ensure_toy_model(checkpoint.removeprefix("toy:")))
     if checkpoint.startswith("~") or "$" in checkpoint:  # a local folder written with `~` or a variable
-        from mmflow.paths import expand_path
+        from mmflow.config.paths import expand_path
 
         return expand_path(checkpoint, "model.checkpoint")
     return checkpoint
@@ -127,7 +130,7 @@ def pin_pil_backend(processor, path: str, **kwargs):
 
 def apply_parity(model, processor, parity: str | None) -> None:
     """`parity=paper`: pick anyres tiles as the original code does, in the processor and the model alike."""
-    from mmflow.parity import check_parity, paper_pinpoints
+    from mmflow.inputs.parity import check_parity, paper_pinpoints
 
     check_parity(parity, "model.parity")
     pinpoints = getattr(model.config, "image_grid_pinpoints", None)
@@ -143,7 +146,7 @@ def load_model(cfg: Any) -> LoadedModel:
     """
     import transformers
 
-    from mmflow.models.processors import load_processor
+    from mmflow.inputs.processors import load_processor
 
     if cfg.model_class not in MODEL_CLASSES:
         raise ValueError(f"model_class must be one of {MODEL_CLASSES}, got {cfg.model_class!r}")
@@ -201,7 +204,8 @@ def load_model(cfg: Any) -> LoadedModel:
 def check_depth(cfg: Any, loaded: LoadedModel) -> None:
     """ValueError when the config's `n_layers` (what the report's axes use) is not the loaded depth.
 
-    A shrunk replica (`mmflow.models.replica`, `replica.json` with `full_size: false`) stands in for the
+    A shrunk replica (`mmflow.models.synthetic.replica`, `replica.json` with `full_size: false`)
+    stands in for the
     real depth on purpose: its own depth is used, and the log says so.
     """
     configured = cfg.get("n_layers")

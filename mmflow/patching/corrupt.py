@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from mmflow.data.sample import Sample, Skip
-from mmflow.groups import GroupError
-from mmflow.inputs import ModelInputs, encode, load_image
+from mmflow.errors import GroupError
+from mmflow.inputs.encode import ModelInputs, encode, load_image
 from mmflow.models.registry import LoadedModel
 
 CORRUPTIONS = ("noise", "counterfactual", "blank")

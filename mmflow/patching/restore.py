@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmflow.hooks import record_layer_inputs
-from mmflow.inputs import ModelInputs
+from mmflow.inputs.encode import ModelInputs
+from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import blocking, prepare_model
 from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
 from mmflow.knockout.noise import dithered_logprobs

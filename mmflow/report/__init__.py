@@ -184,7 +184,7 @@ def provenance() -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = ""
-    from mmflow.secrets import redact
+    from mmflow.storage.secrets import redact
 
     args = [str(a) for a in redact(list(sys.argv[1:]))]  # secrets on the command line stay out
     command = " ".join([Path(sys.argv[0]).name if sys.argv else "python", *args])

@@ -31,10 +31,10 @@ def cell_from_container(container: dict[str, Any]) -> dict[str, Any]:
     from hydra.utils import to_absolute_path
 
     from mmflow.analyses import canonical_config
+    from mmflow.config.known_keys import check_known_keys
+    from mmflow.config.paths import expand_path
     from mmflow.data import resolve_data
-    from mmflow.known_keys import check_known_keys
-    from mmflow.objectstore import is_uri, mirror_dir
-    from mmflow.paths import expand_path
+    from mmflow.storage.objectstore import is_uri, mirror_dir
 
     if "ray" in container:
         raise ValueError(RAY_MOVED)

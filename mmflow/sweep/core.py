@@ -18,17 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmflow.context import RunContext
-from mmflow.locks import (
-    CellLock,
-    ConfigError,
-    describe,
-    mark_stale_sweeps,
-    sigterm_as_interrupt,
-    this_process,
-)
-from mmflow.secrets import redact_hydra_files
-from mmflow.store import CellStore
+from mmflow.errors import ConfigError
+from mmflow.execution.context import RunContext
+from mmflow.storage.locks import CellLock, describe, mark_stale_sweeps, sigterm_as_interrupt, this_process
+from mmflow.storage.secrets import redact_hydra_files
+from mmflow.storage.store import CellStore
 from mmflow.sweep.display import make_display
 from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
@@ -58,9 +52,9 @@ class CellJob:
     def resolve(cls, idx: int, overrides: list[str], make_cell: Callable[[], dict[str, Any]]) -> CellJob:
         """`make_cell()` gives the resolved cell config; an error fails this job, not the sweep.
 
-        Each cell is validated on its own (`mmflow.validate`), before any model loads.
+        Each cell is validated on its own (`mmflow.config.validate`), before any model loads.
         """
-        from mmflow.validate import CellConfigError, validate_cell
+        from mmflow.config.validate import CellConfigError, validate_cell
 
         job = cls(idx, list(overrides))
         try:
@@ -187,11 +181,11 @@ class Sweep:
         self.publish()
 
     def use_results_store(self) -> None:
-        """A results_dir URI (`mmflow.objectstore`): the driver is its single writer; its cells are
+        """A results_dir URI (`mmflow.storage.objectstore`): the driver is its single writer; its cells are
         read from the store into the local mirror first, so resume sees what the store holds."""
         if not any(cell.get("results_uri") for cell in self.cells.values()):
             return
-        from mmflow.objectstore import pull_cells
+        from mmflow.storage.objectstore import pull_cells
 
         if self.settings.write_results == "workers":
             raise ConfigError(

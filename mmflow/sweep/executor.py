@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from mmflow.context import RunContext
+from mmflow.execution.context import RunContext
 from mmflow.sweep.plan import CellBatch, ModelPlan
 
 EventKind = Literal["ready", "start_failed", "finished", "batch_failed", "lost"]
@@ -85,8 +85,8 @@ class ModelWorker:
         self, configs: list[dict], context: RunContext, on_sample: Callable[[int], None] | None = None
     ) -> list[dict[str, Any]]:
         """Compute a cell batch (cells sharing `store.SHARED_KEYS`); one outcome dict per cell."""
+        from mmflow.execution.runtime import run_cells
         from mmflow.models.registry import LOAD_COUNT, get_model
-        from mmflow.runtime import run_cells
         from mmflow.wandb_logger import cell_logger
 
         loaded = get_model(self.model)  # the engine prepares attention (engine.attention)

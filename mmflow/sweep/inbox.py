@@ -1,4 +1,4 @@
-"""The driver's side of `mmflow.relay`: it locks a relayed batch's cells, seeds the actor with what
+"""The driver's side of `mmflow.storage.relay`: it locks a relayed batch's cells, seeds the actor with what
 they have, writes every file the actor hands over (in order, atomically) and releases the locks."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmflow.files import atomic_write_bytes
-from mmflow.locks import CellLock, describe, lock_wait_s
-from mmflow.objectstore import sync
-from mmflow.relay import Op, safe_name
-from mmflow.store import CellStore
+from mmflow.storage.files import atomic_write_bytes
+from mmflow.storage.locks import CellLock, describe, lock_wait_s
+from mmflow.storage.objectstore import sync
+from mmflow.storage.relay import Op, safe_name
+from mmflow.storage.store import CellStore
 
 SEEDED = ("cell.json",)  # with every parts/samples-*.parquet and parts/results-*.parquet
 

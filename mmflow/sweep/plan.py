@@ -1,7 +1,7 @@
 """Planning: the cells to compute per model, then in cell batches that share samples.
 
 A *cell batch* is the set of cells one worker computes together: they share model, data, task and
-samples (`mmflow.store.batch_key`), so each sample gets one clean pass for all of them. A model
+samples (`mmflow.storage.store.batch_key`), so each sample gets one clean pass for all of them. A model
 plan holds a model's config, the worker options the executor chose, and its queue of batches.
 """
 
@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmflow.store import batch_key
+from mmflow.storage.store import batch_key
 from mmflow.sweep.settings import SweepSettings
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmflow.store import CellStore
+from mmflow.storage.store import CellStore
 from mmflow.sweep.plan import plan_models
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def cell_units(cell: dict[str, Any], shape: Any, length: int) -> float:
 def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> dict[str, Any]:
     """The plan as plain data (what `print_plan` prints)."""
     from mmflow.knockout.cost import clean_macs
-    from mmflow.objectstore import pull_cells
+    from mmflow.storage.objectstore import pull_cells
 
     settings = sweep.settings
     pull_cells(sweep.cells)  # a results_dir URI: the plan reads what the store holds

@@ -4,7 +4,7 @@ Actors ask Ray for the resources of their model config (`model.resources`, overr
 `SweepSettings.models`) and are spread across nodes. Every Ray call the driver makes has a timeout.
 
 With `write_results=driver` (the default when joining a cluster) actors write nothing where they run:
-the driver drains each actor's finished samples while it works and writes them (`mmflow.relay`).
+the driver drains each actor's finished samples while it works and writes them (`mmflow.storage.relay`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from mmflow.context import RunContext
-from mmflow.relay import Op, Relay, relaying
+from mmflow.execution.context import RunContext
+from mmflow.storage.relay import Op, Relay, relaying
 from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.inbox import DriverBatch
 from mmflow.sweep.plan import CellBatch, ModelPlan

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from mmflow.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
+from mmflow.storage.secrets import env_vars_to_environ, forwarded_env, warn_runtime_env_secrets
 from mmflow.sweep.settings import RaySettings
 
 log = logging.getLogger(__name__)

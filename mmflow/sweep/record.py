@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmflow.models.provenance import weights_note
-from mmflow.secrets import redact
-from mmflow.store import CellStore, atomic_write_json
+from mmflow.storage.secrets import redact
+from mmflow.storage.store import CellStore, atomic_write_json
 
 if TYPE_CHECKING:
     from mmflow.sweep.core import Sweep

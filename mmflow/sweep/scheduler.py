@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmflow.context import RunContext
-from mmflow.store import CellStore
+from mmflow.execution.context import RunContext
+from mmflow.storage.store import CellStore
 from mmflow.sweep.executor import Event, Executor
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import SweepSettings

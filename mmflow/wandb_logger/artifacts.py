@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmflow.store import cell_id
+from mmflow.storage.store import cell_id
 from mmflow.wandb_logger.keys import data_input, model_input
 
 CELL_FILES = ("results.parquet", "samples.parquet", "cell.json")

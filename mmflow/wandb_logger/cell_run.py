@@ -19,8 +19,8 @@ import pandas as pd
 from mmflow.analyses import Analysis, analysis_for
 from mmflow.analyses.curves import curve_minimum
 from mmflow.data.sample import ERRORED
-from mmflow.secrets import redact
-from mmflow.store import cell_id
+from mmflow.storage.secrets import redact
+from mmflow.storage.store import cell_id
 from mmflow.wandb_logger.artifacts import log_cell_artifact, use_inputs
 from mmflow.wandb_logger.keys import facet_key, heads_key
 from mmflow.wandb_logger.settings import (
@@ -99,7 +99,7 @@ class WandbCellLogger:
 
     def _loaded(self) -> dict[str, Any]:
         """What `cell.json` records of the model as loaded: `model_info` and `window_used`."""
-        from mmflow.store import CellStore
+        from mmflow.storage.store import CellStore
 
         meta = CellStore(self.config["results_dir"], self.config).read_meta()
         return {k: meta[k] for k in ("model_info", "window_used") if meta.get(k) is not None}
@@ -138,7 +138,7 @@ class WandbCellLogger:
 
     def _seed_from_parts(self) -> None:
         """On resume, count the samples an earlier, interrupted run already recorded."""
-        from mmflow.store import CellStore
+        from mmflow.storage.store import CellStore
 
         parts = CellStore(self.config["results_dir"], self.config).parts  # a relayed batch's scratch copy
         for path in sorted(parts.glob("samples-*.parquet")):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmflow.store import atomic_write_json
+from mmflow.storage.store import atomic_write_json
 from mmflow.wandb_logger.lineage import lineage_record, link_inputs
 from mmflow.wandb_logger.report_spec import build_report
 from mmflow.wandb_logger.specs import SweepInfo, build_workspace, import_workspaces

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmflow.secrets import redact
+from mmflow.storage.secrets import redact
 from mmflow.wandb_logger.keys import data_input, model_input
 from mmflow.wandb_logger.specs import SweepInfo, _laid_out, import_workspaces, run_ids, sections
 

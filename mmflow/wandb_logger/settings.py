@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmflow.paths import expand_path
-from mmflow.secrets import redacted_argv
+from mmflow.config.paths import expand_path
+from mmflow.storage.secrets import redacted_argv
 
 log = logging.getLogger(__name__)
 

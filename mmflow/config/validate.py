@@ -1,0 +1,48 @@
+"""Check one cell config before anything is loaded: a cell that cannot compute anything meaningful
+is an error naming the key and the values it allows, and it fails alone (never its neighbours).
+
+The keys every cell has are checked here; the analysis checks its own (`Analysis.validate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mmflow.analyses.base import DEFAULT_ANALYSIS, analysis_class, known_analyses
+from mmflow.config.checks import check_choice, check_int
+from mmflow.data.sample import TASKS
+from mmflow.errors import CellConfigError
+
+__all__ = ["CellConfigError", "validate_cell"]
+
+DATA_SOURCES = ("shapes", "gqa", "table")
+ENGINES = ("fast", "reference")
+ATTENTIONS = ("sdpa", "eager")
+
+
+def validate_cell(config: Mapping[str, Any]) -> None:
+    """Raise `CellConfigError` (naming the key and allowed values) unless `config` is computable.
+
+    Checks: task, analysis, data source, engine, n_samples >= 1, max_new_tokens >= 1, model.max_tokens
+    (null or >= 2), then the analysis's own keys (e.g. the knockout's groups and window, the lens,
+    patching's corruption).
+    """
+    check_choice("task", config.get("task"), TASKS)
+    analysis = config.get("analysis", DEFAULT_ANALYSIS)
+    try:
+        kind = analysis_class(str(analysis))
+    except ValueError:  # neither shipped nor registered
+        check_choice("analysis", analysis, tuple(known_analyses()))
+        raise
+    data = config.get("data") or {}
+    check_choice("data.name", data.get("name"), DATA_SOURCES)
+    engine = config.get("engine") or {}
+    check_choice("engine.name", engine.get("name"), ENGINES)
+    check_choice("engine.attention", engine.get("attention", "sdpa"), ATTENTIONS)
+    check_int(config, "n_samples", 1)
+    check_int(config, "max_new_tokens", 1)
+    model = config.get("model") or {}
+    if isinstance(model, Mapping) and model.get("max_tokens") is not None:  # caps each sample's sequence
+        check_int({"model.max_tokens": model["max_tokens"]}, "model.max_tokens", 2)
+    kind.validate(config)
