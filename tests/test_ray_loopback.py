@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -32,6 +33,24 @@ def test_a_local_sweep_starts_ray_on_loopback_without_dashboard(monkeypatch) -> 
         assert not ray._private.worker.global_worker.node.webui_url  # dashboard off
     assert addresses == [LOOPBACK]
     assert LOOPBACK_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER  # left as it was
+
+
+def test_a_local_sweep_keeps_token_auth_without_announcing_it(monkeypatch, capfd) -> None:
+    """Ray says "Token authentication is enabled" on every local start when RAY_AUTH_MODE is unset; a
+    sweep's output leaves that line out, and the cluster still uses token authentication."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import get_authentication_mode
+    from ray._raylet import AuthenticationMode
+
+    from mmflow.sweep.ray_session import AUTH_LOGGER, ray_session
+    from mmflow.sweep.settings import RaySettings
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with ray_session(RaySettings(init={"num_cpus": 1})):
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+        assert ray.get(ray.remote(lambda: 2).remote()) == 2
+    assert "Token authentication" not in capfd.readouterr().err
+    assert not logging.getLogger(AUTH_LOGGER).filters  # only while Ray starts
 
 
 def test_test_clusters_put_every_node_on_loopback(ray_cluster) -> None:

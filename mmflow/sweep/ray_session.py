@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # A Ray that mmflow starts itself listens on loopback only (`loopback_only`).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray's logger that announces its default token authentication on every local start (`quiet_token_auth`).
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @contextmanager
@@ -52,6 +54,7 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     with ExitStack() as stack:
         if address is None:  # a local Ray: on loopback; env_vars reach it through its environment
             stack.enter_context(loopback_only())
+            stack.enter_context(quiet_token_auth())
             if kwargs["runtime_env"]:
                 clean = stack.enter_context(env_vars_to_environ(kwargs["runtime_env"]))
                 kwargs["runtime_env"] = clean or None
@@ -84,6 +87,35 @@ def loopback_only() -> Iterator[None]:
             os.environ.pop(LOOPBACK_ENV, None)
         else:
             os.environ[LOOPBACK_ENV] = before_env
+
+
+@contextmanager
+def quiet_token_auth() -> Iterator[None]:
+    """Leave out Ray's "Token authentication is enabled for this Ray cluster" line while a local Ray starts.
+
+    Ray >= 2.52 turns token authentication on for a new local cluster whose `RAY_AUTH_MODE` is unset
+    and says so on every start. It is what a local sweep wants (nothing else may submit work to its
+    Ray), so the line is noise. The mode must not be set from here instead: Ray reads it when it is
+    imported. Every other message of that logger (e.g. "disabled") still shows.
+    """
+    logger = logging.getLogger(AUTH_LOGGER)
+    only_enabled = _DropMessage("Token authentication is enabled")
+    logger.addFilter(only_enabled)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_enabled)
+
+
+class _DropMessage(logging.Filter):
+    """Drops records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
