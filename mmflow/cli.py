@@ -134,11 +134,12 @@ def run_hydra() -> int:
     cannot start with (`ConfigError`) with one line and 2; no traceback."""
     import signal
 
+    from mmflow.config.overrides import check_overrides
     from mmflow.errors import ConfigError
     from mmflow.sweep.core import SweepFailed
 
-    if retired := retired_spelling(sys.argv[1:]):
-        print(f"[mmflow] error: {retired}", file=sys.stderr)
+    if refused := retired_spelling(sys.argv[1:]) or check_overrides(sys.argv[1:]):
+        print(f"[mmflow] error: {refused}", file=sys.stderr)
         return 2
     try:
         for override in sys.argv[1:]:

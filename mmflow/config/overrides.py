@@ -1,0 +1,128 @@
+"""Command-line overrides checked before Hydra composes anything: one line for a misspelt key, a
+config-group option that does not exist, or a task that is not one of the six.
+
+Hydra's own answers are longer and point elsewhere: `n_sampels=3` gets "To append to your config
+use +n_sampels=3" (which `mmflow.config.known_keys` then refuses), `model=tiny-lava` a list of every
+model, and `task=ChoseAttr` composes and fails only when its cell starts. Keys are checked against
+every key some YAML in `conf/` defines (any model, data source, analysis, ...): the cell's own
+composition is checked after that by `known_keys`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmflow.config.dirs import CONF_DIR
+from mmflow.config.known_keys import OPTIONAL_KEYS, _load, _merged
+
+# `key=value` (no +, ~ or ++: adding and deleting keys are known_keys' business), value not a sweep
+# function such as choice(...), range(...), glob(...).
+OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.\-]*)=(?P<value>.*)$", re.S)
+FUNCTION = re.compile(r"^\s*\w+\(")
+# Hydra's flags whose next argument is their value, not an override.
+FLAGS_WITH_VALUES = frozenset(
+    {"-cd", "--config-dir", "-cn", "--config-name", "-cp", "--config-path", "-c", "--cfg", "-p", "--package"}
+)
+
+
+def groups(extra_dirs: Iterable[Path] = ()) -> dict[str, list[str]]:
+    """The config groups of `conf/` and their options, e.g. {"model": ["llava-1.5-7b", ...]}, with the
+    options a user's own config folders add (`-cd DIR`: DIR/model/*.yaml, ...)."""
+    out: dict[str, set[str]] = {}
+    for root in (CONF_DIR, *extra_dirs):
+        for folder in (p for p in sorted(root.iterdir()) if p.is_dir()) if root.is_dir() else ():
+            found = {f.stem for f in folder.glob("*.yaml")}
+            if folder.name in out or root == CONF_DIR:
+                out.setdefault(folder.name, set()).update(found)
+    return {group: sorted(options) for group, options in out.items()}
+
+
+def config_dirs(args: Sequence[str]) -> list[Path]:
+    """The folders `-cd DIR` / `--config-dir DIR` / `--config-dir=DIR` add to the search path."""
+    out = []
+    for index, arg in enumerate(args):
+        if arg.startswith("--config-dir="):
+            out.append(Path(arg.split("=", 1)[1]))
+        elif arg in ("-cd", "--config-dir") and index + 1 < len(args):
+            out.append(Path(args[index + 1]))
+    return out
+
+
+def all_keys() -> dict[str, Any]:
+    """Every key some YAML of `conf/` defines, as one tree (groups: the union of their options)."""
+    top, _, _ = _load(CONF_DIR / "config.yaml")
+    tree: dict[str, Any] = dict(top)
+    for group in groups():
+        options = [_load(p) for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+        if group == "analysis":  # global packages: their keys are top-level
+            tree = _merged(tree, *(keys for keys, _, _ in options))
+            tree = _merged(tree, *({g: {} for g in sub} for _, sub, _ in options))
+        else:
+            optional = _merged(*(keys for (g, _), keys in OPTIONAL_KEYS.items() if g == group))
+            tree[group] = _merged(*(keys for keys, _, _ in options), optional)
+    return tree
+
+
+def check_overrides(args: Sequence[str]) -> str | None:
+    """One line for the first override that names no key, no group option or no task; else None.
+
+    Options of a group may be a comma-separated sweep (`model=a,b`); a value with an interpolation or
+    a sweep function is left to Hydra. Keys under `hydra.` are Hydra's own.
+    """
+    options, tree = groups(config_dirs(args)), all_keys()
+    values_of_flags = {args[i + 1] for i, a in enumerate(args[:-1]) if a in FLAGS_WITH_VALUES}
+    for arg in args:
+        found = OVERRIDE.match(arg)
+        if found is None or arg.startswith("-") or arg in values_of_flags:
+            continue
+        key, value = found["key"], found["value"]
+        if key.split(".")[0] == "hydra" or "${" in value or FUNCTION.match(value):
+            continue
+        if key in options:
+            message = _option_error(key, value, options[key])
+        elif key == "task":
+            message = _task_error(value)
+        else:
+            message = _key_error(key, tree)
+        if message:
+            return f"{arg}: {message}"
+    return None
+
+
+def _option_error(group: str, value: str, choices: list[str]) -> str | None:
+    for option in (v.strip() for v in value.split(",")):
+        if option and option not in choices and not option.startswith(("/", ".")):
+            close = difflib.get_close_matches(option, choices, n=1, cutoff=0.6)
+            hint = f"did you mean {group}={close[0]}?" if close else f"options: {', '.join(choices[:8])}, ..."
+            return f"no {group} option {option!r} in conf/{group}/; {hint}"
+    return None
+
+
+def _task_error(value: str) -> str | None:
+    from mmflow.data.sample import TASKS
+
+    for task in (v.strip() for v in value.split(",")):
+        if task and task not in TASKS:
+            close = difflib.get_close_matches(task, TASKS, n=1, cutoff=0.5)
+            hint = f"did you mean task={close[0]}?" if close else f"tasks: {', '.join(TASKS)}"
+            return f"unknown task {task!r}; {hint}"
+    return None
+
+
+def _key_error(key: str, tree: Mapping[str, Any]) -> str | None:
+    level: Any = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(level, Mapping) or not level:
+            return None  # below a leaf or an open mapping: any key (e.g. model.resources.*)
+        if part not in level:
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            close = difflib.get_close_matches(part, [str(k) for k in level], n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else "no YAML in conf/ defines it"
+            return f"unknown key; {hint}"
+        level = level[part]
+    return None
