@@ -138,7 +138,8 @@ def run_hydra() -> int:
     from mmflow.errors import ConfigError
     from mmflow.sweep.core import SweepFailed
 
-    if refused := retired_spelling(sys.argv[1:]) or check_overrides(sys.argv[1:]):
+    program = sys.argv[0] if sys.argv[0].startswith("mmflow ") else "mmflow run"  # else launch.py
+    if refused := retired_spelling(sys.argv[1:], program) or check_overrides(sys.argv[1:]):
         print(f"[mmflow] error: {refused}", file=sys.stderr)
         return 2
     try:
@@ -178,12 +179,13 @@ def run_arguments(command: str, args: list[str]) -> list[str]:
     return out
 
 
-def retired_spelling(args: Sequence[str]) -> str | None:
-    """One line for the retired `experiment=NAME` override: named sweeps are `-cn NAME` now."""
+def retired_spelling(args: Sequence[str], program: str = "mmflow run") -> str | None:
+    """One line for the retired `experiment=NAME` override: named sweeps are `-cn NAME` now
+    (`program`: the command the user typed, e.g. `mmflow plan`)."""
     for arg in args:
         if found := RETIRED_EXPERIMENT.match(arg):
             name = found.group(1) or "NAME"
-            return f"`experiment={name}` is now `mmflow run -cn {name}` (named sweeps live in sweeps/)"
+            return f"`experiment={name}` is now `{program} -cn {name}` (named sweeps live in sweeps/)"
     return None
 
 
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command in ("run", "plan", "prefetch"):
-        sys.argv = ["mmflow run", *run_arguments(command, rest)]
+        sys.argv = [f"mmflow {command}", *run_arguments(command, rest)]  # named in one-line errors
         return run_hydra()
     if command == "report":
         from mmflow.report.__main__ import main as report_main

@@ -55,6 +55,7 @@ def test_the_retired_experiment_spelling_fails_with_one_line_naming_the_new_one(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"mmflow run -cn {name}" in err
     assert retired_spelling(["model=tiny-llava", "sweep_name=x"]) is None
+    assert "`mmflow plan -cn paper`" in str(retired_spelling(["experiment=paper"], "mmflow plan"))
 
 
 def test_a_folder_of_your_own_sweeps_runs_with_config_dir(tmp_path: Path) -> None:

@@ -86,6 +86,8 @@ def test_the_plan_counts_new_cached_partial_and_failed_cells(driver, tmp_path: P
     assert json.loads((Path(launcher.last_sweep.sweep_dir) / "plan.json").read_text())["cached"] == 3
     out = capsys.readouterr().out
     assert "12 cells: 7 new, 3 cached, 1 partial, 1 failed before" in out
+    units = f"{model['clean_pass_units']:,.1f} clean passes"  # the table's figure is the total's
+    assert f"to compute: 1 batch, 1 sample, {units}" in out and f"{model['clean_pass_units']:,.1f}" in out
     assert not (tmp_path / "results" / ids[-1]).exists()  # planning computes nothing
 
 

@@ -35,6 +35,11 @@ QUESTION_TOKENS = 20  # question + answer prompt: the first target of a knockout
 EFFECTIVE_FLOPS = 100e12  # default clean-pass time: 2 x MACs at this rate (~1/3 of an H100's fp16 peak)
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """ "1 batch", "2 batches", "1,024 samples"."""
+    return f"{n:,d} {one if n == 1 else (many or one + 's')}"
+
+
 def sig(value: float, digits: int = 4) -> float:
     """`value` to `digits` significant digits (small GPU-hours of toy models stay non-zero)."""
     return float(f"{value:.{digits}g}")
@@ -148,14 +153,14 @@ def print_plan(sweep: Sweep, compose_s: float = 0.0) -> dict[str, Any]:
             f"{m['batches']:d}",
             f"{m['actors']:d}",
             f"{m['samples']:,d}",
-            f"{m['clean_pass_units']:,.0f}",
+            f"{m['clean_pass_units']:,.1f}",  # the total is the sum of these
             f"{m['clean_pass_s']:.3f}{mark}",
             f"{m['gpu_hours']:,.3g}",
         )
     console.print(table)
     console.print(
-        f"to compute: {plan['batches']} batches, {plan['samples']:,d} samples, "
-        f"{plan['clean_pass_units']:,.0f} clean passes, ~{plan['gpu_hours']:,.3g} GPU-hours"
+        f"to compute: {plural(plan['batches'], 'batch', 'batches')}, {plural(plan['samples'], 'sample')}, "
+        f"{plan['clean_pass_units']:,.1f} clean passes, ~{plan['gpu_hours']:,.3g} GPU-hours"
     )
     out = Path(sweep.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
