@@ -11,7 +11,7 @@ from mmflow.data import load_shapes
 from mmflow.execution.answer import answer_from_clean, generate_answer, greedy_token_ids, not_plain_greedy
 from mmflow.inputs.encode import encode
 from mmflow.knockout import make_engine
-from mmflow.knockout.fast import FastCleanPass
+from mmflow.knockout.clean_pass import FastCleanPass
 
 
 @pytest.fixture(scope="module")

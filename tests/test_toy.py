@@ -15,7 +15,8 @@ from mmflow.execution.runtime import generate_answer, normalise_answer
 from mmflow.inputs.encode import ModelInputs, encode
 from mmflow.inputs.groups import TokenGroups, build_token_groups
 from mmflow.knockout import make_engine
-from mmflow.knockout.reference import CleanPass, ReferenceEngine
+from mmflow.knockout.clean_pass import CleanPass
+from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob, window_layers
 from mmflow.models.synthetic.toy import (
     EVAL_DATA_SEED,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mmflow.inputs.encode import ModelInputs
-from mmflow.knockout.reference import CleanPass
+from mmflow.knockout.clean_pass import CleanPass
 from mmflow.models.kv_cache import cache_kwargs, output_cache
 from mmflow.models.registry import LoadedModel
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
@@ -42,9 +41,10 @@ from transformers.models.llama.modeling_llama import rotate_half
 from mmflow.inputs.encode import ModelInputs
 from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import IMPLEMENTATIONS, blocking, prepare_model
+from mmflow.knockout.clean_pass import CleanPass, FastCleanPass
 from mmflow.knockout.kernels import attend_prefix, attend_suffix, cat, merge
 from mmflow.knockout.noise import PROBE_FACTOR, PROBE_FLOOR, probe_tolerance, top_distance
-from mmflow.knockout.reference import CleanPass, ReferenceEngine, check_no_empty_rows
+from mmflow.knockout.reference import ReferenceEngine, check_no_empty_rows
 from mmflow.knockout.rows import SuffixGroup, first_target_of, plan_sweeps
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.anatomy import DECODERS
@@ -55,25 +55,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset(DECODERS)
 SUPPORTED_LAYERS = frozenset(d.layer_class for d in DECODERS.values())
-
-
-@dataclass
-class FastCleanPass(CleanPass):
-    """The clean pass plus the caches the fast engine restarts from.
-
-    `keys`/`values`: per layer [Hkv, T, d], after rotary. `hidden` [L, T - t, D]: the input of
-    every layer at positions t..T-1, t = `first_target` (the earliest first target of the jobs it
-    serves). `cos`/`sin` [T - t, d]: the clean run's rotary tables at
-    the same positions. Left empty when no knockout was planned (`first_target` None).
-    """
-
-    first_target: int | None = None
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    hidden: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
-    probed: bool = False  # the probe row already reproduced this clean pass
 
 
 def unsupported_reason(loaded: LoadedModel) -> str | None:

@@ -148,11 +148,6 @@ def _attention_explicit(
     return cat(outs, dim=2), cat(lses, dim=2)
 
 
-def additive(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool -> additive mask: -inf where blocked, 0 elsewhere."""
-    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
-
-
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Attention output over the union of two disjoint key sets, from each one's (out [..., d], lse [...]).
 

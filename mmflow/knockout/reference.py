@@ -7,43 +7,17 @@ are recomputed, and the clean pass goes through the very same code with no knock
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mmflow.inputs.encode import ModelInputs
 from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import blocking, prepare_model
+from mmflow.knockout.clean_pass import CleanPass
 from mmflow.knockout.noise import change_pct, dithered_logprobs, resolution_pct
 from mmflow.knockout.spec import KnockoutJob
 from mmflow.models.kv_cache import output_cache
 from mmflow.models.registry import LoadedModel
-
-
-@dataclass
-class CleanPass:
-    """The clean run of one sample, shared by every analysis of that sample.
-
-    `logprobs` [V]: last-position log-softmax (float32). `last_hidden` [L+1, D]: the residual stream
-    at the last position from the embeddings through the final layer, before the final norm.
-    `cache`: the forward's key/value cache (a transformers Cache) and `logits` [V] its raw last-position
-    logits, kept for the greedy answer (`mmflow.execution.answer`), which releases the cache;
-    None if not kept.
-    `dithered`, `probe`: what the sample's numerical noise floor is measured from (`noise_floor_pct`).
-    """
-
-    inputs: ModelInputs
-    logprobs: torch.Tensor
-    last_hidden: torch.Tensor
-    cache: Any = None
-    logits: torch.Tensor | None = None
-    dithered: torch.Tensor | None = None  # [V] the clean forward under one rounding per layer (noise.py)
-    probe: torch.Tensor | None = None  # [V] the fast engine's empty knockout (probe row), if it ran
-
-    @property
-    def top1(self) -> int:
-        return int(self.logprobs.argmax())
 
 
 def check_no_empty_rows(job: KnockoutJob, length: int) -> None:

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmflow.knockout.kernels import additive
 from mmflow.knockout.spec import KnockoutJob
 
 if TYPE_CHECKING:
-    from mmflow.knockout.fast import FastCleanPass
+    from mmflow.knockout.clean_pass import FastCleanPass
 
 # Suffix tokens one pass over the layers may hold, in sequence lengths: bounds the MLP activations of a
 # sweep near those of the clean pass (a custom knockout with an early target has ~T tokens per row).
@@ -213,3 +212,8 @@ class Rows:
                     heads[row, list(chosen)] = True
             heads = heads.to(self.window.device)
         return LayerBlocks(self.window[:n_rows, layer], self.pattern[:n_rows], self, heads)
+
+
+def additive(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool -> additive mask: -inf where blocked, 0 elsewhere."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
