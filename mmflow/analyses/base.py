@@ -218,7 +218,7 @@ class Analysis(ABC):
         """Names of this cell in tables, legends and W&B."""
 
     def figure(self, cell: Any) -> Figure | None:
-        """The figure of one finished cell (a `mmflow.report.CellData`), or None if it has none."""
+        """The figure of one finished cell (a `mmflow.storage.cell_data.CellData`), or None if it has none."""
         return None
 
     @classmethod
