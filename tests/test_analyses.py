@@ -13,6 +13,7 @@ from mmflow.analyses import (
     Analysis,
     FigureSpec,
     Labels,
+    SamplePlan,
     analysis_class,
     analysis_for,
     known_analyses,
@@ -153,10 +154,10 @@ class FlipRate(Analysis):
     value_columns = ("flipped",)
     minimum_of = "flipped"
 
-    def jobs(self, groups, sample):
-        return []
+    def plan(self, groups, sample):
+        return SamplePlan()
 
-    def rows(self, sample, clean, token_id, new):
+    def rows(self, sample, clean, token_id, plan, outputs, engines):
         return []
 
     def curve_table(self, results):

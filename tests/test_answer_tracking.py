@@ -28,7 +28,8 @@ from mmflow.analyses.answer_tracking import (
 )
 from mmflow.analyses.knockout import RESULT_COLUMNS as KNOCKOUT_COLUMNS
 from mmflow.data import Sample, load_shapes
-from mmflow.errors import GroupError
+from mmflow.errors import GroupError, SampleSkip
+from mmflow.execution.engines import Engines
 from mmflow.inputs.encode import encode
 from mmflow.inputs.prompts import build_prompt
 from mmflow.knockout.reference import ReferenceEngine
@@ -109,10 +110,18 @@ def test_answer_forms_follow_how_the_tokenizer_continues_the_prompt(name):
 )
 def test_bad_answers_are_per_sample_skips(name, task, answer, options, reason):
     loaded = load(name)
-    with pytest.raises(GroupError) as info:
-        analysis(loaded).jobs(None, make_sample(task, answer, options))
+    with pytest.raises(SampleSkip) as info:
+        analysis(loaded).plan(None, make_sample(task, answer, options))
     assert info.value.reason == reason
-    assert analysis(loaded).jobs(None, make_sample("ChooseAttr", "red", ("red", "blue"))) == []
+    assert not isinstance(info.value, GroupError)  # about the answer, not a token group
+    plan = analysis(loaded).plan(None, make_sample("ChooseAttr", "red", ("red", "blue")))
+    assert plan.knockouts == [] and plan.first_target is None
+    assert {form: token.piece for form, token in plan.state.items()} == {
+        "lower": EXPECTED_PIECES[name]["red"],
+        "capital": EXPECTED_PIECES[name]["Red"],
+        "false_lower": EXPECTED_PIECES[name]["blue"],
+        "false_capital": EXPECTED_PIECES[name]["Blue"],
+    }
 
 
 @pytest.mark.parametrize(("name", "pieces_without_a_character"), [
@@ -134,9 +143,9 @@ def test_an_answer_that_merges_with_the_prompt_is_a_skip():
 
     assert continuation_ids(MergingTokenizer(), "Q:\n", False, "red") == [ord(c) for c in "red"]
     assert continuation_ids(MergingTokenizer(), "Q:", False, "red") == [ord(c) for c in " red"]
-    with pytest.raises(GroupError) as info:
+    with pytest.raises(SampleSkip) as info:
         continuation_ids(MergingTokenizer(), "Q:\n", False, "\nred")
-    assert info.value.reason == "answer_merges_with_prompt"
+    assert info.value.reason == "answer_merges_with_prompt" and not isinstance(info.value, GroupError)
 
 
 # ---------------------------------------------------------------- the lens and the rows
@@ -182,7 +191,9 @@ def test_norm_and_raw_lens_match_a_plain_projection(clean_run):
 
 def test_rows_hold_the_lens_probabilities(clean_run):
     loaded, sample, clean = clean_run
-    rows = analysis(loaded, "raw").rows(sample, clean, clean.top1, torch.empty(0))
+    tracking = analysis(loaded, "raw")
+    plan = tracking.plan(None, sample)
+    rows = tracking.rows(sample, clean, clean.top1, plan, torch.empty(0), Engines(loaded, engine=None))
     probs = lens_probs(loaded, clean.last_hidden, "raw")
     assert len(rows) == loaded.n_layers + 1
     assert [r["layer"] for r in rows] == list(range(loaded.n_layers + 1))

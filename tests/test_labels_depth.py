@@ -18,8 +18,8 @@ from replica_helpers import loaded_replica
 from mmflow.config.checks import window_for_depth
 from mmflow.errors import CellConfigError
 from mmflow.execution.runtime import run_cells
-from mmflow.report.cells import load_cell
 from mmflow.report.figures import plot_cross_model
+from mmflow.storage.cell_data import load_cell
 
 NOTE = "shrunk replica, 2 of 32 layers, random weights"
 

@@ -93,7 +93,7 @@ def test_cell_records_its_noise_floor_and_engine(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "noise floor: ±" in printed and "(float32, engine fast)" in printed
     from mmflow.report import cell_row
-    from mmflow.report.cells import load_cell
+    from mmflow.storage.cell_data import load_cell
 
     assert cell_row(load_cell(outcome.path), tmp_path)["noise floor (%)"] == f"±{floors.mean():.2g}"
 

@@ -12,7 +12,7 @@ from test_wandb_logger import inspect, logger_section, of_type, run_dirs
 
 from mmflow.analyses.patching_figures import head_table, patching_curves, strongest_heads
 from mmflow.report import build_report
-from mmflow.report.cells import load_cell
+from mmflow.storage.cell_data import load_cell
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmflow.analyses import Analysis, known_analyses, register
+from mmflow.analyses import Analysis, SamplePlan, known_analyses, register
 from mmflow.analyses.base import _REGISTRY
 from mmflow.config.validate import validate_cell
 from mmflow.errors import CellConfigError
@@ -64,10 +64,10 @@ def test_a_registered_analysis_validates_its_own_keys(tmp_path):
             if config.get("count", 0) < 1:
                 raise CellConfigError("count", config.get("count"), "must be >= 1")
 
-        def jobs(self, groups, sample):
-            return []
+        def plan(self, groups, sample):
+            return SamplePlan()
 
-        def rows(self, sample, clean, token_id, new):
+        def rows(self, sample, clean, token_id, plan, outputs, engines):
             return []
 
         def curve_table(self, results):

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, KnockoutSpec
 from mmflow.report import build_report
-from mmflow.report.cells import find_cell_dirs, load_cells
 from mmflow.report.figures import curve_stats, plot_cross_model, plot_model_overview, plot_model_task
+from mmflow.storage.cell_data import find_cell_dirs, load_cells
 from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from mmflow.analyses.knockout_figures import plot_cross_model, plot_model_overvi
 from mmflow.analyses.patching_figures import plot_necessity_sufficiency
 from mmflow.knockout.spec import NAMED_KNOCKOUTS
 from mmflow.report import build_report
-from mmflow.report.cells import find_cell_dirs, load_cells
+from mmflow.storage.cell_data import find_cell_dirs, load_cells
 from mmflow.storage.store import atomic_write_json, atomic_write_parquet, cell_id
 
 SHAPES = {"name": "shapes", "seed": 0, "cache_dir": None}

@@ -273,8 +273,8 @@ def test_series_sweep_has_every_llava_model_at_its_scaled_window(monkeypatch):
 def test_cross_model_legend_names_family_and_size(tmp_path):
     from test_report import curve_values, fabricate_cell
 
-    from mmflow.report.cells import load_cells
     from mmflow.report.figures import plot_cross_model
+    from mmflow.storage.cell_data import load_cells
     from mmflow.storage.store import atomic_write_json, cell_id
 
     dirs = []

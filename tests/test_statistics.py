@@ -108,7 +108,7 @@ def test_patching_noise_is_a_property_of_model_and_data_source(tmp_path):
 
     from mmflow.execution.runtime import run_cells
     from mmflow.models.registry import get_model
-    from mmflow.report.cells import load_cell
+    from mmflow.storage.cell_data import load_cell
 
     base = cell_config(tmp_path, analysis="patching", corruption="noise", window=1)
     base["patching"] = {"groups": ["image"], "noise_scale": 3.0, "margin": 0.0, "calibration_per_task": 2}

@@ -151,7 +151,7 @@ def test_publish_without_specs_says_what_is_missing(tmp_path: Path, capsys) -> N
 def test_online_sweep_publishes_at_its_end(mixed: dict, monkeypatch, tmp_path: Path) -> None:
     import wandb
 
-    from mmflow.report.cells import load_cells
+    from mmflow.storage.cell_data import load_cells
     from mmflow.wandb_logger.artifacts import inputs
     from mmflow.wandb_logger.sweep_run import _write_and_publish
 

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from mmflow.analyses.base import Analysis, Labels, register
+from mmflow.analyses.base import Analysis, Labels, SamplePlan, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.config.checks import check_choice
 from mmflow.data.sample import CHOOSE_TASKS, Sample
-from mmflow.errors import GroupError
+from mmflow.errors import SampleSkip
 from mmflow.inputs.groups import TokenGroups
 from mmflow.inputs.prompts import build_prompt
-from mmflow.knockout.spec import KnockoutJob
 
 if TYPE_CHECKING:
+    from mmflow.execution.engines import Engines
     from mmflow.knockout.reference import CleanPass
     from mmflow.models.registry import LoadedModel
 
@@ -98,13 +98,13 @@ def lower_and_capital(word: str) -> tuple[str, str]:
 def continuation_ids(tokenizer, prompt_text: str, add_bos: bool, text: str) -> list[int]:
     """Token ids `text` gets when it continues the prompt (the tokens after the prompt's own).
 
-    Raises `GroupError('answer_merges_with_prompt')` if the prompt's tokens change when text follows.
+    Raises `SampleSkip('answer_merges_with_prompt')` if the prompt's tokens change when text follows.
     """
     separator = "" if prompt_text[-1:].isspace() else " "
     prefix = tokenizer(prompt_text, add_special_tokens=add_bos)["input_ids"]
     full = tokenizer(prompt_text + separator + text, add_special_tokens=add_bos)["input_ids"]
     if full[: len(prefix)] != prefix or len(full) == len(prefix):
-        raise GroupError("answer_merges_with_prompt", f"{text!r} does not tokenize as its own tokens")
+        raise SampleSkip("answer_merges_with_prompt", f"{text!r} does not tokenize as its own tokens")
     return full[len(prefix) :]
 
 
@@ -125,26 +125,26 @@ def no_token_reason(tokenizer, token_id: int) -> str | None:
 
 
 def answer_token(tokenizer, prompt_text: str, add_bos: bool, text: str) -> AnswerToken:
-    """The first token of `text` continuing the prompt; `GroupError('answer_not_in_vocabulary')` if none."""
+    """The first token of `text` continuing the prompt; `SampleSkip('answer_not_in_vocabulary')` if none."""
     ids = continuation_ids(tokenizer, prompt_text, add_bos, text)
     reason = no_token_reason(tokenizer, ids[0])
     if reason is not None:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise GroupError("answer_not_in_vocabulary", f"{text!r} -> {pieces}: {reason}")
+        raise SampleSkip("answer_not_in_vocabulary", f"{text!r} -> {pieces}: {reason}")
     return AnswerToken(text, ids[0], tokenizer.convert_ids_to_tokens(ids[0]))
 
 
 def answer_tokens(
     tokenizer, prompt_text: str, add_bos: bool, sample: Sample
 ) -> dict[str, AnswerToken | None]:
-    """First tokens of the forms in `FORMS` (false ones None outside Choose tasks); `GroupError` if bad."""
+    """First tokens of the forms in `FORMS` (false ones None outside Choose tasks); `SampleSkip` if bad."""
     if not sample.answer.strip():
-        raise GroupError("empty_answer", "the gold answer is empty")
+        raise SampleSkip("empty_answer", "the gold answer is empty")
     words = {"": sample.answer}
     if sample.task in CHOOSE_TASKS:
         for name, option in (("true", sample.true_option), ("false", sample.false_option)):
             if not (option or "").strip():
-                raise GroupError("empty_option", f"the {name} option is empty")
+                raise SampleSkip("empty_option", f"the {name} option is empty")
         words["false_"] = sample.false_option
     out: dict[str, AnswerToken | None] = dict.fromkeys(FORMS)
     for prefix, word in words.items():
@@ -211,7 +211,8 @@ def top_columns(probs: torch.Tensor, tokenizer) -> dict[str, list]:
 class AnswerTrackingAnalysis(Analysis):
     """Logit lens at the last position: the answer's probability per layer in each surface form.
 
-    Config (`conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs.
+    Config (`conf/analysis/answer_tracking.yaml`): `lens` (norm | raw). No knockout, so no jobs and
+    no engine capability: the clean pass's last-position hidden states are all it reads.
     """
 
     name = "answer_tracking"
@@ -234,21 +235,23 @@ class AnswerTrackingAnalysis(Analysis):
 
     # ------------------------------------------------------------ compute side
 
-    def _tokens(self, sample: Sample, prompt_text: str, add_bos: bool) -> dict[str, AnswerToken | None]:
-        return answer_tokens(self.loaded.tokenizer, prompt_text, add_bos, sample)
-
-    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
-        """No knockouts; raises `GroupError` (a per-sample skip) when the answer has no usable token."""
-        if sample is None:
-            raise TypeError("answer tracking needs the sample in jobs(groups, sample)")
+    def plan(self, groups: TokenGroups | None, sample: Sample) -> SamplePlan:
+        """No knockouts; the state is the answer's token forms (`answer_tokens`, as they continue the
+        sample's prompt). Raises `SampleSkip` when the answer has no usable token."""
         prompt = build_prompt(self.loaded.prompt_format, sample.question, self.loaded.parity)
-        self._tokens(sample, prompt.text, prompt.add_bos)
-        return []
+        return SamplePlan(state=answer_tokens(self.loaded.tokenizer, prompt.text, prompt.add_bos, sample))
 
-    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
+    def rows(
+        self,
+        sample: Sample,
+        clean: CleanPass,
+        token_id: int,
+        plan: SamplePlan,
+        outputs: torch.Tensor,
+        engines: Engines,
+    ) -> list[dict]:
         """L+1 rows for one sample (layer 0 = embeddings, layer l = output of decoder layer l)."""
-        prompt = clean.inputs.prompt
-        tokens = self._tokens(sample, prompt.text, prompt.add_bos)
+        tokens = plan.state
         probs = lens_probs(self.loaded, clean.last_hidden, self.lens)  # [L+1, V]
         per_layer = {
             "layer": list(range(len(probs))),

@@ -5,8 +5,9 @@ and every attention head (with `attribution.sources: patches` also every single 
 change of log p(answer) when that edge set is blocked is estimated from one forward and one backward
 per sample (`mmflow.knockout.attribution`, AtP* with the QK correction). In the same cell, each sample's
 `attribution.top_k` largest |estimates| plus `attribution.controls` random others are recomputed exactly
-by the cell's engine (head-resolved knockouts): rows carry `estimate`, `exact` (NaN where not verified)
-and `verified`; the headline gives the agreement (`mmflow.analyses.attribution_agreement`).
+by the cell batch's engine (head-resolved knockouts, `Engines.knockouts`): rows carry `estimate`,
+`exact` (NaN where not verified) and `verified`; the headline gives the agreement
+(`mmflow.analyses.attribution_agreement`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from mmflow.analyses.attribution_agreement import agreement
-from mmflow.analyses.base import Analysis, Labels, register
+from mmflow.analyses.base import Analysis, Labels, SamplePlan, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.analyses.knockout import KnockoutAnalysis
 from mmflow.config.checks import check_choice, check_int
@@ -31,6 +32,7 @@ from mmflow.inputs.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
 
 if TYPE_CHECKING:
+    from mmflow.execution.engines import Engines
     from mmflow.knockout.reference import CleanPass
     from mmflow.models.registry import LoadedModel
 
@@ -82,6 +84,7 @@ class AttributionAnalysis(Analysis):
     """Estimates for every (centre layer, head[, source token]) of one knockout type, partly verified."""
 
     name = "attribution"
+    uses = frozenset({"gradients", "knockouts"})
     curve_role = "screen"  # estimates per layer x head: its own map in the report, no dashboard curve
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
@@ -118,15 +121,10 @@ class AttributionAnalysis(Analysis):
         if self.patches:
             self.result_columns = RESULT_COLUMNS[:3] + ["source"] + RESULT_COLUMNS[3:]
             self.sort_by = ["question_id", "layer", "head", "source"]
-        self._edges: dict[str, BlockEdges] = {}
 
     # ------------------------------------------------------------ compute side
 
     def bind(self, loaded: LoadedModel) -> AttributionAnalysis:
-        from mmflow.knockout import make_engine  # transformers: only where a model runs
-
-        engine = self.config["engine"]
-        self.engine = make_engine(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.windows = [window_layers(c, self.width, loaded.n_layers) for c in range(loaded.n_layers)]
         return super().bind(loaded)
 
@@ -135,25 +133,28 @@ class AttributionAnalysis(Analysis):
         sources = "patches" if self.patches else "group"
         return {**super().row_labels, "knockout": self.spec.name, "window": self.width, "sources": sources}
 
-    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
-        """No engine jobs from the clean pass; resolves the edges (`GroupError` skips the sample)."""
-        if sample is None:
-            raise TypeError("attribution needs the sample in jobs(groups, sample)")
-        self._edges[sample.question_id] = BlockEdges(
-            groups.require(self.spec.source), groups.require(self.spec.target)
-        )
-        return []
+    def plan(self, groups: TokenGroups, sample: Sample) -> SamplePlan:
+        """No knockouts from the clean pass (which ones to verify depends on the estimates); the state
+        is the edges, and the clean pass keeps layer inputs from the first target (the fast engine
+        verifies from there). `GroupError` skips the sample if a group is empty."""
+        edges = BlockEdges(groups.require(self.spec.source), groups.require(self.spec.target))
+        return SamplePlan(keep_from=edges.first_target, state=edges)
 
-    def first_target(self, groups: TokenGroups) -> int:
-        """The first target: the fast engine's clean pass caches from there for the verification."""
-        return int(groups.require(self.spec.target).min())
+    def rows(
+        self,
+        sample: Sample,
+        clean: CleanPass,
+        token_id: int,
+        plan: SamplePlan,
+        outputs: torch.Tensor,
+        engines: Engines,
+    ) -> list[dict]:
+        """Estimates of every (centre, head[, source]) of one sample (`engines.gradients`); the chosen
+        ones recomputed exactly (`engines.knockouts`)."""
+        from mmflow.knockout.attribution import layer_head_estimates, window_sum
 
-    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
-        """Estimates of every (centre, head[, source]) of one sample; the chosen ones recomputed exactly."""
-        from mmflow.knockout.attribution import answer_gradients, layer_head_estimates, window_sum
-
-        edges = self._edges.pop(sample.question_id)
-        gradients = answer_gradients(self.loaded, clean.inputs, token_id, clean)
+        edges: BlockEdges = plan.state
+        gradients = engines.gradients(clean.inputs, token_id, clean)
         per_layer = layer_head_estimates(gradients, edges.sources, edges.targets, self.patches)
         estimates = window_sum(per_layer, self.windows).cpu()  # [C, H] or [C, H, S]
         shape, flat = tuple(estimates.shape), estimates.flatten().numpy()
@@ -162,7 +163,7 @@ class AttributionAnalysis(Analysis):
         logp_base = float(clean.logprobs[token_id])
         exact = np.full(flat.shape, np.nan)
         if jobs:
-            exact[chosen] = (self.engine.run(clean, jobs)[:, token_id] - logp_base).cpu().numpy()
+            exact[chosen] = (engines.knockouts(clean, jobs)[:, token_id] - logp_base).cpu().numpy()
         constant = {"question_id": sample.question_id, "p_base": math.exp(logp_base), **self.row_labels}
         out = []
         for index, where in enumerate(np.ndindex(*shape)):

@@ -1,25 +1,26 @@
 """The analysis protocol and the registry of analyses.
 
 An analysis is one kind of cell (`conf/analysis/<name>.yaml` sets `analysis: <name>` and only the
-keys that analysis reads). Everything that depends on the kind goes through this protocol: the
-runtime asks it for the jobs of a sample's clean pass and turns the engine's log-probs into rows;
-the store asks it for the result schema; the W&B logger and the report ask it for the headline, the
-per-layer curve table, the figures and the labels. Nothing outside `mmflow/analyses/` tests a kind
-string.
+keys that analysis reads). Everything that depends on the kind goes through this protocol: per
+sample the runtime asks it for a `SamplePlan` (its knockout jobs, where the clean pass must keep
+layer inputs from, and its own per-sample state), runs the clean pass once and every cell's knockout
+jobs of that sample in one engine batch, then hands the plan back with the cell's slice of the
+knockout log-probs and the engine capabilities it declared (`uses`) to `rows`. The store asks it for
+the result schema; the W&B logger and the report ask it for the headline, the per-layer curve table,
+the figures and the labels. Nothing outside `mmflow/analyses/` tests a kind string.
 
-Adding an analysis: one module `mmflow/analyses/<name>.py` with a subclass of `Analysis` decorated
-by `@register`, and one config `conf/analysis/<name>.yaml` (`# @package _global_`, `analysis: <name>`
-plus the analysis's own keys). `analysis_for(config)` imports the module by its name.
+Adding an analysis: one module with a subclass of `Analysis` decorated by `@register`, one line in
+`ANALYSES` (name -> module, imported only when a cell of that analysis is read or run), and one config
+`conf/analysis/<name>.yaml` (`# @package _global_`, `analysis: <name>` plus the analysis's own keys).
+A plug-in outside mmflow registers its class by importing its module (`@register`) instead.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
@@ -28,13 +29,42 @@ if TYPE_CHECKING:  # annotations only: the analyses never import the runtime, re
     import torch
     from matplotlib.figure import Figure
 
-    from mmflow.data.sample import Sample
+    from mmflow.data.sample import Sample, Skip
+    from mmflow.execution.engines import Engines
     from mmflow.inputs.groups import TokenGroups
     from mmflow.knockout.reference import CleanPass
     from mmflow.knockout.spec import KnockoutJob
     from mmflow.models.registry import LoadedModel
 
 DEFAULT_ANALYSIS = "knockout"  # cells written before `analysis` was a config key are knockout cells
+# The engine capabilities an analysis may ask the runtime for (`Analysis.uses`, `mmflow.execution.engines`):
+# knockout jobs (run in the sample's batch, or from `rows`), restore jobs on a corrupted run (the
+# patcher), gradients of the answer's log-probability. The clean pass is always there.
+CAPABILITIES = frozenset({"knockouts", "restores", "gradients"})
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """What one cell needs of one sample (`Analysis.plan`), handed back to `Analysis.rows`.
+
+    `knockouts`: jobs the runtime runs on the sample's clean pass, batched with every other cell's;
+    `keep_from`: the first position whose layer inputs the clean pass must keep for the analysis's own
+    engine calls in `rows` (None: none); `state`: the analysis's per-sample data (token ids, resolved
+    positions, edges), so that nothing per sample is kept on the analysis between calls.
+    """
+
+    knockouts: list[KnockoutJob] = field(default_factory=list)
+    keep_from: int | None = None
+    state: Any = None
+
+    @property
+    def first_target(self) -> int | None:
+        """The first position the clean pass must keep layer inputs from: the knockouts' first
+        targets and `keep_from` (None when neither)."""
+        firsts = [job.edges.first_target for job in self.knockouts]
+        if self.keep_from is not None:
+            firsts.append(self.keep_from)
+        return min(firsts, default=None)
 
 
 @dataclass(frozen=True)
@@ -78,13 +108,13 @@ class FigureSpec:
 class Analysis(ABC):
     """One kind of analysis, built from a resolved cell config (`config`).
 
-    Compute side (needs `bind(loaded)` first): `jobs`, `rows` (may raise `GroupError`: a per-sample
-    skip), and two optional hooks the runtime calls when an analysis has them: `prepare(samples)`
-    once before the first sample, `first_target(groups)` the first position whose layer inputs the
-    clean pass must keep (besides its jobs' first targets). Config side: `validate(config)` before
-    anything loads, `canonical` for the cell id. Output side (config and results only, so the report
-    can use it on cell folders): `headline`, `curve_table`, `labels`, `figure`, `report_sections`,
-    `comparison_key`, `plot_comparison`.
+    Compute side (needs `bind(loaded)` first): `plan` then `rows` per sample (either may raise
+    `mmflow.errors.SampleSkip`: a per-sample skip, `GroupError` when a token group is missing),
+    `prepare(samples)` once before the first sample, `record()` for `cell.json`; `uses` names the
+    engine capabilities (`CAPABILITIES`) the runtime must provide. Config side: `validate(config)`
+    before anything loads, `canonical` for the cell id. Output side (config and results only, so the
+    report can use it on cell folders): `headline`, `curve_table`, `labels`, `figure`,
+    `report_sections`, `comparison_key`, `plot_comparison`.
     """
 
     name: ClassVar[str]
@@ -98,6 +128,7 @@ class Analysis(ABC):
     # (change of p(answer) under an intervention), "recovery" (restored share), "lens" (per-layer readout),
     # "screen" (estimates that are not curves).
     curve_role: ClassVar[str] = "effect"
+    uses: ClassVar[frozenset[str]] = frozenset()  # engine capabilities it asks for (CAPABILITIES)
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         missing = [k for k in self.config_keys if k not in config]
@@ -115,17 +146,36 @@ class Analysis(ABC):
         self.loaded = loaded
         return self
 
-    @abstractmethod
-    def jobs(self, groups: TokenGroups, sample: Sample) -> list[KnockoutJob]:
-        """The engine jobs this cell needs from the sample's clean pass (possibly none).
+    def prepare(self, samples: Sequence[Sample | Skip]) -> None:
+        """Called once with the cell's samples before the first one is planned (default: nothing)."""
+        return None
 
-        Raises `GroupError` to skip the sample for this cell (recorded with its reason).
+    @abstractmethod
+    def plan(self, groups: TokenGroups, sample: Sample) -> SamplePlan:
+        """What this cell needs of the sample's clean pass: knockout jobs (possibly none), where the
+        clean pass must keep layer inputs from, and the per-sample state `rows` gets back.
+
+        Raises `SampleSkip` (`GroupError` for a missing token group) to skip the sample for this cell.
         """
 
     @abstractmethod
-    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
-        """Result rows of one sample from its clean pass and the jobs' last-position log-probs `new`
-        [J, V] (J = len(jobs(...)), V = vocabulary; float32 log-probabilities)."""
+    def rows(
+        self,
+        sample: Sample,
+        clean: CleanPass,
+        token_id: int,
+        plan: SamplePlan,
+        outputs: torch.Tensor,
+        engines: Engines,
+    ) -> list[dict]:
+        """Result rows of one sample from its clean pass, its `plan`, and the last-position
+        log-probs `outputs` [J, V] of the plan's knockouts (J = len(plan.knockouts), V = vocabulary;
+        float32). `engines` gives the capabilities in `uses` (more knockouts, restores, gradients).
+        Raises `SampleSkip` to skip the sample for this cell."""
+
+    def record(self) -> dict[str, Any]:
+        """What `cell.json` keeps of this analysis's run besides the results (default: nothing)."""
+        return {}
 
     # ------------------------------------------------------------ output side
 
@@ -168,7 +218,7 @@ class Analysis(ABC):
         """Names of this cell in tables, legends and W&B."""
 
     def figure(self, cell: Any) -> Figure | None:
-        """The figure of one finished cell (a `mmflow.report.CellData`), or None if it has none."""
+        """The figure of one finished cell (a `mmflow.storage.cell_data.CellData`), or None if it has none."""
         return None
 
     @classmethod
@@ -212,6 +262,14 @@ class Analysis(ABC):
 
 
 CURVE_COLUMNS = ["value", "label", "layer", "n", "mean", "sem", "ci_low", "ci_high"]
+# The analyses shipped with mmflow: name -> the module that registers it, imported only when a cell of
+# that analysis is validated, read or run (planning a sweep imports none of them).
+ANALYSES: dict[str, str] = {
+    "answer_tracking": "mmflow.analyses.answer_tracking",
+    "attribution": "mmflow.analyses.attribution",
+    "knockout": "mmflow.analyses.knockout",
+    "patching": "mmflow.analyses.patching",
+}
 _REGISTRY: dict[str, type[Analysis]] = {}
 
 
@@ -219,21 +277,22 @@ def register(cls: type[Analysis]) -> type[Analysis]:
     """Class decorator: make `cls` the analysis named `cls.name`."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"analysis {cls.name!r} is registered twice")
+    unknown = set(cls.uses) - CAPABILITIES
+    if unknown:
+        raise ValueError(f"analysis {cls.name!r} uses {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def known_analyses() -> list[str]:
-    """Names of the analyses shipped in `mmflow/analyses/` (modules with a registered class)."""
-    skip = {"base", "curves", "plots", "knockout_figures", "patching_figures"}
-    skip |= {"attribution_agreement", "attribution_figures"}
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in skip)
+    """Names of the analyses that can be used: the shipped ones (`ANALYSES`) and registered plug-ins."""
+    return sorted(set(ANALYSES) | set(_REGISTRY))
 
 
 def analysis_class(name: str) -> type[Analysis]:
-    """The analysis class named `name` (importing `mmflow.analyses.<name>`); ValueError if none."""
-    if name not in _REGISTRY and name in known_analyses():
-        importlib.import_module(f"mmflow.analyses.{name}")
+    """The analysis class named `name` (importing its module from `ANALYSES`); ValueError if none."""
+    if name not in _REGISTRY and name in ANALYSES:
+        importlib.import_module(ANALYSES[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown analysis {name!r}; known: {', '.join(known_analyses())}")
     return _REGISTRY[name]

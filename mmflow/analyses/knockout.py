@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from mmflow.analyses.base import Analysis, FigureSpec, Labels, register
+from mmflow.analyses.base import Analysis, FigureSpec, Labels, SamplePlan, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.config.checks import check_choice, check_window, window_for_depth
 from mmflow.data.sample import Sample
@@ -23,6 +23,7 @@ from mmflow.inputs.groups import TokenGroups
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_layers
 
 if TYPE_CHECKING:
+    from mmflow.execution.engines import Engines
     from mmflow.knockout.reference import CleanPass
 
 RESULT_COLUMNS = [
@@ -104,6 +105,7 @@ class KnockoutAnalysis(Analysis):
     """
 
     name = "knockout"
+    uses = frozenset({"knockouts"})
     config_keys = ("knockout", "window")
     result_columns = RESULT_COLUMNS
     result_types = RESULT_TYPES
@@ -162,7 +164,7 @@ class KnockoutAnalysis(Analysis):
     def row_labels(self) -> dict[str, Any]:
         return {**super().row_labels, "knockout": self.spec.name, "window": self.width}
 
-    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list[KnockoutJob]:
+    def jobs(self, groups: TokenGroups) -> list[KnockoutJob]:
         """One job per centre layer and head set (centre-major); raises `GroupError` if a group is empty."""
         edges = BlockEdges(groups.require(self.spec.source), groups.require(self.spec.target))
         return [
@@ -171,11 +173,25 @@ class KnockoutAnalysis(Analysis):
             for heads in self.head_sets
         ]
 
+    def plan(self, groups: TokenGroups, sample: Sample) -> SamplePlan:
+        """The knockout jobs (`jobs`), batched by the runtime with the other cells' of the sample."""
+        return SamplePlan(knockouts=self.jobs(groups))
+
     def _head_value(self, heads: tuple[int, ...]) -> int | str:
         return heads[0] if self.head_column == "head" else ",".join(map(str, heads))
 
-    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
-        """Rows for one sample: clean pass vs knocked-out last-position log-probs `new` [L, V]."""
+    def rows(
+        self,
+        sample: Sample,
+        clean: CleanPass,
+        token_id: int,
+        plan: SamplePlan,
+        outputs: torch.Tensor,
+        engines: Engines,
+    ) -> list[dict]:
+        """Rows for one sample: clean pass vs knocked-out last-position log-probs `outputs` [J, V]
+        (J = centre layers x head sets, in `jobs` order)."""
+        new = outputs
         logp_base = float(clean.logprobs[token_id])
         p_base = math.exp(logp_base)
         top1 = new.argmax(dim=-1).tolist()

@@ -1,6 +1,6 @@
 """The paper's knockout figures: per-layer mean relative change of the answer probability, 95% band.
 
-They take finished cells (`mmflow.report.CellData`: `results`, `model`, `task`, `n_layers` and the
+They take finished cells (`mmflow.storage.cell_data.CellData`: `results`, `model`, `task`, `n_layers` and the
 knockout analysis's labels: `label`, `variant`, `window`) and read every curve from
 `KnockoutAnalysis.curve_table`. Cells drawn together that differ in a key the figure does not vary
 (data source, n_samples, engine, ...) get it in their legend label (`plots.distinguishing_notes`).

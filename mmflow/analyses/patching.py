@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from mmflow.analyses.base import Analysis, Labels, register
+from mmflow.analyses.base import Analysis, Labels, SamplePlan, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.config.checks import check_choice, check_int, check_window, window_for_depth
 from mmflow.data.sample import TASKS, Sample, Skip
-from mmflow.errors import GroupError
+from mmflow.errors import SampleSkip
 from mmflow.inputs.groups import GROUP_NAMES, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
 from mmflow.patching.corrupt import (
@@ -38,6 +38,7 @@ from mmflow.patching.corrupt import (
 )
 
 if TYPE_CHECKING:
+    from mmflow.execution.engines import Engines
     from mmflow.knockout.reference import CleanPass
     from mmflow.models.registry import LoadedModel
     from mmflow.patching.restore import RestoreJob
@@ -98,10 +99,12 @@ class PatchingAnalysis(Analysis):
     """Restore each group in the window around every centre layer of a corrupted run.
 
     Config (`conf/analysis/patching.yaml`): `window`, `corruption` (noise | counterfactual |
-    blank), `patching` (groups, noise_scale, margin); `engine.name` picks the patcher.
+    blank), `patching` (groups, noise_scale, margin); `engine.name` picks the patcher, which the
+    runtime builds and hands over (`uses`: restores).
     """
 
     name = "patching"
+    uses = frozenset({"restores"})
     curve_role = "recovery"
     config_keys = ("window",)
     result_columns = RESULT_COLUMNS
@@ -146,13 +149,8 @@ class PatchingAnalysis(Analysis):
             {} if self.noise_sd is None else {"noise_sd": self.noise_sd, "how": "configured"}
         )
         self.counterfactuals: dict[str, Sample] = {}
-        self._positions: dict[str, dict[str, torch.Tensor]] = {}  # question id -> group -> positions
 
     def bind(self, loaded: LoadedModel) -> PatchingAnalysis:
-        engine = self.config["engine"]
-        from mmflow.patching.restore import make_patcher  # transformers: only where a model runs
-
-        self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
         self.n_layers = loaded.n_layers
         self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)  # the loaded depth
         return super().bind(loaded)
@@ -212,16 +210,14 @@ class PatchingAnalysis(Analysis):
         """The data source's identity (as the cell id has it), part of the noise seed."""
         return data_source_key(self.config)
 
-    def jobs(self, groups: TokenGroups, sample: Sample | None = None) -> list:
-        """No knockouts; resolves the restored groups (`GroupError` skips the sample if one is empty)."""
-        if sample is None:
-            raise TypeError("patching needs the sample in jobs(groups, sample)")
-        self._positions[sample.question_id] = {name: group_positions(groups, name) for name in self.groups}
-        return []
+    def plan(self, groups: TokenGroups, sample: Sample) -> SamplePlan:
+        """No knockouts; the state is each restored group's positions, and the clean pass keeps layer
+        inputs from the first of them. `GroupError` skips the sample if a group is empty.
 
-    def first_target(self, groups: TokenGroups) -> int:
-        """The first restored position: the clean pass caches layer inputs from there on."""
-        return min(int(group_positions(groups, name).min()) for name in self.groups)
+        The restores run in `rows`: they need this cell's corrupted run, and whether it is strong
+        enough (`corruption_too_weak`), first."""
+        positions = {name: group_positions(groups, name) for name in self.groups}
+        return SamplePlan(keep_from=min(int(p.min()) for p in positions.values()), state=positions)
 
     def restore_jobs(self, positions: dict[str, torch.Tensor]) -> list[RestoreJob]:
         """One job per group and centre layer, group-major."""
@@ -233,9 +229,18 @@ class PatchingAnalysis(Analysis):
             for centre in range(self.n_layers)
         ]
 
-    def rows(self, sample: Sample, clean: CleanPass, token_id: int, new: torch.Tensor) -> list[dict]:
-        """Rows for one sample, group-major then centre layer; `GroupError` if the corruption is too weak."""
-        positions = self._positions.pop(sample.question_id)
+    def rows(
+        self,
+        sample: Sample,
+        clean: CleanPass,
+        token_id: int,
+        plan: SamplePlan,
+        outputs: torch.Tensor,
+        engines: Engines,
+    ) -> list[dict]:
+        """Rows for one sample, group-major then centre layer (restored with `engines`' patcher);
+        `SampleSkip('corruption_too_weak')` if the corruption lowers p(answer) by less than the margin."""
+        positions: dict[str, torch.Tensor] = plan.state
         inputs = clean.inputs
         image = image_positions(self.loaded, inputs)
         corruption = make_corruption(
@@ -250,15 +255,15 @@ class PatchingAnalysis(Analysis):
             counterfactual=self.counterfactuals.get(sample.question_id),
             data_source=self.data_source,
         )
-        first_target = min(int(p.min()) for p in positions.values())
-        corrupted = self.patcher.corrupted(corruption, first_target)
+        first_target = int(plan.keep_from)
+        corrupted = engines.corrupted(corruption, first_target)
         logp_clean, logp_corrupt = float(clean.logprobs[token_id]), float(corrupted.logprobs[token_id])
         p_clean, p_corrupt = math.exp(logp_clean), math.exp(logp_corrupt)
         if p_clean - p_corrupt < self.margin or p_clean <= p_corrupt:
             detail = f"p_clean={p_clean:.4g} p_corrupt={p_corrupt:.4g} margin={self.margin:g}"
-            raise GroupError("corruption_too_weak", detail)
-        states = self.patcher.clean_states(clean, first_target)
-        patched = self.patcher.restore(corrupted, states, self.restore_jobs(positions))
+            raise SampleSkip("corruption_too_weak", detail)
+        states = engines.clean_states(clean, first_target)
+        patched = engines.restore(corrupted, states, self.restore_jobs(positions))
         top1 = patched.argmax(dim=-1).tolist()
         constant = {
             "question_id": sample.question_id,

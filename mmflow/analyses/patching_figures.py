@@ -32,7 +32,7 @@ from mmflow.analyses.plots import (
 )
 from mmflow.analyses.plots import band as _band
 
-CellData = Any  # a finished cell (`mmflow.report.CellData`)
+CellData = Any  # a finished cell (`mmflow.storage.cell_data.CellData`)
 
 RECOVERED_LABEL = "Recovered fraction of p(answer) (%)"
 GROUP_ORDER = ("image", "object", "nonobject", "question", "true_option", "false_option", "last", "all")

@@ -120,7 +120,7 @@ def sample_jobs(loaded, configs, samples) -> list[tuple]:
     for sample in samples:
         inputs = encode(loaded, sample, load_image(sample))
         groups = build_token_groups(loaded, inputs, sample)
-        planned.append((inputs, {name: a.jobs(groups, sample) for name, a in analyses.items()}))
+        planned.append((inputs, {name: a.plan(groups, sample).knockouts for name, a in analyses.items()}))
     return planned
 
 

@@ -2,8 +2,10 @@
 
 The cells of a cell batch share model, data, task, samples and engine
 (`mmflow.storage.store.SHARED_KEYS`) and are
-computed sample by sample: each sample is encoded, split into token groups and run clean once, then
-every cell's jobs of that sample go to the engine together. Each cell keeps its own folder, resumes
+computed sample by sample: each sample is encoded and split into token groups, every cell plans it
+(`Analysis.plan`), it is run clean once, then every cell's knockout jobs of that sample go to the
+engine in one batch, and each cell turns its slice into rows with the engine capabilities it
+declared (`mmflow.execution.engines`). Each cell keeps its own folder, resumes
 at sample granularity, and fails alone. A cell is computed by one process at a time
 (`mmflow.storage.locks.CellLock`); a cell another process holds is waited for, then found cached. One cell's
 record from start to ending (`cell.json`, its `runs` list) is `mmflow.execution.cell`'s.
@@ -25,11 +27,11 @@ from mmflow.errors import SampleSkip
 from mmflow.execution.answer import answer_from_clean, generate_answer
 from mmflow.execution.cell import Cell, CellOutcome, finish, record_ending, sample_row, start
 from mmflow.execution.context import RunContext
+from mmflow.execution.engines import Engines
 from mmflow.execution.pipeline import Stages, prefetch
 from mmflow.execution.prepare import prepare_or_skip, sample_error
 from mmflow.inputs.encode import ModelInputs
 from mmflow.inputs.groups import TokenGroups
-from mmflow.knockout import make_engine
 from mmflow.models.registry import LoadedModel
 from mmflow.storage.locks import CellLock, describe, lock_wait_s
 from mmflow.storage.store import CellStore, batch_key
@@ -156,7 +158,8 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     depth, stages = pipeline
     started = time.time()
     first = cells[0].config
-    engine = make_engine(first["engine"]["name"], loaded, first["engine"].get("attention", "sdpa"))
+    engines = Engines.build(loaded, first["engine"], frozenset().union(*(c.analysis.uses for c in cells)))
+    engine = engines.engine
     clean_passes: Counter[str] = Counter()
     try:
         with stages.timed("load_samples"):
@@ -167,10 +170,9 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
         samples = []
     expected = {s.question_id for s in samples}
     for cell in cells:  # analyses that need the whole sample list first (patching's pairs, noise scale)
-        prepare = getattr(cell.analysis, "prepare", None)
-        if prepare is not None and cell.error is None:
+        if cell.error is None:
             try:
-                prepare(samples)
+                cell.analysis.prepare(samples)
             except Exception as exc:
                 cell.error = f"{type(exc).__name__}: {exc}"
     bar = tqdm(
@@ -192,7 +194,7 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     try:  # closed before an interrupt's message, so that message is the last line
         for (order, sample), prepared in ahead:
             todo = _todo(cells, sample)
-            _run_sample(loaded, engine, first, order, sample, prepared, todo, clean_passes, stages)
+            _run_sample(loaded, engines, first, order, sample, prepared, todo, clean_passes, stages)
             bar.update(1)
             if on_sample is not None:
                 on_sample(1)
@@ -234,8 +236,9 @@ def prepare_sample(
         return prepare_or_skip(loaded, sample, max_tokens, new_tokens)
 
 
-def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_passes, stages) -> None:
-    """Plan every cell's knockouts, run the clean pass once, then all knockouts of this sample together.
+def _run_sample(loaded, engines, config, order, sample, prepared, cells, clean_passes, stages) -> None:
+    """Plan the sample for every cell, run the clean pass once, then all cells' knockouts of this
+    sample in one engine batch; each cell gets its slice, its plan and its engine capabilities.
 
     `prepared`: the future of `prepare_sample(sample)`.
     """
@@ -251,18 +254,21 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
     if isinstance(ready, Skip):
         return _skip_all(cells, order, sample, ready.reason, ready.detail, ready.error)
     inputs, groups = ready
+    engine = engines.engine
     planned, skipped = [], []
     for cell in cells:
         try:
-            planned.append((cell, cell.analysis.jobs(groups, sample)))
+            plan = cell.analysis.plan(groups, sample)
+            if plan.knockouts and "knockouts" not in cell.analysis.uses:
+                raise ValueError(f"analysis {cell.analysis.name!r} plans knockouts but does not use them")
+            planned.append((cell, plan))
         except SampleSkip as exc:
             skipped.append((cell, exc))
         except Exception as exc:  # a cell whose own settings cannot apply: that cell fails, not its batch
             cell.error = f"{type(exc).__name__}: {exc}"
     if not planned and not skipped:
         return None
-    firsts = [job.edges.first_target for _, jobs in planned for job in jobs]
-    firsts += [c.analysis.first_target(groups) for c, _ in planned if hasattr(c.analysis, "first_target")]
+    firsts = [plan.first_target for _, plan in planned if plan.first_target is not None]
     try:
         with stages.timed("clean_pass"):
             clean = engine.clean(inputs, first_target=min(firsts, default=None))
@@ -289,18 +295,19 @@ def _run_sample(loaded, engine, config, order, sample, prepared, cells, clean_pa
         return
     try:
         with stages.timed("knockouts"):
-            logprobs = engine.run(clean, [job for _, jobs in planned for job in jobs])
+            logprobs = engine.run(clean, [job for _, plan in planned for job in plan.knockouts])
         with stages.timed("noise_floor"):  # after the knockouts: the fast engine's probe counts too
             base["noise_floor_pct"] = engine.noise_floor_pct(clean, token_id)
     except torch.cuda.OutOfMemoryError as exc:
         return _skip_all([c for c, _ in planned], order, sample, OOM, str(exc).splitlines()[0], error=True)
     start = 0
-    for cell, jobs in planned:
-        new = logprobs[start : start + len(jobs)]
-        start += len(jobs)
+    for cell, plan in planned:
+        outputs = logprobs[start : start + len(plan.knockouts)]
+        start += len(plan.knockouts)
         with stages.timed("rows_and_writes"):
             try:
-                rows = cell.analysis.rows(sample, clean, token_id, new)
+                mine = engines.only(cell.analysis.uses)
+                rows = cell.analysis.rows(sample, clean, token_id, plan, outputs, mine)
             except SampleSkip as exc:  # e.g. patching: a too weak corruption
                 cell.skip(order, sample, exc.reason, exc.detail, **base)
                 continue

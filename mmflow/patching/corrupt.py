@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mmflow.data.sample import Sample, Skip
-from mmflow.errors import GroupError
+from mmflow.errors import SampleSkip
 from mmflow.inputs.encode import ModelInputs, encode, load_image
 from mmflow.models.registry import LoadedModel
 
@@ -193,7 +193,7 @@ def image_corruption(
 ):
     """The clean prompt with another image; resized to the clean image's size if the layout differs.
 
-    Raises `GroupError('corruption_layout_mismatch')` if the token layout still differs.
+    Raises `SampleSkip('corruption_layout_mismatch')` if the token layout still differs.
     """
     inputs = encode(loaded, sample, image)
     if not _same_layout(clean, inputs) and image.size != clean.image_size:
@@ -201,7 +201,7 @@ def image_corruption(
         source += f" (resized to {clean.image_size[0]}x{clean.image_size[1]})"
         inputs = encode(loaded, sample, image)
     if not _same_layout(clean, inputs):
-        raise GroupError("corruption_layout_mismatch", f"{source}: the image gives other input tokens")
+        raise SampleSkip("corruption_layout_mismatch", f"{source}: the image gives other input tokens")
     return inputs, source
 
 
@@ -225,7 +225,7 @@ def make_corruption(
     counterfactual: Sample | None = None,
     data_source: str = "",
 ) -> Corruption:
-    """The corruption of `kind` for one sample; `GroupError` (a per-sample skip) when it cannot apply."""
+    """The corruption of `kind` for one sample; `SampleSkip` (a per-sample skip) when it cannot apply."""
     if kind == "noise":
         if sd is None:
             raise ValueError("noise corruption needs the embeddings' standard deviation")
@@ -235,11 +235,11 @@ def make_corruption(
         )
     if kind == "counterfactual":
         if counterfactual is None:
-            raise GroupError("no_counterfactual", "no sample of this task has a different gold answer")
+            raise SampleSkip("no_counterfactual", "no sample of this task has a different gold answer")
         try:
             image = load_image(counterfactual)
         except OSError as exc:
-            raise GroupError(
+            raise SampleSkip(
                 "unreadable_image", f"counterfactual {counterfactual.question_id}: {exc}"
             ) from exc
         inputs, source = image_corruption(loaded, sample, clean, image, counterfactual.question_id)

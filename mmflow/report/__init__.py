@@ -15,9 +15,9 @@ from pathlib import Path
 from mmflow.analyses import FigureSpec, analysis_class
 from mmflow.analyses.curves import curve_minimum
 from mmflow.analyses.plots import distinguishing_notes
-from mmflow.report.cells import CellData, find_cell_dirs, load_cells, read_meta
 from mmflow.report.figures import FigureCache, cells_key, draw_figures, slug
 from mmflow.report.html import FigureEntry, render_index
+from mmflow.storage.cell_data import CellData, find_cell_dirs, load_cells, read_meta
 
 __all__ = ["build_report", "cell_row", "row_notes", "CellData", "find_cell_dirs", "load_cells"]
 

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from mmflow.report import build_report
-    from mmflow.report.cells import find_cell_dirs
+    from mmflow.storage.cell_data import find_cell_dirs
 
     if not find_cell_dirs(folder):
         print(f"[mmflow] no cells found below '{args.folder}': the report is empty", file=sys.stderr)

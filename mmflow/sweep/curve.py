@@ -10,13 +10,15 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.storage.cell_data import read_meta
+
 FLIPS = "top1_changed_frac"  # the knockout curve's fraction of top-1 flips per centre layer
 
 
 def curve_table(cell) -> pd.DataFrame:
-    """Per layer of a done cell (`mmflow.report.CellData`): its analysis's `curve_table` (knockouts:
-    the mean relative change of p(answer) in %, its 95% band and the fraction of top-1 flips; other
-    analyses: their own per-layer curves, mean and 95% band per value)."""
+    """Per layer of a done cell (`mmflow.storage.cell_data.CellData`): its analysis's `curve_table`
+    (knockouts: the mean relative change of p(answer) in %, its 95% band and the fraction of top-1
+    flips; other analyses: their own per-layer curves, mean and 95% band per value)."""
     table = cell.analysis.curve_table(cell.results)
     return table.drop(columns=[c for c in ("rel_depth", "sem") if c in table])
 
@@ -64,15 +66,6 @@ def unscored_line(meta: dict[str, Any]) -> str | None:
     return f"{prefix}{'; '.join(parts)} (see samples.parquet)"
 
 
-def read_meta(cell_dir: str | Path) -> dict[str, Any]:
-    """The cell's `cell.json`, or {} when it cannot be read."""
-    try:
-        meta = json.loads((Path(cell_dir) / "cell.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def nothing_scored(meta: dict[str, Any]) -> str | None:
     """Why a finished cell (`cell.json`) has no scored sample ("no sample scored: ..."), or None when it
     has one (or is not finished)."""
@@ -106,7 +99,7 @@ def print_cell_curve(cell_dir: str | Path, figure_dir: str | Path) -> Path | Non
     from rich.console import Console
     from rich.table import Table
 
-    from mmflow.report.cells import load_cell
+    from mmflow.storage.cell_data import load_cell
 
     cell = load_cell(cell_dir)
     console = Console(width=None if sys.stdout.isatty() else 120)

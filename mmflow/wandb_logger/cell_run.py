@@ -270,7 +270,7 @@ class WandbCellLogger:
         return out
 
     def _figure(self, results: pd.DataFrame) -> Any:
-        from mmflow.report.cells import CellData
+        from mmflow.storage.cell_data import CellData
 
         meta = {"config": self.config, "cell_id": self.id, "status": "done", **self._loaded()}
         return self.analysis.figure(CellData(Path(self.config["results_dir"]) / self.id, meta, results))

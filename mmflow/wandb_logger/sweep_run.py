@@ -42,7 +42,7 @@ def log_sweep(
     Returns the local folder of the run (None when logging is off or no cell is done) and prints the
     `wandb sync` command when runs were written offline.
     """
-    from mmflow.report.cells import load_cells
+    from mmflow.storage.cell_data import load_cells
 
     cfg = logger_config(logger_cfg)
     if cfg is None:

@@ -1,4 +1,5 @@
-"""Finished cells read back from their folders: `cell.json` for the config, parquet files for numbers."""
+"""Finished cells read back from their folders (`CellData`): `cell.json` for the config, parquet files
+for numbers. The report, the W&B logger and the sweep's curve printout all read cells through here."""
 
 from __future__ import annotations
 
@@ -134,11 +135,13 @@ def find_cell_dirs(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def read_meta(cell_dir: Path) -> dict[str, Any]:
+def read_meta(cell_dir: str | Path) -> dict[str, Any]:
+    """The cell's `cell.json`, or {} when it cannot be read or is not a JSON object."""
     try:
-        return json.loads((cell_dir / "cell.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(cell_dir) / "cell.json").read_text())
+    except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_cell(cell_dir: str | Path) -> CellData | None:
