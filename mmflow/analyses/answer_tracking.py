@@ -32,7 +32,7 @@ from mmflow.inputs.prompts import build_prompt
 
 if TYPE_CHECKING:
     from mmflow.execution.engines import Engines
-    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.clean_pass import CleanPass
     from mmflow.models.registry import LoadedModel
 
 LENSES = ("norm", "raw")

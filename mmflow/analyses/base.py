@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # annotations only: the analyses never import the runtime, re
     from mmflow.data.sample import Sample, Skip
     from mmflow.execution.engines import Engines
     from mmflow.inputs.groups import TokenGroups
-    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.clean_pass import CleanPass
     from mmflow.knockout.spec import KnockoutJob
     from mmflow.models.registry import LoadedModel
 

@@ -39,7 +39,7 @@ from mmflow.patching.corrupt import (
 
 if TYPE_CHECKING:
     from mmflow.execution.engines import Engines
-    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.clean_pass import CleanPass
     from mmflow.models.registry import LoadedModel
     from mmflow.patching.restore import RestoreJob
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from mmflow.inputs.encode import ModelInputs
     from mmflow.knockout.attribution import Gradients
-    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.clean_pass import CleanPass
     from mmflow.knockout.spec import KnockoutJob
     from mmflow.models.registry import LoadedModel
     from mmflow.patching.corrupt import Corruption

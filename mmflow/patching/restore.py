@@ -27,9 +27,9 @@ import torch
 from mmflow.inputs.encode import ModelInputs
 from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import blocking, prepare_model
-from mmflow.knockout.fast import FastCleanPass, FastEngine, unsupported_reason
+from mmflow.knockout.clean_pass import CleanPass, FastCleanPass
+from mmflow.knockout.fast import FastEngine, unsupported_reason
 from mmflow.knockout.noise import dithered_logprobs
-from mmflow.knockout.reference import CleanPass
 from mmflow.knockout.rows import SuffixGroup, plan_sweeps
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
 from mmflow.models.registry import LoadedModel
