@@ -125,10 +125,13 @@ def _full_forward(loaded: LoadedModel, inputs: ModelInputs) -> torch.Tensor:
 
 def _within_rounding(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass, diff: float) -> bool:
     """Whether the suffix run's log p is the clean one up to the dtype's measured rounding noise,
-    as the fast engine judges its probe (`mmflow.knockout.noise.probe_tolerance`)."""
+    as the fast engine judges its probe (`mmflow.knockout.noise.probe_tolerance`). The dithered forward
+    (one full pass; needed in half precision, where the difference exceeds the floor) is kept on `clean`."""
     if diff <= PROBE_FLOOR:
         return True
-    rounding = top_distance(dithered_logprobs(loaded, inputs), clean.logprobs)
+    if clean.dithered is None:  # the fast engine's probe reads the same field: one dithered forward
+        clean.dithered = dithered_logprobs(loaded, inputs)
+    rounding = top_distance(clean.dithered, clean.logprobs)
     return diff <= probe_tolerance(rounding)
 
 
@@ -226,7 +229,10 @@ def _run(
         layer.self_attn.o_proj.register_forward_pre_hook(keep_output(i)) for i, layer in enumerate(layers)
     ]
     handles.append(loaded.model.get_input_embeddings().register_forward_hook(require_grad))
+    trained = [p for p in loaded.model.parameters() if p.requires_grad]
     try:
+        for parameter in trained:  # the graph then keeps no layer inputs for weight gradients
+            parameter.requires_grad_(False)
         with torch.enable_grad(), blocking(None), capturing(capture):
             logits = torch.log_softmax(forward().float(), dim=-1)
             logp = logits[torch.arange(len(tokens)), torch.tensor(tokens, device=logits.device)]
@@ -235,6 +241,8 @@ def _run(
     finally:
         for handle in handles:
             handle.remove()
+        for parameter in trained:
+            parameter.requires_grad_(True)
     states: list[list[LayerState]] = [[] for _ in spans]
     for index, grad in zip(order, grads, strict=True):
         query, key, value, mask, scaling = captured[index]
