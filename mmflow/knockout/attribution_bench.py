@@ -134,6 +134,7 @@ def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
         "speedup_screen_only": round(totals["exact_s"] / totals["screen_s"], 2),
         "speedup_cpu": round(totals["exact_cpu_s"] / totals["attribution_cpu_s"], 2),
         "speedup_ceiling": round(totals["exact_s"] / totals["clean_s"], 2),
+        "speedup_ceiling_cpu": round(totals["exact_cpu_s"] / totals["clean_cpu_s"], 2),
         "speedup_beyond_clean": round(
             (totals["exact_s"] - totals["clean_s"]) / (totals["attribution_s"] - totals["clean_s"]), 2
         ),
