@@ -129,7 +129,7 @@ def _within_rounding(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass,
     (one full pass; needed in half precision, where the difference exceeds the floor) is kept on `clean`."""
     if diff <= PROBE_FLOOR:
         return True
-    if clean.dithered is None:  # the fast engine's probe reads the same field: one dithered forward
+    if clean.dithered is None:  # the noise floor and the fast engine's probe read it too: one forward
         clean.dithered = dithered_logprobs(loaded, inputs)
     rounding = top_distance(clean.dithered, clean.logprobs)
     return diff <= probe_tolerance(rounding)
