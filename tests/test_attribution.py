@@ -297,6 +297,30 @@ def test_batched_gradients_equal_the_per_sample_ones(tiny_llava, tmp_path):
         assert want.abs().max() > 1e-4
 
 
+def test_a_failed_suffix_check_runs_everything_and_shares_its_dithered_pass(tiny_llava, tmp_path):
+    """A suffix run that misses the clean log p (here: the cached prefix keys perturbed, so it attends
+    to the wrong keys) falls back to the whole sequence; the check's dithered forward stays on the clean pass
+    for the engine (noise floor, probe) to reuse; the parameters still require gradients afterwards."""
+    from mmflow.knockout.fast import FastEngine
+    from mmflow.knockout.noise import dithered_logprobs
+
+    loaded = tiny_llava
+    sample = noise_sample(tmp_path, np.random.default_rng(11), size=(400, 300))
+    inputs = encode(loaded, sample)
+    groups = build_token_groups(loaded, inputs, sample)
+    engine = FastEngine(loaded)
+    clean = engine.clean(inputs, first_target=int(groups.question.min()))
+    token = clean.top1
+    generator = torch.Generator().manual_seed(0)
+    clean.keys = [key + torch.randn(key.shape, generator=generator) for key in clean.keys]
+    before = [p.requires_grad for p in loaded.model.parameters()]
+    got = answer_gradients(loaded, inputs, token, clean)
+    assert got.layers[0].offset == 0 and got.layers[0].query.shape[1] == inputs.length
+    assert [p.requires_grad for p in loaded.model.parameters()] == before and any(before)
+    assert clean.dithered is not None and engine.dithered(clean) is clean.dithered
+    assert torch.equal(clean.dithered, dithered_logprobs(loaded, inputs))
+
+
 @pytest.mark.slow
 def test_benchmark_prints_one_json_line(capsys):
     from mmflow.bench import main
