@@ -22,6 +22,7 @@ from mmflow.inputs.groups import build_token_groups
 from mmflow.knockout.attribution import (
     LayerState,
     answer_gradients,
+    answer_gradients_batch,
     head_estimates,
     layer_head_estimates,
     source_estimates,
@@ -257,6 +258,67 @@ def test_suffix_run_gives_the_full_runs_gradients(tiny_llava, tmp_path):
         got = layer_head_estimates(suffix, groups.image, groups.question, patches)
         want = layer_head_estimates(full, groups.image, groups.question, patches)
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_batched_gradients_equal_the_per_sample_ones(tiny_llava, tmp_path):
+    """Several samples' suffix runs in one padded forward + backward (different suffix lengths and
+    different first positions, so both the prefix caches and the suffixes are padded), plus one sample
+    with no fast clean pass (its whole sequence, alone): each equals its own `answer_gradients`."""
+    from mmflow.knockout.fast import FastEngine
+
+    loaded = tiny_llava
+    engine = FastEngine(loaded)
+    rng = np.random.default_rng(7)
+    questions = ["Is the jar full or empty?", "What colour is the small round object on the left side?"]
+    items, groups_of = [], []
+    for index, question in enumerate(questions * 2):
+        sample = noise_sample(tmp_path, rng, size=(400, 300), question=question)
+        inputs = encode(loaded, sample)
+        groups = build_token_groups(loaded, inputs, sample)
+        first = int((groups.question if index < 2 else groups.last).min())
+        clean = engine.clean(inputs, first_target=first) if index < 3 else None
+        token = int(ReferenceEngine(loaded).clean(inputs).top1)
+        items.append((inputs, token, clean))
+        groups_of.append(groups)
+    assert len({inputs.length for inputs, _, _ in items}) == 2
+    assert len({clean.first_target for _, _, clean in items[:3]}) == 2
+    batched = answer_gradients_batch(loaded, items)
+    for (inputs, token, clean), got, groups in zip(items, batched, groups_of, strict=True):
+        alone = answer_gradients(loaded, inputs, token, clean)
+        assert got.token_id == token and got.logp == pytest.approx(alone.logp, abs=1e-5)
+        for a, b in zip(got.layers, alone.layers, strict=True):
+            assert a.offset == b.offset and a.query.shape == b.query.shape and a.key.shape == b.key.shape
+            for name in ("query", "key", "value", "mask", "grad"):
+                assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-4), name
+        assert got.layers[0].offset == (0 if clean is None else clean.first_target)
+        targets = groups.last if got.layers[0].offset > int(groups.question.min()) else groups.question
+        want = layer_head_estimates(alone, groups.image, targets)
+        assert torch.allclose(layer_head_estimates(got, groups.image, targets), want, atol=1e-6, rtol=1e-4)
+        assert want.abs().max() > 1e-4
+
+
+def test_a_failed_suffix_check_runs_everything_and_shares_its_dithered_pass(tiny_llava, tmp_path):
+    """A suffix run that misses the clean log p (here: the cached prefix keys perturbed, so it attends
+    to the wrong keys) falls back to the whole sequence; the check's dithered forward stays on the clean pass
+    for the engine (noise floor, probe) to reuse; the parameters still require gradients afterwards."""
+    from mmflow.knockout.fast import FastEngine
+    from mmflow.knockout.noise import dithered_logprobs
+
+    loaded = tiny_llava
+    sample = noise_sample(tmp_path, np.random.default_rng(11), size=(400, 300))
+    inputs = encode(loaded, sample)
+    groups = build_token_groups(loaded, inputs, sample)
+    engine = FastEngine(loaded)
+    clean = engine.clean(inputs, first_target=int(groups.question.min()))
+    token = clean.top1
+    generator = torch.Generator().manual_seed(0)
+    clean.keys = [key + torch.randn(key.shape, generator=generator) for key in clean.keys]
+    before = [p.requires_grad for p in loaded.model.parameters()]
+    got = answer_gradients(loaded, inputs, token, clean)
+    assert got.layers[0].offset == 0 and got.layers[0].query.shape[1] == inputs.length
+    assert [p.requires_grad for p in loaded.model.parameters()] == before and any(before)
+    assert clean.dithered is not None and engine.dithered(clean) is clean.dithered
+    assert torch.equal(clean.dithered, dithered_logprobs(loaded, inputs))
 
 
 @pytest.mark.slow

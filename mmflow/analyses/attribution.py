@@ -33,7 +33,7 @@ from mmflow.knockout.spec import BlockEdges, KnockoutJob, KnockoutSpec, window_l
 
 if TYPE_CHECKING:
     from mmflow.execution.engines import Engines
-    from mmflow.knockout.reference import CleanPass
+    from mmflow.knockout.clean_pass import CleanPass
     from mmflow.models.registry import LoadedModel
 
 RESULT_COLUMNS = [

@@ -8,6 +8,9 @@ head with window 1:
   backward with gradients (`answer_gradients`), the estimates, and the exact verification of the top
   `--top-k` estimates plus as many random controls; `screen_s` is the same without the verification;
 - `exact_s`: `knockout.heads=each` over the same grid: the fast engine's clean pass + L x H jobs.
+`speedup_ceiling` = exact_s / clean_s bounds `speedup` (both sides pay the clean pass);
+`speedup_beyond_clean` compares what each adds to it. `gradients_s` times the gradient runs alone, one
+per sample and batched over the model's samples (`answer_gradients_batch`).
 Best of `--repeats` rounds, summed over samples. The exact run also scores the estimates over the whole
 grid: Spearman per sample (mean) and pooled. The last stdout line is one JSON object.
 """
@@ -23,7 +26,7 @@ from scipy.stats import spearmanr
 
 from mmflow.inputs.encode import encode
 from mmflow.inputs.groups import build_token_groups
-from mmflow.knockout.attribution import answer_gradients, layer_head_estimates
+from mmflow.knockout.attribution import answer_gradients, answer_gradients_batch, layer_head_estimates
 from mmflow.knockout.fast import make_fast_engine
 from mmflow.knockout.spec import NAMED_KNOCKOUTS, BlockEdges, KnockoutJob
 
@@ -72,12 +75,28 @@ def _time_one(engine, loaded, inputs, edges: BlockEdges, top_k: int, repeats: in
     return best, estimates, exact
 
 
+def _time_gradients(engine, loaded, prepared, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of the gradient runs of all `prepared` [(inputs, edges)]: one
+    `answer_gradients` per sample, and one `answer_gradients_batch` over all of them."""
+    from mmflow.bench.common import Best
+
+    items = []
+    for inputs, edges in prepared:
+        clean = engine.clean(inputs, first_target=edges.first_target)
+        items.append((inputs, clean.top1, clean))
+    best = Best()
+    for _ in range(repeats):
+        best.time("alone", lambda: [answer_gradients(loaded, *item) for item in items])
+        best.time("batched", lambda: answer_gradients_batch(loaded, items))
+    return best.wall["alone"], best.wall["batched"]
+
+
 def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
     """Timings and agreement of one model over `samples` [(sample, image or None)]."""
     engine = make_fast_engine(loaded)
     heads = loaded.model.config.get_text_config().num_attention_heads
     totals: dict[str, float] = {}
-    rhos, pooled, lengths = [], ([], []), []
+    rhos, pooled, lengths, prepared = [], ([], []), [], []
     for index, (sample, image) in enumerate(samples):
         inputs = encode(loaded, sample, image) if image is not None else encode(loaded, sample)
         groups = build_token_groups(loaded, inputs, sample)
@@ -85,6 +104,7 @@ def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
         for name in knockouts:
             source, target = NAMED_KNOCKOUTS[name]
             edges = BlockEdges(groups.require(source), groups.require(target))
+            prepared.append((inputs, edges))
             if index == 0:
                 _screen(engine, loaded, inputs, edges, 0)  # warm-up, not timed
             best, estimates, exact = _time_one(engine, loaded, inputs, edges, top_k, repeats)
@@ -96,6 +116,7 @@ def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
             pooled[0].extend(estimates.flatten().tolist())
             pooled[1].extend(exact.flatten().tolist())
     n = len(samples)
+    alone, batched = _time_gradients(engine, loaded, prepared, repeats)
     return {
         "model": loaded.name,
         "layers": loaded.n_layers,
@@ -112,6 +133,13 @@ def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
         "speedup": round(totals["exact_s"] / totals["attribution_s"], 2),
         "speedup_screen_only": round(totals["exact_s"] / totals["screen_s"], 2),
         "speedup_cpu": round(totals["exact_cpu_s"] / totals["attribution_cpu_s"], 2),
+        "speedup_ceiling": round(totals["exact_s"] / totals["clean_s"], 2),
+        "speedup_ceiling_cpu": round(totals["exact_cpu_s"] / totals["clean_cpu_s"], 2),
+        "speedup_beyond_clean": round(
+            (totals["exact_s"] - totals["clean_s"]) / (totals["attribution_s"] - totals["clean_s"]), 2
+        ),
+        "gradients_s_per_sample": round(alone / n, 4),
+        "gradients_batched_s_per_sample": round(batched / n, 4),
         "spearman_mean_per_sample": round(float(np.nanmean(rhos)), 4),
         "spearman_pooled": round(float(spearmanr(*pooled)[0]), 4),
     }
@@ -161,6 +189,9 @@ def main(args, loaded) -> dict:
         "attribution_s_is": "fast clean pass + forward/backward + estimates + top-k and controls exact",
         "clean_s_is": "the fast engine's clean pass alone (what every cell of the sample pays anyway)",
         "exact_s_is": "fast clean pass + every layer x head knockout (knockout.heads=each, window 1)",
+        "speedup_ceiling_is": "exact_s / clean_s: the speedup of a screen that costs only the clean pass",
+        "speedup_beyond_clean_is": "(exact_s - clean_s) / (attribution_s - clean_s): past the clean pass",
+        "gradients_s_is": "gradient runs only (answer_gradients per sample; _batched: all at once)",
         "timing": f"best of {args.repeats} rounds per sample, summed over samples, divided by samples",
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -9,7 +9,8 @@ linearised: estimate = Σ_targets grad(log p wrt the head's output) · ΔO. A kn
 logits) saturates the softmax, where linearising through the softmax itself misses effects; this
 correction does not.
 
-One forward with gradients (over the suffix from the first target on, see `answer_gradients`;
+One forward with gradients (over the suffix from the first target on, see `answer_gradients`; several
+samples in one padded batch with `answer_gradients_batch`;
 mmflow's attention function hands over every layer's post-rotary q, k, v
 and mask through `capturing`) and one backward to every layer's head outputs (the inputs of `o_proj`)
 serve every layer, head and source token of every knockout type of the sample. A window of several
@@ -19,14 +20,17 @@ layers is estimated as the sum of its layers' estimates (first order across laye
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from mmflow.inputs.encode import ModelInputs
 from mmflow.knockout.attention import blocking, capturing
+from mmflow.knockout.clean_pass import CleanPass
+from mmflow.knockout.fast import sliding_window_in_use
 from mmflow.knockout.noise import PROBE_FLOOR, dithered_logprobs, probe_tolerance, top_distance
-from mmflow.knockout.reference import CleanPass
 from mmflow.models.anatomy import DECODERS
 from mmflow.models.kv_cache import cache_kwargs
 from mmflow.models.registry import LoadedModel
@@ -73,22 +77,62 @@ def answer_gradients(
     full pass. It is checked like the fast engine's probe (log p must match the clean pass); otherwise,
     and without such a pass, the whole sequence runs. Parameters get no gradients, only activations.
     """
-    start = _suffix_start(loaded, inputs, clean)
-    if start:
-        gradients = _run(loaded, token_id, lambda: _suffix_forward(loaded, inputs, clean, start), start)
-        if _within_rounding(loaded, inputs, clean, abs(gradients.logp - float(clean.logprobs[token_id]))):
-            return gradients
-        log.warning("attribution: the suffix run misses the clean log p; running the whole sequence")
-    full = lambda: loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1).logits[0, -1]  # noqa: E731
-    return _run(loaded, token_id, full, 0)
+    return answer_gradients_batch(loaded, [(inputs, token_id, clean)])[0]
+
+
+def answer_gradients_batch(
+    loaded: LoadedModel, items: Sequence[tuple[ModelInputs, int, CleanPass | None]]
+) -> list[Gradients]:
+    """`answer_gradients` of several samples [(inputs, answer token, clean pass)], in their order.
+
+    The samples that may take the suffix run (see `answer_gradients`) run together: one padded forward
+    (prefix caches padded to the longest prefix, suffixes right-padded, a 2-D padding mask, each sample's
+    own position ids) and one backward of the sum of their log p, which leaves each sample's gradients
+    unchanged as no position attends across samples. Every sample is checked against its clean log p as
+    in `answer_gradients`; a sample that fails, or has no suffix run, runs alone over its whole sequence.
+    """
+    starts = [_suffix_start(loaded, inputs, clean) for inputs, _, clean in items]
+    suffix = [i for i, start in enumerate(starts) if start]
+    # the padded layout is max(start) + max(suffix) keys long: a sliding window must cut none of them
+    padded = max((starts[i] for i in suffix), default=0) + max(
+        (items[i][0].length - starts[i] for i in suffix), default=0
+    )
+    together = suffix and not sliding_window_in_use(loaded, padded)
+    out: dict[int, Gradients] = {}
+    for batch in [suffix] if together else [[i] for i in suffix]:
+        chosen, batch_starts = [items[i] for i in batch], [starts[i] for i in batch]
+        forward = partial(_suffix_forward, loaded, chosen, batch_starts)
+        spans = [
+            (start, inputs.length - start) for (inputs, _, _), start in zip(chosen, batch_starts, strict=True)
+        ]
+        gradients = _run(loaded, [token for _, token, _ in chosen], forward, spans, max(batch_starts))
+        for index, got in zip(batch, gradients, strict=True):
+            inputs, token_id, clean = items[index]
+            if _within_rounding(loaded, inputs, clean, abs(got.logp - float(clean.logprobs[token_id]))):
+                out[index] = got
+            else:
+                log.warning("attribution: the suffix run misses the clean log p; running the whole sequence")
+    for index, (inputs, token_id, _) in enumerate(items):
+        if index not in out:
+            full = partial(_full_forward, loaded, inputs)
+            out[index] = _run(loaded, [token_id], full, [(0, inputs.length)], 0)[0]
+    return [out[index] for index in range(len(items))]
+
+
+def _full_forward(loaded: LoadedModel, inputs: ModelInputs) -> torch.Tensor:
+    """Last-position logits [1, V] of the whole sequence."""
+    return loaded.model(**inputs.tensors, use_cache=False, logits_to_keep=1).logits[:, -1]
 
 
 def _within_rounding(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass, diff: float) -> bool:
     """Whether the suffix run's log p is the clean one up to the dtype's measured rounding noise,
-    as the fast engine judges its probe (`mmflow.knockout.noise.probe_tolerance`)."""
+    as the fast engine judges its probe (`mmflow.knockout.noise.probe_tolerance`). The dithered forward
+    (one full pass; needed in half precision, where the difference exceeds the floor) is kept on `clean`."""
     if diff <= PROBE_FLOOR:
         return True
-    rounding = top_distance(dithered_logprobs(loaded, inputs), clean.logprobs)
+    if clean.dithered is None:  # the noise floor and the fast engine's probe read it too: one forward
+        clean.dithered = dithered_logprobs(loaded, inputs)
+    rounding = top_distance(clean.dithered, clean.logprobs)
     return diff <= probe_tolerance(rounding)
 
 
@@ -104,28 +148,66 @@ def _suffix_start(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass | N
     return int(start)
 
 
-def _suffix_forward(loaded: LoadedModel, inputs: ModelInputs, clean: CleanPass, start: int) -> torch.Tensor:
-    """Last-position logits of positions start..T-1 run over the clean prefix's cached K/V."""
+def _suffix_forward(
+    loaded: LoadedModel, items: Sequence[tuple[ModelInputs, int, CleanPass]], starts: list[int]
+) -> torch.Tensor:
+    """Last-position logits [B, V] of each sample's positions start..T-1, run over its clean prefix's
+    cached K/V. Batched: prefixes padded to P = max(starts) (key slots start..P-1 masked), suffixes
+    right-padded to the longest (with the sample's last token, masked; its last real row is read)."""
     from transformers import DynamicCache
 
+    prefix = max(starts)
+    lengths = [inputs.length - start for (inputs, _, _), start in zip(items, starts, strict=True)]
+    width = max(lengths)
+    first = items[0][0].tensors["input_ids"]
+    ids = torch.empty(len(items), width, dtype=first.dtype, device=first.device)
+    positions = torch.empty(len(items), width, dtype=torch.long, device=first.device)
+    keep = torch.zeros(len(items), prefix + width, dtype=torch.long, device=first.device)
+    for row, ((inputs, _, _), start, length) in enumerate(zip(items, starts, lengths, strict=True)):
+        suffix = inputs.tensors["input_ids"][0, start:]
+        ids[row] = suffix[-1]
+        ids[row, :length] = suffix
+        positions[row] = torch.arange(start, start + width, device=first.device)
+        keep[row, :start] = 1
+        keep[row, prefix : prefix + length] = 1
     cache = DynamicCache()
-    for index, (key, value) in enumerate(zip(clean.keys, clean.values, strict=True)):
-        cache.update(key[None, :, :start].detach(), value[None, :, :start].detach(), index)
-    ids = inputs.tensors["input_ids"][:, start:]
-    positions = torch.arange(start, inputs.length, device=ids.device)[None]
+    for index in range(len(items[0][2].keys)):
+        keys, values = (
+            _padded([getattr(c, kind)[index] for _, _, c in items], starts, prefix) for kind in KV
+        )
+        cache.update(keys, values, index)
     hidden = loaded.anatomy.language_model(
         input_ids=ids,
+        attention_mask=keep if len(items) > 1 else None,
         position_ids=positions,
-        cache_position=positions[0],
+        cache_position=torch.arange(prefix, prefix + width, device=first.device),
         use_cache=True,
         **cache_kwargs(loaded.anatomy.language_model, cache),
     ).last_hidden_state
-    return loaded.anatomy.unembedding(hidden[0, -1])
+    last = hidden[torch.arange(len(items)), torch.tensor(lengths, device=hidden.device) - 1]
+    return loaded.anatomy.unembedding(last)
 
 
-def _run(loaded: LoadedModel, token_id: int, forward, offset: int) -> Gradients:
-    """Run `forward` (-> last-position logits) with gradients from the input embeddings on, capturing
-    every layer's q, k, v and mask and its head outputs; backward of log p(`token_id`)."""
+KV = ("keys", "values")
+
+
+def _padded(tensors: list[torch.Tensor], starts: list[int], prefix: int) -> torch.Tensor:
+    """Each sample's cached [Hkv, T, d] cut to its prefix and zero-padded to `prefix` -> [B, Hkv, P, d]."""
+    first = tensors[0]
+    out = first.new_zeros(len(tensors), first.shape[0], prefix, first.shape[-1])
+    for row, (tensor, start) in enumerate(zip(tensors, starts, strict=True)):
+        out[row, :, :start] = tensor[:, :start].detach()
+    return out
+
+
+def _run(
+    loaded: LoadedModel, tokens: list[int], forward, spans: list[tuple[int, int]], prefix: int
+) -> list[Gradients]:
+    """Run `forward` (-> last-position logits [B, V]) with gradients from the input embeddings on,
+    capturing every layer's q, k, v and mask and its head outputs; one backward of Σ_b log p_b(token_b).
+
+    Row b holds positions start..start+length-1 (`spans`) at query rows 0..length-1 and key columns
+    [0, start) + [prefix, prefix + length); the rest is padding, cut off here."""
     layers = loaded.anatomy.layers
     captured: dict[int, tuple] = {}
     outputs: dict[int, torch.Tensor] = {}
@@ -133,13 +215,7 @@ def _run(loaded: LoadedModel, token_id: int, forward, offset: int) -> Gradients:
     def capture(layer, query, key, value, mask, scaling):
         if mask is None:
             raise RuntimeError("attribution needs an explicit attention mask (mmflow attention); got None")
-        captured[layer] = (
-            query[0].detach(),
-            key[0].detach(),
-            value[0].detach(),
-            mask[0, 0].detach(),
-            scaling,
-        )
+        captured[layer] = (query.detach(), key.detach(), value.detach(), mask[:, 0].detach(), scaling)
 
     def keep_output(index):
         def hook(module, args):
@@ -154,22 +230,50 @@ def _run(loaded: LoadedModel, token_id: int, forward, offset: int) -> Gradients:
         layer.self_attn.o_proj.register_forward_pre_hook(keep_output(i)) for i, layer in enumerate(layers)
     ]
     handles.append(loaded.model.get_input_embeddings().register_forward_hook(require_grad))
+    trained = [p for p in loaded.model.parameters() if p.requires_grad]
     try:
+        for parameter in trained:  # the graph then keeps no layer inputs for weight gradients
+            parameter.requires_grad_(False)
         with torch.enable_grad(), blocking(None), capturing(capture):
-            logp = torch.log_softmax(forward().float(), dim=-1)[token_id]
+            logits = torch.log_softmax(forward().float(), dim=-1)
+            logp = logits[torch.arange(len(tokens)), torch.tensor(tokens, device=logits.device)]
             order = sorted(outputs)
-            grads = torch.autograd.grad(logp, [outputs[i] for i in order], allow_unused=True)
+            grads = torch.autograd.grad(logp.sum(), [outputs[i] for i in order], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    states = []
+        for parameter in trained:
+            parameter.requires_grad_(True)
+    states: list[list[LayerState]] = [[] for _ in spans]
     for index, grad in zip(order, grads, strict=True):
         query, key, value, mask, scaling = captured[index]
-        heads, length, dim = query.shape
-        grad = torch.zeros(length, heads * dim) if grad is None else grad[0]
-        grad = grad.view(length, heads, dim).transpose(0, 1).float()
-        states.append(LayerState(query, key, value, mask, float(scaling), grad, offset))
-    return Gradients(token_id, float(logp.detach()), states)
+        heads, dim = query.shape[1], query.shape[-1]
+        shape = (query.shape[0], query.shape[2], heads * dim)
+        grad = torch.zeros(shape, device=query.device) if grad is None else grad
+        grad = grad.view(grad.shape[0], grad.shape[1], heads, dim).transpose(1, 2).float()
+        for row, (start, length) in enumerate(spans):
+            states[row].append(
+                LayerState(
+                    query[row, :, :length],
+                    _columns(key[row], start, length, prefix),
+                    _columns(value[row], start, length, prefix),
+                    _columns(mask[row, ..., None], start, length, prefix)[:length, :, 0],
+                    float(scaling),
+                    grad[row, :, :length],
+                    start,
+                )
+            )
+    return [
+        Gradients(token, float(value), layer_states)
+        for token, value, layer_states in zip(tokens, logp.detach(), states, strict=True)
+    ]
+
+
+def _columns(tensor: torch.Tensor, start: int, length: int, prefix: int) -> torch.Tensor:
+    """Key positions [..., K, x] of the padded layout -> the sample's own [..., start + length, x]."""
+    if start == prefix:  # no padding: a view
+        return tensor[..., : prefix + length, :]
+    return torch.cat([tensor[..., :start, :], tensor[..., prefix : prefix + length, :]], dim=-2)
 
 
 def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
