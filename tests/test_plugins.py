@@ -81,7 +81,7 @@ def test_a_registered_analysis_validates_its_own_keys(tmp_path):
         "task": "ChooseAttr",
         "analysis": "counting_test",
         "data": {"name": "shapes"},
-        "engine": {"name": "fast"},
+        "engine": {"name": "fast", "attention": "sdpa"},
         "n_samples": 1,
         "max_new_tokens": 1,
     }

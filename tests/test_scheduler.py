@@ -108,7 +108,7 @@ def cells(tmp_path: Path, model: str = "m1", tasks=("A",), windows=(1,)) -> dict
                 "model": {"name": model},
                 "task": task,
                 "data": {"name": "shapes"},
-                "engine": {"name": "fast"},
+                "engine": {"name": "fast", "attention": "sdpa"},
                 "analysis": "knockout",
                 "max_new_tokens": 2,
                 "n_samples": 4,

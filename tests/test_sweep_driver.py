@@ -105,7 +105,7 @@ def sweep_of(tmp_path: Path, n: int, **settings) -> Sweep:
             "model": {"name": "m1"},
             "task": "ChooseAttr",
             "data": {"name": "shapes"},
-            "engine": {"name": "fast"},
+            "engine": {"name": "fast", "attention": "sdpa"},
             "analysis": "knockout",
             "max_new_tokens": 2,
             "n_samples": 4,

@@ -58,7 +58,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def reference(loaded) -> ReferenceEngine:
-    return ReferenceEngine(loaded)
+    return ReferenceEngine(loaded, "sdpa")
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_empty_knockout_changes_nothing(heldout, reference, loaded):
 
 def test_fast_engine_agrees_with_reference(heldout, reference, loaded):
     pytest.importorskip("mmflow.knockout.fast")
-    fast = make_engine("fast", loaded)
+    fast = make_engine("fast", loaded, "sdpa")
     width = 3
     for e in _some(heldout, per_task=1):
         jobs = [

@@ -126,7 +126,7 @@ class AttributionAnalysis(Analysis):
         from mmflow.knockout import make_engine  # transformers: only where a model runs
 
         engine = self.config["engine"]
-        self.engine = make_engine(engine["name"], loaded, engine.get("attention", "sdpa"))
+        self.engine = make_engine(engine["name"], loaded, engine["attention"])
         self.windows = [window_layers(c, self.width, loaded.n_layers) for c in range(loaded.n_layers)]
         return super().bind(loaded)
 

@@ -123,8 +123,8 @@ class PatchingAnalysis(Analysis):
         self.corruption = self.config.get("corruption", "noise")
         self.groups = list(patching.get("groups", ["image", "question", "last"]))
         self.width = int(self.config["window"])
-        self.noise_scale = float(patching.get("noise_scale", 3.0))
-        self.margin = float(patching.get("margin", 0.05))
+        self.noise_scale = float(patching["noise_scale"])  # defaults: conf/analysis/patching.yaml only
+        self.margin = float(patching["margin"])
         self.seed = int(self.config.get("seed", 0))
         if self.corruption not in CORRUPTIONS:
             raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
@@ -152,7 +152,7 @@ class PatchingAnalysis(Analysis):
         engine = self.config["engine"]
         from mmflow.patching.restore import make_patcher  # transformers: only where a model runs
 
-        self.patcher = make_patcher(engine["name"], loaded, engine.get("attention", "sdpa"))
+        self.patcher = make_patcher(engine["name"], loaded, engine["attention"])
         self.n_layers = loaded.n_layers
         self.width = window_for_depth(self.config, loaded.n_layers, loaded.weights)  # the loaded depth
         return super().bind(loaded)

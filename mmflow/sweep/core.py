@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmflow.errors import ConfigError
 from mmflow.execution.context import RunContext
@@ -28,6 +28,9 @@ from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
 from mmflow.sweep.record import EventLog, labels, print_failure_line, print_summary, write_sweep_json
 from mmflow.sweep.settings import SweepSettings
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 log = logging.getLogger("mmflow.sweep")
 
@@ -47,27 +50,31 @@ class CellJob:
     cell_id: str = ""
     error: str | None = None  # the config could not be resolved into a cell
     invalid: str | None = None  # the cell cannot compute anything meaningful: it fails alone, by name
+    spec: CellSpec | None = None  # the cell, typed (`cell` is its plain config)
 
     @classmethod
-    def resolve(cls, idx: int, overrides: list[str], make_cell: Callable[[], dict[str, Any]]) -> CellJob:
-        """`make_cell()` gives the resolved cell config; an error fails this job, not the sweep.
-
-        Each cell is validated on its own (`mmflow.config.validate`), before any model loads.
-        """
-        from mmflow.config.validate import CellConfigError, validate_cell
+    def resolve(
+        cls, idx: int, overrides: list[str], make_cell: Callable[[], CellSpec | dict[str, Any]]
+    ) -> CellJob:
+        """`make_cell()` gives the cell spec (or its resolved config); an error fails this job, not the
+        sweep. Each cell is validated once, on its own (`CellSpec.check`), before any model loads."""
+        from mmflow.config.spec import CellSpec
+        from mmflow.errors import CellConfigError
 
         job = cls(idx, list(overrides))
         try:
-            job.cell = make_cell()
-            job.cell_id = CellStore(job.cell["results_dir"], job.cell).id
-            validate_cell(job.cell)
+            made = make_cell()
+            job.cell = made.config if isinstance(made, CellSpec) else dict(made)
+            job.spec = CellSpec.from_config(made, check=False)
+            job.cell_id = job.spec.id
+            job.spec.check()
         except CellConfigError as exc:  # this cell fails alone, with the key named
-            if job.cell is None:  # refused while resolving (an unknown key): no cell, an invalid job
-                job.error = f"{type(exc).__name__}: {exc}"
+            if job.spec is None:  # refused while resolving (an unknown key): no cell, an invalid job
+                job.cell, job.error = None, f"{type(exc).__name__}: {exc}"
             else:
                 job.invalid = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
-            job.cell, job.error = None, f"{type(exc).__name__}: {short_error(exc)}"
+            job.cell, job.spec, job.error = None, None, f"{type(exc).__name__}: {short_error(exc)}"
         return job
 
 

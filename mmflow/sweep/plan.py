@@ -47,7 +47,7 @@ class ModelPlan:
 
 
 def attention_backend(cell: dict[str, Any]) -> str:
-    return str(cell.get("engine", {}).get("attention", "sdpa"))
+    return str(cell["engine"]["attention"])
 
 
 def model_key(cell: dict[str, Any]) -> str:
