@@ -67,9 +67,12 @@ class CellStore:
         self.parts = self.dir / "parts"
 
     @classmethod
-    def of(cls, spec: CellSpec) -> CellStore:
-        """The store of a cell spec (its id as computed when the spec was built)."""
-        return cls(spec.results_dir, spec.config, spec.id)
+    def of(cls, cell: CellSpec | Mapping[str, Any]) -> CellStore:
+        """The store of a cell spec (its id as computed when the spec was built), or of a plain
+        resolved config (its id hashed here)."""
+        if isinstance(cell, Mapping):
+            return cls(cell["results_dir"], cell)
+        return cls(cell.results_dir, cell.config, cell.id)
 
     def _write(self, path: Path, data: bytes) -> None:
         """Write one file of this cell atomically (and relay it to the driver)."""
