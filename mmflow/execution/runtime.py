@@ -1,11 +1,11 @@
 """Run a cell batch on one loaded model: the same code for `launch.py` and for Ray actors.
 
-The cells of a cell batch share model, data, task, samples and engine
-(`mmflow.storage.store.SHARED_KEYS`) and are
-computed sample by sample: each sample is encoded, split into token groups and run clean once, then
-every cell's jobs of that sample go to the engine together. Each cell keeps its own folder, resumes
-at sample granularity, and fails alone. A cell is computed by one process at a time
-(`mmflow.storage.locks.CellLock`); a cell another process holds is waited for, then found cached. One cell's
+The cells of a cell batch (`mmflow.config.spec.CellSpec`s) share model, data, task, samples and
+engine (`mmflow.config.identity.SHARED_KEYS`) and are computed sample by sample: each sample is
+encoded, split into token groups and run clean once, then every cell's jobs of that sample go to the
+engine together. Each cell keeps its own folder, resumes at sample granularity, and fails alone. A
+cell is computed by one process at a time (`mmflow.storage.locks.CellLock`); a cell another process
+holds is waited for, then found cached. One cell's
 record from start to ending (`cell.json`, its `runs` list) is `mmflow.execution.cell`'s.
 """
 
