@@ -159,3 +159,23 @@ def test_the_data_identity_rules(tmp_path):
     moved = {**table, "path": "/b/t.csv", "sha256": "ab" * 32}
     assert cell_id({**base, "data": {**table, "sha256": "ab" * 32}}) == cell_id({**base, "data": moved})
     assert cell_id({**base, "data": moved}) != cell_id({**base, "data": {**moved, "sha256": "cd" * 32}})
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"require_correct": "yes"}, "require_correct"),
+        ({"require_correct": None}, "require_correct"),
+        ({"data": {"name": "shapes", "seed": -1, "cache_dir": None}}, "data.seed"),
+        ({"data": {"name": "shapes", "seed": "0", "cache_dir": None}}, "data.seed"),
+        ({"data": {"name": "images", "seed": 0}}, "data.name"),
+        ({"engine": {"name": "fast", "attention": "flash"}}, "engine.attention"),
+    ],
+)
+def test_the_spec_checks_types_ranges_and_choices_once(tmp_path, changes, key):
+    spec = CellSpec.from_config(cell_config(tmp_path, **changes), check=False)
+    with pytest.raises(CellConfigError) as err:
+        spec.check()
+    assert err.value.key == key and not spec.checked
+    good = CellSpec.from_config(cell_config(tmp_path), check=False)
+    assert good.check() is good and good.checked and good.check() is good

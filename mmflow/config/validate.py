@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmflow.analyses.base import DEFAULT_ANALYSIS, analysis_class, known_analyses
-from mmflow.config.checks import check_choice, check_int
+from mmflow.config.checks import check_bool, check_choice, check_int
 from mmflow.data.sample import TASKS
 from mmflow.errors import CellConfigError
 
@@ -37,8 +37,9 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     """Raise `CellConfigError` (naming the key and allowed values) unless `config` is computable.
 
     Checks: task, analysis, data source (and its own keys, `DataSource.validate`), engine and its
-    attention, n_samples >= 1, max_new_tokens >= 1, model.max_tokens (null or >= 2), then the
-    analysis's own keys (e.g. the knockout's groups and window, the lens, patching's corruption).
+    attention, n_samples >= 1, max_new_tokens >= 1, require_correct a boolean, model.max_tokens (null
+    or >= 2), then the analysis's own keys (e.g. the knockout's groups and window, the lens,
+    patching's corruption).
     """
     check_choice("task", config.get("task"), TASKS)
     analysis = config.get("analysis", DEFAULT_ANALYSIS)
@@ -54,6 +55,7 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     check_choice("engine.attention", engine.get("attention"), ATTENTIONS)
     check_int(config, "n_samples", 1)
     check_int(config, "max_new_tokens", 1)
+    check_bool(config, "require_correct")
     model = config.get("model") or {}
     if isinstance(model, Mapping) and model.get("max_tokens") is not None:  # caps each sample's sequence
         check_int({"model.max_tokens": model["max_tokens"]}, "model.max_tokens", 2)

@@ -321,6 +321,13 @@ class ShapesSource(DataSource):
         return load_shapes(task, n_samples, seed=data["seed"], cache_dir=data.get("cache_dir"))
 
     @classmethod
+    def validate(cls, data: Mapping[str, Any]) -> None:
+        """`data.seed`: an integer >= 0 (which scenes are drawn)."""
+        from mmflow.config.checks import check_int
+
+        check_int({"data.seed": data.get("seed")}, "data.seed", 0)
+
+    @classmethod
     def identity(cls, data: Mapping[str, Any]) -> dict[str, Any]:
         """Where shapes are cached is not which shapes: `cache_dir` counts as null (as in every id)."""
         return {**data, "cache_dir": None} if data.get("cache_dir") is not None else dict(data)
