@@ -179,3 +179,35 @@ def test_the_spec_checks_types_ranges_and_choices_once(tmp_path, changes, key):
     assert err.value.key == key and not spec.checked
     good = CellSpec.from_config(cell_config(tmp_path), check=False)
     assert good.check() is good and good.checked and good.check() is good
+
+
+def test_defaults_live_in_the_yaml_not_in_code():
+    """`engine.attention` and patching's `noise_scale`/`margin` have one default: their YAML's."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "mmflow"
+    second_defaults = re.compile(
+        r"""attention: str = "sdpa"|backend: str = "sdpa"|get\("attention", "sdpa"\)"""
+        r"""|get\("(noise_scale|margin)", """
+    )
+    found = [
+        f"{path.relative_to(root)}: {match.group(0)}"
+        for path in sorted(root.rglob("*.py"))
+        for match in second_defaults.finditer(path.read_text())
+    ]
+    assert not found, found
+    assert second_defaults.search('def f(loaded, attention: str = "sdpa"):')  # the pattern can fail
+    patching = OmegaConf.load(CONF_DIR / "analysis" / "patching.yaml")
+    assert (patching.patching.noise_scale, patching.patching.margin) == (3.0, 0.05)
+    for name in ("fast", "reference"):
+        assert OmegaConf.load(CONF_DIR / "engine" / f"{name}.yaml").attention == "sdpa"
+
+
+def test_patching_without_its_yaml_defaults_is_an_invalid_cell(tmp_path):
+    patching = {"groups": ["image"], "noise_scale": 3.0, "noise_sd": None, "calibration_per_task": 4}
+    config = cell_config(tmp_path, analysis="patching", corruption="noise", patching=patching)
+    del config["knockout"]
+    with pytest.raises(CellConfigError) as err:
+        CellSpec.from_config(config)
+    assert err.value.key == "patching.margin"
+    assert CellSpec.from_config({**config, "patching": {**patching, "margin": 0.05}}).checked
