@@ -36,7 +36,7 @@ register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before H
 CONFIG_PATH = str(CONF_DIR)  # conf/ of the checkout, or mmflow/conf/ of an installed wheel
 RETIRED_EXPERIMENT = re.compile(r"^[+~]{0,2}experiment=(.*)$")
 
-__all__ = ["cell_config", "cell_from_container", "main", "run_hydra"]
+__all__ = ["cell_config", "cell_from_container", "cell_spec", "main", "run_hydra"]
 
 
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:

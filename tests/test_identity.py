@@ -211,3 +211,14 @@ def test_patching_without_its_yaml_defaults_is_an_invalid_cell(tmp_path):
         CellSpec.from_config(config)
     assert err.value.key == "patching.margin"
     assert CellSpec.from_config({**config, "patching": {**patching, "margin": 0.05}}).checked
+
+
+def test_ids_and_batch_keys_see_contents_not_key_order_or_mapping_type(tmp_path):
+    from mmflow.config.identity import batch_key
+
+    config = cell_config(tmp_path)
+    reordered = {**config, "model": dict(reversed(list(config["model"].items())))}
+    spec, other = CellSpec.from_config(config), CellSpec.from_config(reordered)
+    assert spec.id == other.id == cell_id(spec.plain) == cell_id(config)
+    assert batch_key(spec.plain) == batch_key(other.plain) == batch_key(config)
+    assert batch_key(spec.plain) != batch_key({**config, "task": "ChooseCat"})

@@ -24,6 +24,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from mmflow.config.parts import thaw
+
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.
 NON_SEMANTIC_KEYS = frozenset(
@@ -84,7 +86,7 @@ SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", 
 
 def batch_key(config: Mapping[str, Any]) -> str:
     """What the cells of one cell batch share: the values of `SHARED_KEYS`, as a string."""
-    return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
+    return json.dumps({k: thaw(config.get(k)) for k in SHARED_KEYS}, sort_keys=True, default=str)
 
 
 def canonical(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
     `IMPLIED_KEYS`), so results folders computed earlier are still found. The data config is its
     source's identity (`data_identity`).
     """
+    config = thaw(config)  # plain dicts: a spec's read-only mappings hash as their contents
     kept = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k not in UNHASHED_KEYS}
     semantic = {**IMPLIED_KEYS, **kept}
     if isinstance(semantic.get("model"), Mapping):

@@ -52,7 +52,7 @@ class ModelPlan:
 
 def model_key(spec: CellSpec) -> str:
     """Cells with the same key can run on the same loaded model."""
-    return json.dumps([spec.plain["model"], spec.engine.attention], sort_keys=True, default=str)
+    return json.dumps([spec.config["model"], spec.engine.attention], sort_keys=True, default=str)
 
 
 def plan_models(
