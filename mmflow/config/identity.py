@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmflow.config.parts import thaw
+from mmflow.inputs.parity import effective_parity  # noqa: F401 (the mode a cell is computed in, cell.json)
 
 SCHEMA_VERSION = 1
 # Config keys that say where or how results are shown, not what is computed: not part of a cell id.

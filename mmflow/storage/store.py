@@ -30,9 +30,9 @@ from mmflow.config.identity import (  # noqa: F401 (the id rules, re-exported wh
     SHARED_KEYS,
     batch_key,
     cell_id,
+    effective_parity,
     semantic_config,
 )
-from mmflow.inputs.parity import effective_parity
 from mmflow.storage.files import (  # noqa: F401 (atomic_write_* re-exported)
     atomic_write_bytes,
     atomic_write_json,
