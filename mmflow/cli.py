@@ -29,14 +29,14 @@ from omegaconf.errors import InterpolationKeyError
 
 from mmflow.config.dirs import CONF_DIR
 from mmflow.storage.locks import register_resolvers
-from mmflow.sweep.config import cell_config, cell_from_container
+from mmflow.sweep.config import cell_config, cell_from_container, cell_spec
 
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
 CONFIG_PATH = str(CONF_DIR)  # conf/ of the checkout, or mmflow/conf/ of an installed wheel
 RETIRED_EXPERIMENT = re.compile(r"^[+~]{0,2}experiment=(.*)$")
 
-__all__ = ["cell_config", "cell_from_container", "main", "run_hydra"]
+__all__ = ["cell_config", "cell_from_container", "cell_spec", "main", "run_hydra"]
 
 
 def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def run_from_hydra(cfg: DictConfig) -> dict[str, Any]:
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if "launcher" in hydra_cfg else {}
     settings = SweepSettings.from_dict({**launcher, "executor": "local"})
     overrides = list(hydra_cfg.overrides.task)
-    job = CellJob.resolve(0, overrides, lambda: cell_config(cfg))
+    job = CellJob.resolve(0, overrides, lambda: cell_spec(cfg))
     if job.cell is None:
         from mmflow.config.known_keys import refuse_unknown_keys
 

@@ -33,7 +33,7 @@ def main() -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(args.logit_scale)
     loaded = LoadedModel("full-width", model, None, "full-width", "plain", "pad", torch.device("cpu"))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     for seed in range(6):
         length = 16 + 8 * seed
         ids = torch.randint(3, 500, (1, length), generator=torch.Generator().manual_seed(seed))

@@ -50,10 +50,10 @@ def measure(name: str, folder: Path) -> dict:
         jobs += [KnockoutJob(edges, window_layers(centre, k, n_layers)) for k in (1, 3)]
         jobs.append(KnockoutJob(edges, range(n_layers)))
     started = time.time()
-    engine = make_engine("fast", loaded)
+    engine = make_engine("fast", loaded, "sdpa")
     fast = engine.run(engine.clean(inputs, first_target=min(j.edges.first_target for j in jobs)), jobs)
     fast_seconds = time.time() - started
-    reference = ReferenceEngine(loaded)
+    reference = ReferenceEngine(loaded, "sdpa")
     clean = reference.clean(inputs)
     ref = reference.run(clean, jobs)
     return {

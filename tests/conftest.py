@@ -65,16 +65,18 @@ def cell_config(folder: Path, model: str = "tiny-llava", **changes) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_llava():
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
 
-    return load_model(_Attr(model_config("tiny-llava")))
+    return load_model(ModelSpec.from_mapping(model_config("tiny-llava")))
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_next():
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
 
-    return load_model(_Attr(model_config("tiny-llava-next")))
+    return load_model(ModelSpec.from_mapping(model_config("tiny-llava-next")))
 
 
 def noise_sample(

@@ -43,10 +43,11 @@ def loaded_replica(name: str, parity: str, legacy: bool | None = None):
     import copy
     import dataclasses
 
-    from mmflow.models.registry import _Attr, apply_parity, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import apply_parity, load_model
 
     if parity == "corrected":
-        return load_model(_Attr(real_model_config(name, parity, legacy=legacy)))
+        return load_model(ModelSpec.from_mapping(real_model_config(name, parity, legacy=legacy)))
     base = loaded_replica(name, "corrected", legacy)
     model, processor = copy.deepcopy(base.model), copy.copy(base.processor)
     processor.image_processor = copy.deepcopy(base.processor.image_processor)

@@ -8,15 +8,16 @@ import pytest
 import torch
 from conftest import model_config
 
+from mmflow.config.spec import ModelSpec
 from mmflow.knockout import make_engine
 from mmflow.knockout.attention import IMPLEMENTATIONS
 from mmflow.models.anatomy import anatomy_of
-from mmflow.models.registry import _Attr, load_model
+from mmflow.models.registry import load_model
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
 def test_anatomy_names_the_language_models_parts(name):
-    loaded = load_model(_Attr(model_config(name)))
+    loaded = load_model(ModelSpec.from_mapping(model_config(name)))
     anatomy = loaded.anatomy
     language = loaded.model.model.language_model  # the one path, checked against the model here
     assert anatomy.layers is language.layers and anatomy.final_norm is language.norm
@@ -31,7 +32,7 @@ def test_anatomy_names_the_language_models_parts(name):
 
 
 def test_loading_leaves_attention_alone_and_the_engine_prepares_it():
-    loaded = load_model(_Attr(model_config("tiny-llava")))
+    loaded = load_model(ModelSpec.from_mapping(model_config("tiny-llava")))
     text = loaded.model.config.get_text_config()
     assert text._attn_implementation not in IMPLEMENTATIONS  # the checkpoint's own attention
     assert not any(hasattr(layer.self_attn, "_mmflow_layer") for layer in loaded.anatomy.layers)
@@ -46,5 +47,5 @@ def test_loading_leaves_attention_alone_and_the_engine_prepares_it():
 def test_configured_depth_must_match_the_checkpoint():
     config = {**model_config("tiny-llava"), "n_layers": 32}
     with pytest.raises(ValueError, match=r"'tiny-llava'.*n_layers=32.*has 8 decoder layers"):
-        load_model(_Attr(config))
-    assert dataclasses.is_dataclass(load_model(_Attr({**config, "n_layers": None})))
+        load_model(ModelSpec.from_mapping(config))
+    assert dataclasses.is_dataclass(load_model(ModelSpec.from_mapping({**config, "n_layers": None})))

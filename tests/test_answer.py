@@ -16,9 +16,10 @@ from mmflow.knockout.clean_pass import FastCleanPass
 
 @pytest.fixture(scope="module")
 def toy_llava():
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
 
-    return load_model(_Attr(model_config("toy-llava")))
+    return load_model(ModelSpec.from_mapping(model_config("toy-llava")))
 
 
 def generated_ids(loaded, inputs, max_new_tokens: int) -> list[int]:
@@ -47,7 +48,7 @@ def test_cached_answer_equals_generate(model, engine, request, tmp_path):
     """Both prompt formats (vicuna_v1: tiny-llava, toy-llava; llama3: tiny-llava-next), both engines'
     clean passes; the full-length answers and answers cut at EOS after 1 and 2 tokens."""
     loaded = request.getfixturevalue(model)
-    engine = make_engine(engine, loaded)
+    engine = make_engine(engine, loaded, "sdpa")
     config = loaded.model.generation_config
     original_eos = config.eos_token_id
     checked = {"full": 0, "early": 0}
@@ -76,7 +77,7 @@ def test_cached_answer_equals_generate(model, engine, request, tmp_path):
 @pytest.mark.slow
 def test_toy_answers_end_at_eos_and_text_matches(toy_llava, tmp_path):
     """The trained toy answers in a word and stops: same text as `generate`, fewer than 8 tokens."""
-    engine = make_engine("fast", toy_llava)
+    engine = make_engine("fast", toy_llava, "sdpa")
     stopped = 0
     for sample in load_shapes("ChooseAttr", 4, seed=5, cache_dir=tmp_path / "shapes"):
         inputs = encode(toy_llava, sample)
@@ -90,7 +91,7 @@ def test_toy_answers_end_at_eos_and_text_matches(toy_llava, tmp_path):
 
 def test_fast_engine_caches_survive_decoding(tiny_llava, tmp_path):
     """Decoding grows the cache without touching the K/V tensors the fast engine restarts from."""
-    engine = make_engine("fast", tiny_llava)
+    engine = make_engine("fast", tiny_llava, "sdpa")
     inputs = encode(tiny_llava, samples_for(tiny_llava, tmp_path, 1)[0])
     clean = engine.clean(inputs, first_target=inputs.length - 5)
     assert isinstance(clean, FastCleanPass)
@@ -108,7 +109,7 @@ def test_generation_config_that_changes_greedy_steps_uses_generate(tiny_llava, t
     config.repetition_penalty = 50.0
     try:
         assert not_plain_greedy(tiny_llava) == "generation_config.repetition_penalty=50.0"
-        clean = make_engine("reference", tiny_llava).clean(inputs)
+        clean = make_engine("reference", tiny_llava, "sdpa").clean(inputs)
         assert answer_from_clean(tiny_llava, clean, 5) == generate_answer(tiny_llava, inputs, 5)
         assert clean.cache is None
     finally:
@@ -131,6 +132,6 @@ def test_cache_is_passed_under_the_name_the_model_takes(tiny_llava, tmp_path):
     expected = generated_ids(tiny_llava, inputs, 4)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*")
-        clean = make_engine("fast", tiny_llava).clean(inputs, first_target=inputs.length - 2)
+        clean = make_engine("fast", tiny_llava, "sdpa").clean(inputs, first_target=inputs.length - 2)
         assert clean.cache is not None
         assert greedy_token_ids(tiny_llava, clean, 4) == expected

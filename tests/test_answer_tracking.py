@@ -160,7 +160,7 @@ def clean_run(request, tmp_path_factory):
     """(loaded, sample, clean pass) of one ChooseAttr shapes sample."""
     loaded = load(request.param)
     sample = shapes("ChooseAttr", 1, tmp_path_factory.mktemp("shapes"))[0]
-    return loaded, sample, ReferenceEngine(loaded).clean(encode(loaded, sample))
+    return loaded, sample, ReferenceEngine(loaded, "sdpa").clean(encode(loaded, sample))
 
 
 def test_norm_lens_at_the_final_layer_is_the_model_output(clean_run):

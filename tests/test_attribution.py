@@ -46,7 +46,7 @@ def test_gradient_matches_finite_differences(tiny_llava, tmp_path):
     sample = noise_sample(tmp_path, np.random.default_rng(0), size=(400, 300))
     inputs = encode(loaded, sample)
     groups = build_token_groups(loaded, inputs, sample)
-    token = int(ReferenceEngine(loaded).clean(inputs).top1)
+    token = int(ReferenceEngine(loaded, "sdpa").clean(inputs).top1)
     gradients = answer_gradients(loaded, inputs, token)
     targets = torch.cat([groups.question, groups.last])
     generator = torch.Generator().manual_seed(1)
@@ -179,7 +179,7 @@ def test_patch_sources_verify_against_the_reference_engine(tiny_llava, tmp_path)
     assert len(rows) == loaded.n_layers * heads * len(groups.image)
     assert set(rows["source"]) == set(range(len(groups.image)))
     # recompute the verified rows with the reference engine, one full forward each
-    reference = ReferenceEngine(loaded)
+    reference = ReferenceEngine(loaded, "sdpa")
     clean = reference.clean(inputs)
     token = clean.top1
     verified = rows[rows["verified"]]
@@ -246,7 +246,7 @@ def test_suffix_run_gives_the_full_runs_gradients(tiny_llava, tmp_path):
     inputs = encode(loaded, sample)
     groups = build_token_groups(loaded, inputs, sample)
     start = int(groups.question.min())
-    clean = FastEngine(loaded).clean(inputs, first_target=start)
+    clean = FastEngine(loaded, "sdpa").clean(inputs, first_target=start)
     suffix = answer_gradients(loaded, inputs, clean.top1, clean)
     full = answer_gradients(loaded, inputs, clean.top1)
     assert suffix.layers[0].offset == start and full.layers[0].offset == 0

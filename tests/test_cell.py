@@ -63,10 +63,11 @@ def test_launch_one_cell_writes_auditable_results(tmp_path):
     )
 
     # prompt + image_path reproduce the model input and p_base with the model's own processor
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
     from mmflow.models.synthetic.tiny import IMAGE_TOKEN
 
-    loaded = load_model(_Attr(model_config("tiny-llava")))
+    loaded = load_model(ModelSpec.from_mapping(model_config("tiny-llava")))
     row = samples.iloc[0]
     image = Image.open(row["image_path"]).convert("RGB")
     enc = loaded.processor(text=row["prompt"], images=image, return_tensors="pt")

@@ -78,8 +78,8 @@ def run_both(loaded, inputs, jobs: list[KnockoutJob], engine: FastEngine | None 
     Without an `engine` argument the fast engine must not have fallen back to the reference.
     """
     expect_fast = engine is None
-    engine = engine or FastEngine(loaded)
-    reference = ReferenceEngine(loaded)
+    engine = engine or FastEngine(loaded, "sdpa")
+    reference = ReferenceEngine(loaded, "sdpa")
     fast_clean = engine.clean(inputs, first_target=min(job.edges.first_target for job in jobs))
     ref_clean = reference.clean(inputs)
     assert torch.equal(fast_clean.logprobs, ref_clean.logprobs)  # p_base: the very same clean forward
@@ -213,7 +213,7 @@ def test_knockout_that_changes_nothing_gives_p_base_exactly(fast_models, tmp_pat
 def test_refuses_the_knockouts_the_reference_refuses(fast_models, tmp_path):
     loaded = fast_models["tiny-llava"]
     inputs, _ = prepared(loaded, tmp_path, np.random.default_rng(6), (300, 300))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     blind = KnockoutJob(BlockEdges(torch.arange(5), torch.tensor([4])), range(2))  # 4 sees nothing
     with pytest.raises(ValueError, match="blocks every key"):
         engine.run(engine.clean(inputs, first_target=4), [blind])
@@ -222,10 +222,10 @@ def test_refuses_the_knockouts_the_reference_refuses(fast_models, tmp_path):
 def test_targets_before_the_captured_first_target_use_the_reference(fast_models, tmp_path):
     loaded = fast_models["tiny-llava"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(8), (500, 375))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(1, 4))]
     clean = engine.clean(inputs, first_target=int(groups.last[0]))  # planned later than this job
-    ref = ReferenceEngine(loaded)
+    ref = ReferenceEngine(loaded, "sdpa")
     assert torch.equal(engine.run(clean, jobs), ref.run(ref.clean(inputs), jobs))
     assert engine.name.startswith("fast (reference fallback")
 
@@ -233,11 +233,11 @@ def test_targets_before_the_captured_first_target_use_the_reference(fast_models,
 def test_unsupported_models_fall_back_to_the_reference(fast_models, tmp_path, monkeypatch):
     loaded = fast_models["tiny-llava"]
     monkeypatch.setattr(fast_module, "SUPPORTED_MODEL_TYPES", frozenset({"mistral"}))
-    engine = make_engine("fast", loaded)
+    engine = make_engine("fast", loaded, "sdpa")
     assert engine.name.startswith("reference (fallback: ") and "Llama-style" in engine.name
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(9), (400, 300))
     jobs = named_jobs(groups, loaded.n_layers, np.random.default_rng(10))[:3]
-    ref = ReferenceEngine(loaded)
+    ref = ReferenceEngine(loaded, "sdpa")
     assert torch.equal(engine.run(engine.clean(inputs, 0), jobs), ref.run(ref.clean(inputs), jobs))
 
 
@@ -247,7 +247,7 @@ def test_probe_catches_an_inexact_shortcut(fast_models, tmp_path, monkeypatch):
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(12), (500, 375))
     jobs = named_jobs(groups, loaded.n_layers, np.random.default_rng(13), every_width=False)[:4]
     monkeypatch.setattr(fast_module, "_rotate", lambda x, cos, sin: x)
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     fast, ref, _ = run_both(loaded, inputs, jobs, engine)
     assert_same(fast, ref)
     assert "probe mismatch" in engine.name

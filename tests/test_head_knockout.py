@@ -79,7 +79,7 @@ def test_all_heads_is_the_knockout_no_head_is_clean_and_fast_matches(
             KnockoutJob(edges, layers, (int(rng.integers(heads)),)),
             KnockoutJob(edges, layers, chosen),
         ]
-    reference, fast = ReferenceEngine(loaded), FastEngine(loaded)
+    reference, fast = ReferenceEngine(loaded, "sdpa"), FastEngine(loaded, "sdpa")
     clean = reference.clean(inputs)
     ref = reference.run(clean, jobs)
     got = fast.run(fast.clean(inputs, first_target=int(groups.question.min())), jobs)
@@ -104,7 +104,7 @@ def test_one_head_matches_plain_implementation(tiny_llava_next, tmp_path):
     per_head[heads - 1] = edges.mask(torch.arange(length), length)
     with torch.no_grad():
         expected = plain_forward(loaded.model, _embeds(loaded, inputs), dict.fromkeys(job.layers, per_head))
-    reference = ReferenceEngine(loaded)
+    reference = ReferenceEngine(loaded, "sdpa")
     got = reference.run(reference.clean(inputs), [job])[0]
     assert float((got.exp() - expected.exp()).abs().max()) <= TOLERANCE
 

@@ -17,13 +17,14 @@ import torch
 from conftest import model_config
 from PIL import Image
 
+from mmflow.config.spec import ModelSpec
 from mmflow.data.sample import Sample, Skip
 from mmflow.data.shapes import load_shapes
 from mmflow.errors import UNSUPPORTED_IMAGE_MODE
 from mmflow.execution.prepare import prepare_or_skip
 from mmflow.inputs.encode import encode, load_image
 from mmflow.inputs.images import to_rgb
-from mmflow.models.registry import _Attr, load_model
+from mmflow.models.registry import load_model
 
 pytestmark = pytest.mark.slow  # runs cells on a model per case: `make test`, not `make test-fast`
 
@@ -32,7 +33,7 @@ JUNK = (1, 2, 3)  # the colour hidden under transparent pixels
 
 @pytest.fixture(scope="module")
 def toy():
-    return load_model(_Attr(model_config("toy-llava")))
+    return load_model(ModelSpec.from_mapping(model_config("toy-llava")))
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import pytest
 import torch
 from conftest import model_config, noise_sample
 
+from mmflow.config.spec import ModelSpec
 from mmflow.inputs.encode import encode
 from mmflow.inputs.groups import build_token_groups
 from mmflow.inputs.hooks import record_layer_inputs
 from mmflow.knockout.attention import check_prepared
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob, window_layers
-from mmflow.models.registry import _Attr, load_model
+from mmflow.models.registry import load_model
 
 
 def test_window_formula():
@@ -71,7 +72,7 @@ def plain_forward(model, embeds: torch.Tensor, blocked: dict[int, torch.Tensor])
 def _embeds(loaded, inputs) -> torch.Tensor:
     """The language model's input (text embeddings with image features merged), from the model itself."""
     with record_layer_inputs(loaded.anatomy.layers[:1], start=0) as record:
-        ReferenceEngine(loaded).clean(inputs)
+        ReferenceEngine(loaded, "sdpa").clean(inputs)
     return record["inputs"][0]
 
 
@@ -79,7 +80,7 @@ def _embeds(loaded, inputs) -> torch.Tensor:
 def test_reference_matches_plain_implementation_on_random_inputs(fixture, request, tmp_path):
     loaded = request.getfixturevalue(fixture)
     rng = np.random.default_rng(123)
-    engine = ReferenceEngine(loaded)
+    engine = ReferenceEngine(loaded, "sdpa")
     for _ in range(2):
         sample = noise_sample(tmp_path, rng, size=(int(rng.integers(200, 700)), int(rng.integers(200, 700))))
         inputs = encode(loaded, sample)
@@ -112,7 +113,7 @@ def _run_plain(loaded, embeds, blocked):
 def eager_llava():
     from mmflow.knockout import make_engine
 
-    loaded = load_model(_Attr(model_config("tiny-llava")))
+    loaded = load_model(ModelSpec.from_mapping(model_config("tiny-llava")))
     make_engine("reference", loaded, "eager")  # the engine routes attention through mmflow_eager
     return loaded
 
@@ -125,7 +126,7 @@ def _sample_and_groups(loaded, tmp_path, seed=7):
 
 def test_empty_knockout_is_exactly_clean(tiny_llava, tmp_path):
     inputs, groups = _sample_and_groups(tiny_llava, tmp_path)
-    engine = ReferenceEngine(tiny_llava)
+    engine = ReferenceEngine(tiny_llava, "sdpa")
     clean = engine.clean(inputs)
     empty_edges = BlockEdges(torch.empty(0, dtype=torch.long), groups.question)
     jobs = [
@@ -192,7 +193,7 @@ def test_positions_before_first_target_and_vision_tower_unchanged(eager_llava, t
 
 
 def test_refuses_attention_that_ignores_the_mask(tiny_llava):
-    ReferenceEngine(tiny_llava)  # making an engine prepares the attention
+    ReferenceEngine(tiny_llava, "sdpa")  # making an engine prepares the attention
     model = tiny_llava.model
     original = model.config.get_text_config()._attn_implementation
     try:
@@ -206,7 +207,7 @@ def test_refuses_attention_that_ignores_the_mask(tiny_llava):
 
 def test_refuses_knockout_that_blocks_every_key(tiny_llava, tmp_path):
     inputs, groups = _sample_and_groups(tiny_llava, tmp_path)
-    engine = ReferenceEngine(tiny_llava)
+    engine = ReferenceEngine(tiny_llava, "sdpa")
     everything = torch.arange(inputs.length)
     with pytest.raises(ValueError, match="every key"):
         engine.run(engine.clean(inputs), [KnockoutJob(BlockEdges(everything, groups.last), range(1))])

@@ -45,7 +45,7 @@ def _probe(model: torch.nn.Module, dtype: torch.dtype) -> tuple[FastEngine, obje
     loaded = LoadedModel("full-width", model, None, "full-width", "plain", "pad", torch.device("cpu"))
     ids = torch.randint(3, 500, (1, LENGTH), generator=torch.Generator().manual_seed(0))
     inputs = ModelInputs(None, {"input_ids": ids}, None, [], (0, 0))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     clean = engine.clean(inputs, first_target=LENGTH // 2)
     job = KnockoutJob(BlockEdges(torch.arange(LENGTH // 4), torch.arange(LENGTH // 2, LENGTH)), (1,))
     engine.run(clean, [job])  # the probe row joins the first sweep
@@ -189,10 +189,10 @@ def test_fast_engine_in_half_precision_is_as_close_to_float32_as_the_reference(d
     def loaded(m):
         return LoadedModel("full-width", m, None, "full-width", "plain", "pad", torch.device("cpu"))
 
-    truth, token = changes(ReferenceEngine(loaded(model)))
+    truth, token = changes(ReferenceEngine(loaded(model), "sdpa"))
     half = loaded(model.to(dtype))
-    reference, _ = changes(ReferenceEngine(half), token)
-    fast_engine = FastEngine(half)
+    reference, _ = changes(ReferenceEngine(half, "sdpa"), token)
+    fast_engine = FastEngine(half, "sdpa")
     fast, _ = changes(fast_engine, token)
     assert fast_engine.name == "fast"
     ref_error = max(abs(a - b) for a, b in zip(reference, truth, strict=True))
@@ -217,8 +217,8 @@ def test_patching_probe_noise_is_measured_on_the_corrupted_run(tiny_llava, tmp_p
     groups = build_token_groups(loaded, inputs, sample)
     sd = embedding_std(loaded, [sample])
     corruption = make_corruption(loaded, "noise", sample, inputs, groups.image, sd=sd, scale=10.0)
-    corrupted = FastPatcher(loaded).corrupted(corruption, int(groups.image.min()))
-    clean_distance = top_distance(FastEngine(loaded).clean(inputs).logprobs, corrupted.logprobs)
+    corrupted = FastPatcher(loaded, "sdpa").corrupted(corruption, int(groups.image.min()))
+    clean_distance = top_distance(FastEngine(loaded, "sdpa").clean(inputs).logprobs, corrupted.logprobs)
     assert top_distance(corrupted.cache.dithered, corrupted.logprobs) < 1e-3 < clean_distance
 
 

@@ -277,11 +277,12 @@ def test_paper_cell_on_a_replica(tmp_path: Path) -> None:
     import pandas as pd
     from conftest import cell_config
 
+    from mmflow.config.spec import ModelSpec
     from mmflow.execution.runtime import run_cells
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.models.registry import load_model
 
     model = real_model_config("llama3-llava-next-8b", "paper")
-    loaded = load_model(_Attr(model))
+    loaded = load_model(ModelSpec.from_mapping(model))
     assert loaded.parity == "paper" and loaded.model.config.image_grid_pinpoints[0] == [672, 336]
     results = {}
     for engine in ("fast", "reference"):

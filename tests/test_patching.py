@@ -39,7 +39,7 @@ def setup(loaded, tmp_path, seed: int, kind: str):
     groups = build_token_groups(loaded, inputs, sample)
     sd = embedding_std(loaded, [sample, other]) if kind == "noise" else None
     corruption = make_corruption(loaded, kind, sample, inputs, groups.image, sd=sd, counterfactual=other)
-    return inputs, groups, ReferenceEngine(loaded).clean(inputs), corruption
+    return inputs, groups, ReferenceEngine(loaded, "sdpa").clean(inputs), corruption
 
 
 def plain_patch(loaded, embeds: torch.Tensor, attention_mask, states: torch.Tensor, job: RestoreJob | None):
@@ -95,7 +95,7 @@ def test_reference_patcher_matches_plain_forward_with_hooks(fixture, kind, reque
         RestoreJob(groups.question, window_layers(int(rng.integers(n_layers)), 3, n_layers)),
         RestoreJob(groups.image[::3], window_layers(int(rng.integers(1, n_layers)), 1, n_layers)),
     ]
-    patcher = ReferencePatcher(loaded)
+    patcher = ReferencePatcher(loaded, "sdpa")
     corrupted = patcher.corrupted(corruption, 0)
     got = patcher.restore(corrupted, patcher.clean_states(clean, 0), jobs)
     mask = inputs.tensors["attention_mask"]
@@ -112,7 +112,7 @@ def test_the_four_exactness_properties(fixture, kind, request, tmp_path):
     loaded = request.getfixturevalue(fixture)
     inputs, groups, clean, corruption = setup(loaded, tmp_path, 3, kind)
     n_layers, length = loaded.n_layers, inputs.length
-    reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
+    reference, fast = ReferencePatcher(loaded, "sdpa"), FastPatcher(loaded, "sdpa")
     corrupted_ref = reference.corrupted(corruption, 0)
     corrupted_fast = fast.corrupted(corruption, 0)
     assert torch.equal(corrupted_ref.logprobs, corrupted_fast.logprobs)
@@ -168,7 +168,7 @@ def test_fast_patcher_matches_reference_on_random_jobs(tiny_llava, tmp_path, mon
             centre, width = int(rng.integers(n_layers)), int(rng.integers(1, n_layers + 1))
             jobs.append(RestoreJob(positions, window_layers(centre, width, n_layers)))
         start = min(int(job.positions.min()) for job in jobs)
-        reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
+        reference, fast = ReferencePatcher(loaded, "sdpa"), FastPatcher(loaded, "sdpa")
         states = reference.clean_states(clean, start)
         ref = reference.restore(reference.corrupted(corruption, start), states, jobs)
         corrupted = fast.corrupted(corruption, start)
@@ -256,7 +256,7 @@ def test_toy_llava_patching_and_head_knockouts_are_exact(tmp_path):
         for g in ("image", "question", "last")
         for c in range(n_layers)
     ]
-    reference, fast = ReferencePatcher(loaded), FastPatcher(loaded)
+    reference, fast = ReferencePatcher(loaded, "sdpa"), FastPatcher(loaded, "sdpa")
     clean = fast.clean(inputs, first_target=start)
     ref = reference.restore(
         reference.corrupted(corruption, start), reference.clean_states(clean, start), jobs
@@ -275,7 +275,7 @@ def test_toy_llava_patching_and_head_knockouts_are_exact(tmp_path):
         KnockoutJob(edges, layers, tuple(range(heads))),
         KnockoutJob(edges, layers),
     ]
-    engine = FastEngine(loaded)
-    ref_heads = ReferenceEngine(loaded).run(clean, head_jobs)
+    engine = FastEngine(loaded, "sdpa")
+    ref_heads = ReferenceEngine(loaded, "sdpa").run(clean, head_jobs)
     assert_close(engine.run(engine.clean(inputs, first_target=start), head_jobs), ref_heads)
     assert torch.equal(ref_heads[-1], ref_heads[-2])

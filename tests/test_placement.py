@@ -57,13 +57,15 @@ EXPLICIT = {
 
 @pytest.mark.parametrize("device_map", ["auto", EXPLICIT])
 def test_a_cell_loaded_with_a_device_map_equals_a_plain_load(tmp_path, device_map) -> None:
+    from mmflow.config.spec import ModelSpec
     from mmflow.execution.runtime import run_cells
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.models.registry import load_model
     from mmflow.storage.store import CellStore
 
     plain_cfg = model_config("tiny-llava")
     mapped_cfg = {**plain_cfg, "device_map": device_map}
-    plain, mapped = load_model(_Attr(plain_cfg)), load_model(_Attr(mapped_cfg))
+    plain = load_model(ModelSpec.from_mapping(plain_cfg))
+    mapped = load_model(ModelSpec.from_mapping(mapped_cfg))
     assert load_kwargs(device_map, None) == {"device_map": device_map}  # from_pretrained gets the map
     results = {}
     for loaded, cfg, folder in (

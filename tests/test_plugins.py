@@ -80,8 +80,9 @@ def test_a_registered_analysis_validates_its_own_keys(tmp_path):
     base = {
         "task": "ChooseAttr",
         "analysis": "counting_test",
-        "data": {"name": "shapes"},
-        "engine": {"name": "fast"},
+        "data": {"name": "shapes", "seed": 0},
+        "engine": {"name": "fast", "attention": "sdpa"},
+        "require_correct": False,
         "n_samples": 1,
         "max_new_tokens": 1,
     }

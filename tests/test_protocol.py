@@ -15,6 +15,7 @@ from conftest import cell_config, noise_sample
 
 import mmflow.execution.engines as engines_module
 from mmflow.analyses import ANALYSES, CAPABILITIES, analysis_class, make_analysis
+from mmflow.config.parts import EngineSpec
 from mmflow.errors import SampleSkip
 from mmflow.execution.engines import Engines
 from mmflow.execution.runtime import run_cells
@@ -120,7 +121,7 @@ def test_no_per_sample_state_is_kept_on_the_analysis(tiny_llava, tmp_path, kind)
     changes = {"patching": {"noise_sd": 0.5, "margin": 0.0}} if kind == "patching" else {}
     config = cell_config(tmp_path, analysis=kind, engine=FAST, **changes)
     analysis = make_analysis(config, tiny_llava)
-    engines = Engines.build(tiny_llava, FAST, analysis.uses)
+    engines = Engines.build(tiny_llava, EngineSpec(**FAST), analysis.uses)
     rng = np.random.default_rng(0)
     samples = [noise_sample(tmp_path, rng) for _ in range(2)]
     analysis.prepare(samples)

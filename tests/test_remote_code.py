@@ -9,8 +9,9 @@ from pathlib import Path
 
 from conftest import cell_config, model_config
 
+from mmflow.config.spec import ModelSpec
 from mmflow.execution.runtime import run_cells
-from mmflow.models.registry import _Attr, load_model, resolve_checkpoint
+from mmflow.models.registry import load_model, resolve_checkpoint
 from mmflow.models.remote_code import remote_code_files
 
 CUSTOM = '''from pathlib import Path
@@ -43,7 +44,7 @@ def test_trusted_remote_code_is_named_before_it_runs_and_recorded_in_cell_json(t
     marker = tmp_path / "ran.marker"
     checkpoint = checkpoint_with_code(tmp_path / "ckpt", marker)
     model = {**model_config("tiny-llava"), "checkpoint": str(checkpoint), "trust_remote_code": True}
-    loaded = load_model(_Attr(model))
+    loaded = load_model(ModelSpec.from_mapping(model))
     assert marker.read_text() == "imported"  # the checkpoint's code did run
     assert type(loaded.processor).__name__ == "CustomProcessor"
     digest = hashlib.sha256((checkpoint / "processing_custom.py").read_bytes()).hexdigest()
@@ -67,10 +68,10 @@ def test_trusted_remote_code_is_named_before_it_runs_and_recorded_in_cell_json(t
 
 def test_trust_without_code_says_nothing_runs_and_untrusted_records_null(tmp_path, capsys):
     model = {**model_config("tiny-llava"), "trust_remote_code": True}
-    loaded = load_model(_Attr(model))
+    loaded = load_model(ModelSpec.from_mapping(model))
     assert "its configs name no Python file (no auto_map): no checkpoint code runs" in capsys.readouterr().out
     assert loaded.remote_code["files"] == []
-    plain = load_model(_Attr(model_config("tiny-llava")))
+    plain = load_model(ModelSpec.from_mapping(model_config("tiny-llava")))
     assert plain.remote_code is None and "trust_remote_code" not in capsys.readouterr().out
     (outcome,) = run_cells(plain, [cell_config(tmp_path, n_samples=1)])
     assert json.loads((Path(outcome.path) / "cell.json").read_text())["remote_code"] is None

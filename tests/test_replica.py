@@ -117,7 +117,8 @@ def test_cli_builds_a_loadable_folder(tmp_path: Path) -> None:
 
     from replica_helpers import real_model_config
 
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
     from mmflow.models.synthetic.replica import main
 
     old_umask = os.umask(0o022)
@@ -128,7 +129,8 @@ def test_cli_builds_a_loadable_folder(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "r").stat().st_mode) == 0o755  # readable by others, as mkdir
     for name in ("model.safetensors", "replica.json", "config.json"):
         assert stat.S_IMODE((tmp_path / "r" / name).stat().st_mode) == 0o644, name
-    loaded = load_model(_Attr(real_model_config("llava-1.6-vicuna-7b", "corrected", str(tmp_path / "r"))))
+    config = real_model_config("llava-1.6-vicuna-7b", "corrected", str(tmp_path / "r"))
+    loaded = load_model(ModelSpec.from_mapping(config))
     assert loaded.path == str(tmp_path / "r") and loaded.model.config.image_token_id == 32000
     assert type(loaded.processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
 

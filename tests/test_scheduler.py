@@ -107,8 +107,9 @@ def cells(tmp_path: Path, model: str = "m1", tasks=("A",), windows=(1,)) -> dict
             config = {  # a valid cell (a sweep validates each cell), never computed here
                 "model": {"name": model},
                 "task": task,
-                "data": {"name": "shapes"},
-                "engine": {"name": "fast"},
+                "data": {"name": "shapes", "seed": 0},
+                "engine": {"name": "fast", "attention": "sdpa"},
+                "require_correct": False,
                 "analysis": "knockout",
                 "max_new_tokens": 2,
                 "n_samples": 4,

@@ -12,6 +12,7 @@ import torch
 from conftest import cell_config, model_config, noise_sample
 from test_fast_engine import KNOCKOUTS, assert_same, named_jobs, prepared, run_both
 
+from mmflow.config.spec import ModelSpec
 from mmflow.data.sample import Box
 from mmflow.execution.runtime import run_cells
 from mmflow.inputs.encode import encode
@@ -23,7 +24,7 @@ from mmflow.knockout.attention import knockout_undefined_reason, prepare_model
 from mmflow.knockout.fast import FastEngine
 from mmflow.knockout.reference import ReferenceEngine
 from mmflow.knockout.spec import BlockEdges, KnockoutJob
-from mmflow.models.registry import _Attr, load_model
+from mmflow.models.registry import load_model
 
 SERIES = ("tiny-llava-1.6-mistral", "tiny-llava-1.6-34b", "tiny-llava-onevision", "tiny-qwen2.5-vl")
 DECODERS = {
@@ -53,7 +54,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def series() -> dict:
-    return {name: load_model(_Attr(model_config(name))) for name in SERIES}
+    return {name: load_model(ModelSpec.from_mapping(model_config(name))) for name in SERIES}
 
 
 @pytest.mark.parametrize("name", SERIES)
@@ -61,7 +62,7 @@ def test_fast_engine_is_exact_on_every_series_model(series, tmp_path, name):
     """Every knockout type at windows 1, 3 and full depth: fast == reference within 1e-5 in p."""
     loaded = series[name]
     assert loaded.model.config.get_text_config().model_type == DECODERS[name]
-    assert make_engine("fast", loaded).name == "fast"
+    assert make_engine("fast", loaded, "sdpa").name == "fast"
     rng = np.random.default_rng(17)
     inputs, groups = prepared(loaded, tmp_path, rng, PARITY_SIZES[name])
     jobs = named_jobs(groups, loaded.n_layers, rng)
@@ -70,7 +71,7 @@ def test_fast_engine_is_exact_on_every_series_model(series, tmp_path, name):
     assert_same(fast, ref)
     assert (ref - clean.logprobs).abs().max() > 1e-2  # the knockouts do change the output
     empty = KnockoutJob(BlockEdges(groups.image, groups.question), range(0))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     clean_fast = engine.clean(inputs, first_target=int(groups.question[0]))
     assert torch.equal(engine.run(clean_fast, [empty])[0], clean.logprobs)  # empty knockout == clean
 
@@ -83,7 +84,7 @@ def test_mistral_window_in_use_falls_back_per_sample(series, tmp_path, monkeypat
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(3), (120, 200))
     monkeypatch.setattr(text, "sliding_window", inputs.length // 2)
     jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(2, 5))]
-    engine = make_engine("fast", loaded)
+    engine = make_engine("fast", loaded, "sdpa")
     fast, ref, _ = run_both(loaded, inputs, jobs, engine)
     assert torch.equal(fast, ref)
     assert f"sliding window {inputs.length // 2} in use" in engine.name
@@ -93,7 +94,7 @@ def test_qwen_rotary_tables_are_the_clean_runs_own(series, tmp_path):
     """Qwen2.5-VL: the cached cos table is the model's multimodal one, not positions from indices."""
     loaded = series["tiny-qwen2.5-vl"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(4), (500, 375))
-    clean = FastEngine(loaded).clean(inputs, first_target=0)
+    clean = FastEngine(loaded, "sdpa").clean(inputs, first_target=0)
     inner = loaded.model.model
     tensors = inputs.tensors
     positions, _ = inner.get_rope_index(
@@ -116,11 +117,11 @@ def test_rotary_tables_of_another_layout_are_not_guessed(series, tmp_path):
     """A [3, T, d] table (Qwen2-VL's older per-section layout) is refused per sample, never sliced."""
     loaded = series["tiny-qwen2.5-vl"]
     inputs, groups = prepared(loaded, tmp_path, np.random.default_rng(6), (300, 200))
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     clean = engine.clean(inputs, first_target=int(groups.question[0]))
     clean.cos, clean.sin = clean.cos.expand(3, -1, -1), clean.sin.expand(3, -1, -1)
     jobs = [KnockoutJob(BlockEdges(groups.image, groups.question), range(1, 4))]
-    reference = ReferenceEngine(loaded)
+    reference = ReferenceEngine(loaded, "sdpa")
     assert torch.equal(engine.run(clean, jobs), reference.run(reference.clean(inputs), jobs))
     assert "rotary tables (3, " in engine.name
 
@@ -226,7 +227,7 @@ def test_knockout_is_refused_where_it_is_not_defined(config_class, words):
     reason = knockout_undefined_reason(config)
     assert reason is not None and words in reason and "not defined" in reason
     with pytest.raises(NotImplementedError, match=words):
-        prepare_model(types.SimpleNamespace(config=config))
+        prepare_model(types.SimpleNamespace(config=config), "sdpa")
 
 
 @pytest.mark.parametrize("name", SERIES)
@@ -309,7 +310,7 @@ def test_answer_from_the_clean_cache_equals_generate(series, tmp_path, name):
     eos = config.eos_token_id
     config.eos_token_id = None
     try:
-        clean = FastEngine(loaded).clean(inputs, first_target=inputs.length - 3)
+        clean = FastEngine(loaded, "sdpa").clean(inputs, first_target=inputs.length - 3)
         assert greedy_token_ids(loaded, clean, 5) == expected
     finally:
         config.eos_token_id = eos

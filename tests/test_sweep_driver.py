@@ -106,8 +106,9 @@ def sweep_of(tmp_path: Path, n: int, **settings) -> Sweep:
         {
             "model": {"name": "m1"},
             "task": "ChooseAttr",
-            "data": {"name": "shapes"},
-            "engine": {"name": "fast"},
+            "data": {"name": "shapes", "seed": 0},
+            "engine": {"name": "fast", "attention": "sdpa"},
+            "require_correct": False,
             "analysis": "knockout",
             "max_new_tokens": 2,
             "n_samples": 4,

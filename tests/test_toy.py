@@ -3,6 +3,7 @@ fast == reference. The training recipe and command are tested in test_toy_traini
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def reference(loaded) -> ReferenceEngine:
-    return ReferenceEngine(loaded)
+    return ReferenceEngine(loaded, "sdpa")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,9 @@ def test_committed_folder_is_small_and_documented():
     assert folder == TOY_ROOT / "toy-llava"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20 * 2**20
     record = json.loads((folder / "training.json").read_text())
-    assert record["command"].startswith("python -m mmflow.models.synthetic.toy train")
+    module = record["command"].split()[2]  # the command reproduces it: its module is importable
+    assert record["command"].startswith("python -m ") and importlib.util.find_spec(module) is not None
+    assert record["command"].split()[3] == "train"
     assert set(record["heldout"]["accuracy"]) == set(TASKS)
     assert math.isfinite(record["final_loss"])
 
@@ -151,7 +154,7 @@ def test_empty_knockout_changes_nothing(heldout, reference, loaded):
 
 def test_fast_engine_agrees_with_reference(heldout, reference, loaded):
     pytest.importorskip("mmflow.knockout.fast")
-    fast = make_engine("fast", loaded)
+    fast = make_engine("fast", loaded, "sdpa")
     width = 3
     for e in _some(heldout, per_task=1):
         jobs = [

@@ -110,16 +110,16 @@ class MmflowLauncher(Launcher):
     def compose(self, composer: JobComposer, idx: int, overrides: list[str]) -> CellJob:
         """The cell job `idx` names (its config composed by `composer`, resolved with its base's
         HydraConfig); a config that cannot be composed fails this job alone."""
-        from mmflow.sweep.config import cell_config, cell_from_container
+        from mmflow.sweep.config import cell_spec, spec_from_container
         from mmflow.sweep.core import CellJob
         from mmflow.sweep.executor import short_error
 
         try:
             plain = composer.plain_config(overrides)
             if plain is not None:  # the common case: values set on a resolved base
-                return CellJob.resolve(idx, overrides, lambda: cell_from_container(plain))
+                return CellJob.resolve(idx, overrides, lambda: spec_from_container(plain))
             with composer.job_config(overrides) as task_cfg:
-                return CellJob.resolve(idx, overrides, lambda: cell_config(task_cfg))
+                return CellJob.resolve(idx, overrides, lambda: cell_spec(task_cfg))
         except Exception as exc:  # e.g. an unknown group option: this job only
             return CellJob(idx, list(overrides), error=f"{type(exc).__name__}: {short_error(exc)}")
 

@@ -26,7 +26,7 @@ from mmflow.analyses.base import Analysis, Labels, SamplePlan, register
 from mmflow.analyses.curves import curve_stats
 from mmflow.config.checks import check_choice, check_int, check_window, window_for_depth
 from mmflow.data.sample import TASKS, Sample, Skip
-from mmflow.errors import SampleSkip
+from mmflow.errors import CellConfigError, SampleSkip
 from mmflow.inputs.groups import GROUP_NAMES, TokenGroups
 from mmflow.knockout.spec import GROUP_LABELS, window_layers
 from mmflow.patching.corrupt import (
@@ -114,11 +114,17 @@ class PatchingAnalysis(Analysis):
 
     @classmethod
     def validate(cls, config) -> None:
-        """A known corruption, a seed >= 0 if given, window in 1..n_layers."""
+        """A known corruption, a seed >= 0 if given, window in 1..n_layers, `patching.noise_scale` and
+        `patching.margin` numbers (their one default is conf/analysis/patching.yaml's)."""
         check_choice("corruption", config.get("corruption", "noise"), CORRUPTIONS)
         if "seed" in config:
             check_int(config, "seed", 0)
         check_window(config)
+        patching = config.get("patching") or {}
+        for key in ("noise_scale", "margin"):
+            value = patching.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CellConfigError(f"patching.{key}", value, "must be a number (see conf/analysis)")
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -126,8 +132,8 @@ class PatchingAnalysis(Analysis):
         self.corruption = self.config.get("corruption", "noise")
         self.groups = list(patching.get("groups", ["image", "question", "last"]))
         self.width = int(self.config["window"])
-        self.noise_scale = float(patching.get("noise_scale", 3.0))
-        self.margin = float(patching.get("margin", 0.05))
+        self.noise_scale = float(patching["noise_scale"])  # defaults: conf/analysis/patching.yaml only
+        self.margin = float(patching["margin"])
         self.seed = int(self.config.get("seed", 0))
         if self.corruption not in CORRUPTIONS:
             raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")

@@ -93,7 +93,7 @@ def _time_gradients(engine, loaded, prepared, repeats: int) -> tuple[float, floa
 
 def bench_model(loaded, samples, knockouts, top_k: int, repeats: int) -> dict:
     """Timings and agreement of one model over `samples` [(sample, image or None)]."""
-    engine = make_fast_engine(loaded)
+    engine = make_fast_engine(loaded, "sdpa")
     heads = loaded.model.config.get_text_config().num_attention_heads
     totals: dict[str, float] = {}
     rhos, pooled, lengths, prepared = [], ([], []), [], []

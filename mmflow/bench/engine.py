@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     module = ANALYSIS_BENCHES[args.analysis]
     if module != "mmflow.bench.engine":  # another analysis's benchmark, in its own module
         return importlib.import_module(module).main(args, loaded)
-    ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
+    ref, fast = ReferenceEngine(loaded, "sdpa"), make_fast_engine(loaded, "sdpa")
     load_before = os.getloadavg()[0]
     totals: dict[str, float] = {}
     shapes: dict[str, list[int]] = {"sequence_lengths": [], "image_tokens": [], "question_to_end_tokens": []}

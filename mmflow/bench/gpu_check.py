@@ -123,7 +123,7 @@ def check_engine(loaded, base: dict, rounds: int = 2) -> dict:
     sample = gqa_samples("QueryAttr", 1)[0]
     inputs = encode(loaded, sample, noise_image(0))
     plan, _ = plan_jobs(loaded, inputs, sample, MAIN_KNOCKOUTS, 7)
-    ref, fast = ReferenceEngine(loaded), make_fast_engine(loaded)
+    ref, fast = ReferenceEngine(loaded, "sdpa"), make_fast_engine(loaded, "sdpa")
     ref.clean(inputs)  # warm-up
     result = bench_sample(ref, fast, inputs, plan, reference_windows=rounds, repeats=rounds)
     return {
@@ -151,7 +151,7 @@ def check_memory(loaded, base: dict, workdir) -> dict:
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    ReferenceEngine(loaded).last_logprobs(inputs, None)
+    ReferenceEngine(loaded, "sdpa").last_logprobs(inputs, None)
     clean = torch.cuda.max_memory_allocated(device) - before
     torch.cuda.reset_peak_memory_stats(device)
     outcomes = run_cells(loaded, configs, prefetch_depth=0)

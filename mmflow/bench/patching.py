@@ -54,7 +54,8 @@ def run_sample(loaded, inputs, sample, window: int, reference_windows: int, repe
     first_target = min(int(p.min()) for p in positions.values())
     centres = np.unique(np.linspace(0, n_layers - 1, reference_windows).round().astype(int))
     timed = [GROUPS.index(g) * n_layers + int(c) for g in GROUPS for c in centres]
-    reference, fast, clean_engine = ReferencePatcher(loaded), FastPatcher(loaded), ReferenceEngine(loaded)
+    reference, fast = ReferencePatcher(loaded, "sdpa"), FastPatcher(loaded, "sdpa")
+    clean_engine = ReferenceEngine(loaded, "sdpa")
     best, diff = Best(), 0.0
     for _ in range(repeats):
         best.time("clean_forward", lambda: clean_engine.clean(inputs))
@@ -85,7 +86,7 @@ def main(args, loaded) -> dict:
     for index, sample in enumerate(gqa_samples(args.task, args.samples)):
         inputs = encode(loaded, sample, noise_image(index))
         if index == 0:
-            ReferenceEngine(loaded).clean(inputs)  # warm-up, not timed
+            ReferenceEngine(loaded, "sdpa").clean(inputs)  # warm-up, not timed
         result = run_sample(loaded, inputs, sample, args.window, args.reference_windows, args.repeats)
         names.add(result.pop("fast_engine"))
         print(json.dumps({"sample": sample.question_id, "length": inputs.length, **result}), flush=True)

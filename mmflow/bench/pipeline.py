@@ -144,7 +144,7 @@ def run_pipeline(
         configs = cell_configs(loaded, task, n_samples, window, knockouts, tmp / "images", tmp / "r0")
         if len(samples) != len(load_samples(configs[0])):
             raise RuntimeError(f"the first {n_samples} rows of {task} are not all usable samples")
-        ref = ReferenceEngine(loaded)
+        ref = ReferenceEngine(loaded, "sdpa")
         planned = sample_jobs(loaded, configs, samples)
         ref.last_logprobs(planned[0][0], None)  # warm-up, not timed
         best: dict[str, float] = {}

@@ -45,6 +45,14 @@ def window_for_depth(config: Mapping[str, Any], n_layers: int, weights: Mapping[
     return check_int(config, "window", 1, n_layers)
 
 
+def check_bool(config: Mapping[str, Any], key: str) -> bool:
+    """`config[key]`, which must be true or false."""
+    value = config.get(key)
+    if not isinstance(value, bool):
+        raise CellConfigError(key, value, "must be true or false")
+    return value
+
+
 def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     """`value` (of `key`) must be one of `allowed`."""
     if value not in allowed:

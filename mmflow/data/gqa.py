@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from mmflow.config.paths import expand_path, inside
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Box, Sample, Skip
+from mmflow.data.sources import DataSource, register_source
 from mmflow.errors import DataError
 
 GQA_TASKS_DIR = Path(__file__).parent / "gqa_tasks"
@@ -322,3 +325,14 @@ def load_gqa(
         )
     csv_path = Path(tasks_dir or GQA_TASKS_DIR) / f"{task}.csv"
     return read_task_csv(csv_path, task, image_dir, limit=n_samples)
+
+
+@register_source
+class GqaSource(DataSource):
+    """`data=gqa`: the paper's task files (packaged), images from `data.image_dir`."""
+
+    name = "gqa"
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any], task: str, n_samples: int) -> list[Sample | Skip]:
+        return load_gqa(task, data["image_dir"], n_samples=n_samples)

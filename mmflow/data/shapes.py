@@ -13,8 +13,10 @@ import csv
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmflow.config.paths import expand_path
 from mmflow.data.gqa import GQA_TASKS_DIR, NO_VALUE, object_prefixes, read_task_csv
@@ -31,6 +33,7 @@ from mmflow.data.scenes import (
     random_scene,
     unique,
 )
+from mmflow.data.sources import DataSource, register_source
 from mmflow.errors import DataError
 from mmflow.storage.files import make_temp_dir
 
@@ -305,3 +308,26 @@ def load_shapes(
     root = Path(expand_path(cache_dir, "data.cache_dir")) if cache_dir else default_cache_dir()
     folder = generate_shapes(root, task, n_samples, seed)
     return read_task_csv(folder / CSV_NAME, task, folder / IMAGES_DIR)
+
+
+@register_source
+class ShapesSource(DataSource):
+    """`data=shapes`: generated on first use (`data.seed`), cached under `data.cache_dir`."""
+
+    name = "shapes"
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any], task: str, n_samples: int) -> list[Sample | Skip]:
+        return load_shapes(task, n_samples, seed=data["seed"], cache_dir=data.get("cache_dir"))
+
+    @classmethod
+    def validate(cls, data: Mapping[str, Any]) -> None:
+        """`data.seed`: an integer >= 0 (which scenes are drawn)."""
+        from mmflow.config.checks import check_int
+
+        check_int({"data.seed": data.get("seed")}, "data.seed", 0)
+
+    @classmethod
+    def identity(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Where shapes are cached is not which shapes: `cache_dir` counts as null (as in every id)."""
+        return {**data, "cache_dir": None} if data.get("cache_dir") is not None else dict(data)

@@ -35,6 +35,7 @@ import pandas as pd
 from mmflow.config.paths import expand_path
 from mmflow.data.gqa import MALFORMED_ROW, NO_VALUE, check_unique_ids, object_prefixes, parse_row
 from mmflow.data.sample import CHOOSE_TASKS, TASKS, Sample, Skip
+from mmflow.data.sources import DataSource, register_source
 from mmflow.errors import DataError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -228,3 +229,33 @@ def load_table(data: Mapping[str, Any], task: str, n_samples: int | None = None)
         sha256=data.get("sha256"),
         images_anywhere=bool(data.get("allow_images_outside", False)),
     )
+
+
+@register_source
+class TableSource(DataSource):
+    """`data=table`: your own CSV, JSONL or parquet file, identified by its bytes (`data.sha256`)."""
+
+    name = "table"
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any], task: str, n_samples: int) -> list[Sample | Skip]:
+        return load_table(data, task, n_samples=n_samples)
+
+    @classmethod
+    def resolve(cls, data: Mapping[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+        """`resolve_data`, once: a config that records its digest is already resolved (its id stays;
+        `load_table` checks the file still has that digest)."""
+        return dict(data) if data.get("sha256") else resolve_data(data, base)
+
+    @classmethod
+    def identity(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The bytes, not where they lie: `path` is left out once `sha256` is known."""
+        return {k: v for k, v in data.items() if k != "path"} if data.get("sha256") else dict(data)
+
+    @classmethod
+    def check_identifiable(cls, data: Mapping[str, Any]) -> None:
+        if not data.get("sha256"):
+            raise ValueError(
+                "data=table config without data.sha256 (the digest of its file): resolve it with "
+                "mmflow.data.resolve_data before computing its cell id"
+            )

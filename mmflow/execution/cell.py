@@ -11,8 +11,9 @@ import logging
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmflow.analyses import make_analysis
 from mmflow.data.sample import ERRORED, Sample, Skip
@@ -20,6 +21,9 @@ from mmflow.models.registry import LoadedModel
 from mmflow.storage.locks import CellLock, describe, this_process
 from mmflow.storage.schema import SAMPLE_TYPES, arrow_schema
 from mmflow.storage.store import CellStore
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +61,17 @@ class CellOutcome:
 class Cell:
     """One cell while it runs: its store, its analysis, the samples it already has."""
 
-    def __init__(self, config: dict, loaded: LoadedModel):
-        self.config = config
-        self.store = CellStore(config["results_dir"], config)
+    def __init__(self, spec: CellSpec | Mapping[str, Any], loaded: LoadedModel):
+        """`spec`: the cell (a plain resolved config is made one, `CellSpec.from_config`, unvalidated)."""
+        from mmflow.config.spec import CellSpec
+
+        self.spec = spec = CellSpec.from_config(spec, check=False)
+        self.config = spec.config  # plain: what the analysis reads
+        self.store = CellStore.of(spec)
         self.done_ids: set[str] = set()
         self.error: str | None = None
         self.errored: dict[str, str] = {}  # question id -> its error ("TypeError: ..."), this run
-        self.analysis = make_analysis(config, loaded)
+        self.analysis = make_analysis(self.config, loaded)
         self.logger = None  # a cell logger (mmflow.wandb_logger) while the cell is computed here
         self.lock = CellLock(self.store.dir)
 

@@ -9,7 +9,7 @@ declare. Analyses never construct engines or patchers themselves.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from mmflow.knockout import make_engine
 if TYPE_CHECKING:
     import torch
 
+    from mmflow.config.parts import EngineSpec
     from mmflow.inputs.encode import ModelInputs
     from mmflow.knockout.attribution import Gradients
     from mmflow.knockout.clean_pass import CleanPass
@@ -41,17 +42,16 @@ class Engines:
     granted: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, loaded: LoadedModel, engine: Mapping[str, Any], uses: Iterable[str]) -> Engines:
-        """The engines of a cell batch from its `engine` config (name, attention), for the union of its
+    def build(cls, loaded: LoadedModel, engine: EngineSpec, uses: Iterable[str]) -> Engines:
+        """The engines of a cell batch from its engine spec (name, attention), for the union of its
         cells' `uses`: the patcher is built only when one of them restores."""
         uses = frozenset(uses)
-        attention = engine.get("attention", "sdpa")
-        knockouts = make_engine(engine["name"], loaded, attention)
+        knockouts = make_engine(engine.name, loaded, engine.attention)
         patcher = None
         if "restores" in uses:
             from mmflow.patching.restore import make_patcher  # only for cells that restore
 
-            patcher = make_patcher(engine["name"], loaded, attention)
+            patcher = make_patcher(engine.name, loaded, engine.attention)
         return cls(loaded, knockouts, patcher, uses)
 
     def only(self, uses: Iterable[str]) -> Engines:

@@ -1,13 +1,13 @@
 """Run a cell batch on one loaded model: the same code for `launch.py` and for Ray actors.
 
-The cells of a cell batch share model, data, task, samples and engine
-(`mmflow.storage.store.SHARED_KEYS`) and are
-computed sample by sample: each sample is encoded and split into token groups, every cell plans it
-(`Analysis.plan`), it is run clean once, then every cell's knockout jobs of that sample go to the
-engine in one batch, and each cell turns its slice into rows with the engine capabilities it
-declared (`mmflow.execution.engines`). Each cell keeps its own folder, resumes
-at sample granularity, and fails alone. A cell is computed by one process at a time
-(`mmflow.storage.locks.CellLock`); a cell another process holds is waited for, then found cached. One cell's
+The cells of a cell batch (`mmflow.config.spec.CellSpec`s) share model, data, task, samples and
+engine (`mmflow.config.identity.SHARED_KEYS`) and are computed sample by sample: each sample is
+encoded and split into token groups, every cell plans it (`Analysis.plan`), it is run clean once,
+then every cell's knockout jobs of that sample go to the engine in one batch, and each cell turns its
+slice into rows with the engine capabilities it declared (`mmflow.execution.engines`). Each cell
+keeps its own folder, resumes at sample granularity, and fails alone. A cell is computed by one
+process at a time (`mmflow.storage.locks.CellLock`); a cell another process holds is waited for,
+then found cached. One cell's
 record from start to ending (`cell.json`, its `runs` list) is `mmflow.execution.cell`'s.
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mmflow.config.validate import validate_cell
+from mmflow.config.spec import CellSpec
 from mmflow.data.sample import Sample, Skip
 from mmflow.errors import SampleSkip
 from mmflow.execution.answer import answer_from_clean, generate_answer
@@ -37,20 +37,13 @@ from mmflow.storage.locks import CellLock, describe, lock_wait_s
 from mmflow.storage.store import CellStore, batch_key
 
 
-def load_samples(config: dict) -> list[Sample | Skip]:
-    """The cell's samples from its data config (shapes, gqa or table), first `n_samples` in order."""
-    from mmflow.data import load_gqa, load_shapes, load_table
+def load_samples(config: Mapping[str, Any] | CellSpec) -> list[Sample | Skip]:
+    """The cell's samples from its data source (`mmflow.data.sources`), first `n_samples` in order."""
+    from mmflow.data.sources import load_data
 
-    data = config["data"]
-    if data["name"] == "shapes":
-        return load_shapes(
-            config["task"], config["n_samples"], seed=data.get("seed", 0), cache_dir=data.get("cache_dir")
-        )
-    if data["name"] == "gqa":
-        return load_gqa(config["task"], data["image_dir"], n_samples=config["n_samples"])
-    if data["name"] == "table":
-        return load_table(data, config["task"], n_samples=config["n_samples"])
-    raise ValueError(f"unknown data source {data['name']!r}; known: shapes, gqa, table")
+    if isinstance(config, CellSpec):
+        return load_data(config.data.settings, config.task, config.n_samples)
+    return load_data(config["data"], config["task"], config["n_samples"])
 
 
 __all__ = ["generate_answer", "normalise_answer", "run_cells"]  # generate_answer: the reference answer
@@ -65,69 +58,93 @@ def normalise_answer(text: str) -> str:
 
 def run_cells(
     loaded: LoadedModel,
-    configs: Sequence[dict],
+    specs: Sequence[CellSpec | Mapping[str, Any]],
     on_sample: Callable[[int], None] | None = None,
     context: RunContext | None = None,
     progress: bool = False,
-    logger_factory: Callable[[dict, int], Any] | None = None,
+    logger_factory: Callable[[CellSpec, int], Any] | None = None,
     prefetch_depth: int = PREFETCH_DEPTH,
     stages: Stages | None = None,
 ) -> list[CellOutcome]:
-    """Compute `configs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell.
+    """Compute `specs` (which must share `SHARED_KEYS`) on `loaded`; return one outcome per cell.
 
-    `logger_factory(config, n_layers)` (e.g. `mmflow.wandb_logger.cell_logger`) opens a logger for each
-    cell computed here (never for cached ones); it gets every sample, the final results, and is closed.
+    A plain config is made a spec here (`CellSpec.from_config`); a spec not yet validated is validated
+    here, and an invalid cell fails alone. `logger_factory(spec, n_layers)` (e.g.
+    `mmflow.wandb_logger.cell_logger`) opens a logger for each cell computed here (never for cached
+    ones); it gets every sample, the final results, and is closed.
     `prefetch_depth`: samples read, encoded and split into token groups ahead in a background thread
     (0: none).
     `stages`: if given, gets the seconds spent per stage (`mmflow.execution.pipeline.Stages`).
     """
-    if len({batch_key(c) for c in configs}) > 1:
-        raise ValueError("cells run together must share model, data, task, samples and engine")
     context = (context or RunContext()).meta()  # the cell.json fields of this run
     outcomes: dict[str, CellOutcome] = {}
+    ids, cells = _as_specs(specs, outcomes, context)
+    if len({batch_key(c.plain) for c in cells}) > 1:
+        raise ValueError("cells run together must share model, data, task, samples and engine")
     pipeline = (prefetch_depth, stages if stages is not None else Stages())
     args = (loaded, outcomes, on_sample, context, progress, logger_factory, pipeline)
-    busy = _run_round(list(configs), 0.0, *args)
+    busy = _run_round(cells, 0.0, *args)
     if busy:  # computed by another process right now: wait for it, then they are cached
         wait = lock_wait_s()
-        for config in busy:
-            store = CellStore(config["results_dir"], config)
+        for spec in busy:
+            store = CellStore.of(spec)
             owner = describe(CellLock(store.dir).owner())
             print(
                 f"[mmflow] cell {store.id} is being computed by {owner}; waiting up to {wait:g} s", flush=True
             )
-        for config in _run_round(busy, wait, *args):
-            store = CellStore(config["results_dir"], config)
+        for spec in _run_round(busy, wait, *args):
+            store = CellStore.of(spec)
             owner = describe(CellLock(store.dir).owner())
             error = f"not computed here: {owner} still holds {store.dir / '.lock'} after {wait:g} s"
             outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
-    return [outcomes[CellStore(c["results_dir"], c).id] for c in configs]
+    return [outcomes[i] for i in ids]
 
 
-def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, logger_factory, pipeline):
-    """Compute the cells of `configs` whose lock this process gets within `wait_s`; return the others
-    (a list of configs)."""
-    busy: list[dict] = []
+def _as_specs(
+    configs: Sequence[CellSpec | Mapping[str, Any]], outcomes: dict[str, CellOutcome], context: dict
+) -> tuple[list[str], list[CellSpec]]:
+    """(the cell id of each entry, the specs); a plain config that cannot be made a spec (an unknown
+    analysis, a misspelt model key) fails alone here, its cell.json saying why."""
+    ids, specs = [], []
+    for config in configs:
+        try:
+            spec = CellSpec.from_config(config, check=False)
+        except ValueError as exc:  # this cell only
+            store = CellStore(config["results_dir"], config)
+            error = f"{type(exc).__name__}: {exc}"
+            store.write_meta(status="failed", error=error, **context)
+            outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
+            ids.append(store.id)
+            continue
+        ids.append(spec.id)
+        specs.append(spec)
+    return ids, specs
+
+
+def _run_round(specs, wait_s, loaded, outcomes, on_sample, context, progress, logger_factory, pipeline):
+    """Compute the cells of `specs` whose lock this process gets within `wait_s`; return the others
+    (a list of specs)."""
+    busy: list[CellSpec] = []
     cells: list[Cell] = []
     try:
-        for config in configs:
-            store = CellStore(config["results_dir"], config)
+        for spec in specs:
+            store = CellStore.of(spec)
             try:
-                validate_cell(config)
+                spec.check()  # once: a spec built by the sweep was validated there
             except ValueError as exc:  # this cell only
                 error = f"{type(exc).__name__}: {exc}"
                 store.write_meta(status="failed", error=error, **context)
                 outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
                 continue
             try:
-                cell = Cell(config, loaded)  # its analysis checks its keys against the loaded model
+                cell = Cell(spec, loaded)  # its analysis checks its keys against the loaded model
             except ValueError as exc:  # e.g. a window deeper than the loaded model: this cell only
                 error = f"{type(exc).__name__}: {exc}"
                 store.write_meta(status="failed", error=error, model_info=loaded.info, **context)
                 outcomes[store.id] = CellOutcome(store.id, "failed", str(store.dir), error=error)
                 continue
             if not cell.lock.acquire(wait_s):
-                busy.append(config)
+                busy.append(spec)
                 continue
             if cell.store.is_done():
                 cell.lock.release()
@@ -137,7 +154,7 @@ def _run_round(configs, wait_s, loaded, outcomes, on_sample, context, progress, 
             start(cell, loaded, context)
         if cells:
             for cell in cells:
-                cell.logger = logger_factory(cell.config, loaded.n_layers) if logger_factory else None
+                cell.logger = logger_factory(cell.spec, loaded.n_layers) if logger_factory else None
             _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline)
     except BaseException as exc:
         record_ending(cells, outcomes, exc, context)
@@ -158,12 +175,14 @@ def _compute(loaded, cells, outcomes, on_sample, context, progress, pipeline) ->
     depth, stages = pipeline
     started = time.time()
     first = cells[0].config
-    engines = Engines.build(loaded, first["engine"], frozenset().union(*(c.analysis.uses for c in cells)))
+    engines = Engines.build(
+        loaded, cells[0].spec.engine, frozenset().union(*(c.analysis.uses for c in cells))
+    )
     engine = engines.engine
     clean_passes: Counter[str] = Counter()
     try:
         with stages.timed("load_samples"):
-            samples = load_samples(first)
+            samples = load_samples(cells[0].spec)
     except Exception as exc:  # a data source that cannot be read fails these cells, not the sweep
         for cell in cells:
             cell.error = f"{type(exc).__name__}: {exc}"

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from mmflow.models.registry import LoadedModel
+from typing import TYPE_CHECKING, Any
+
+from mmflow.knockout.engines import engine_factory, engine_names, register_engine
+
+if TYPE_CHECKING:
+    from mmflow.models.registry import LoadedModel
+
+__all__ = ["engine_names", "make_engine", "register_engine"]
 
 
-def make_engine(name: str, loaded: LoadedModel, attention: str = "sdpa"):
-    """The engine named by `engine.name` in the config; it routes the language model's attention
-    through mmflow's `attention` backend (`engine.attention`: sdpa | eager) before anything runs."""
-    if name == "reference":
-        from mmflow.knockout.reference import ReferenceEngine
-
-        return ReferenceEngine(loaded, attention)
-    if name == "fast":
-        from mmflow.knockout.fast import make_fast_engine
-
-        return make_fast_engine(loaded, attention)
-    raise ValueError(f"unknown engine {name!r}; known: reference, fast")
+def make_engine(name: str, loaded: LoadedModel, attention: str) -> Any:
+    """The engine named by `engine.name` (`mmflow.knockout.engines`); it routes the language model's
+    attention through mmflow's `attention` backend (`engine.attention`: sdpa | eager) before anything
+    runs. ValueError for an engine no module registered."""
+    return engine_factory(name)(loaded, attention)

@@ -76,7 +76,7 @@ for _impl, _backend in IMPLEMENTATIONS.items():
     AttentionMaskInterface.register(_impl, _full_mask)
 
 
-def prepare_model(model, backend: str = "sdpa") -> None:
+def prepare_model(model, backend: str) -> None:
     """Route the language model's attention through mmflow and tag its decoder layers by index."""
     if backend not in BACKENDS:
         raise ValueError(f"knockout backend must be one of {sorted(BACKENDS)}, got {backend!r}")

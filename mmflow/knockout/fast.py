@@ -102,7 +102,7 @@ def sliding_window_in_use(loaded: LoadedModel, length: int) -> int | None:
     return int(window) if applies and length > window else None
 
 
-def make_fast_engine(loaded: LoadedModel, attention: str = "sdpa") -> ReferenceEngine:
+def make_fast_engine(loaded: LoadedModel, attention: str) -> ReferenceEngine:
     """The fast engine, or the reference engine named as a fallback when the shortcut is not exact."""
     prepare_model(loaded.model, attention)  # the shortcut is judged on the attention it will run
     reason = unsupported_reason(loaded)
@@ -122,7 +122,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class FastEngine(ReferenceEngine):
     """Suffix-only, window-onward recompute of every knockout of a sample, batched over its rows."""
 
-    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
+    def __init__(self, loaded: LoadedModel, attention: str):
         super().__init__(loaded, attention)
         self.layers = loaded.anatomy.layers
         self.norm = loaded.anatomy.final_norm

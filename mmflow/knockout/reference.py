@@ -40,7 +40,7 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
+    def __init__(self, loaded: LoadedModel, attention: str):
         self.loaded = loaded
         prepare_model(loaded.model, attention)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmflow.config.parts import ModelSpec, thaw
 from mmflow.models.anatomy import Anatomy, anatomy_of
 from mmflow.models.placement import load_kwargs
 from mmflow.models.provenance import weights_info
@@ -139,8 +141,9 @@ def apply_parity(model, processor, parity: str | None) -> None:
         processor.image_processor.image_grid_pinpoints = paper_pinpoints(pinpoints)
 
 
-def load_model(cfg: Any) -> LoadedModel:
-    """Load model + processor named by a `conf/model/*.yaml` config (attention as the checkpoint has it).
+def load_model(cfg: ModelSpec) -> LoadedModel:
+    """Load model + processor named by a `conf/model/*.yaml` config (`ModelSpec.from_mapping`; attention
+    as the checkpoint has it).
 
     Raises ValueError when the config's `n_layers` differs from the loaded model's depth.
     """
@@ -151,12 +154,12 @@ def load_model(cfg: Any) -> LoadedModel:
     if cfg.model_class not in MODEL_CLASSES:
         raise ValueError(f"model_class must be one of {MODEL_CLASSES}, got {cfg.model_class!r}")
     path = resolve_checkpoint(cfg.checkpoint)
-    device = pick_device(cfg.get("device", "auto"))
-    trust = bool(cfg.get("trust_remote_code", False))
-    revision = cfg.get("revision")
+    device = pick_device(cfg.device)
+    trust = bool(cfg.trust_remote_code)
+    revision = cfg.revision
     # a model over several GPUs (resources.gpus > 1 or a device_map): mmflow.models.placement
-    resources = cfg.get("resources") or {}
-    placement = load_kwargs(cfg.get("device_map"), resources.get("gpus"))
+    resources = cfg.resources or {}
+    placement = load_kwargs(thaw(cfg.device_map), resources.get("gpus"))  # a plain dict map
     remote = None
     if trust:  # said before any of the checkpoint's code runs, when its files are already here
         from mmflow.models.remote_code import local_folder, report_remote_code
@@ -181,7 +184,7 @@ def load_model(cfg: Any) -> LoadedModel:
     processor = load_processor(path, cfg.model_class, trust_remote_code=trust, revision=revision)
     processor = pin_pil_backend(processor, path, trust_remote_code=trust, revision=revision)
     processor = _apply_preprocess(processor, cfg.image_preprocess)
-    apply_parity(model, processor, cfg.get("parity"))
+    apply_parity(model, processor, cfg.parity)
     log.info("loaded %s from %s on %s", cfg.name, path, device)
     loaded = LoadedModel(
         name=cfg.name,
@@ -191,8 +194,8 @@ def load_model(cfg: Any) -> LoadedModel:
         prompt_format=cfg.prompt_format,
         image_preprocess=cfg.image_preprocess,
         device=device,
-        parity=cfg.get("parity"),
-        weights=weights_info(cfg.checkpoint, path, cfg.get("n_layers")),
+        parity=cfg.parity,
+        weights=weights_info(cfg.checkpoint, path, cfg.n_layers),
     )
     if trust and remote is None:  # a hub checkpoint: its files are known once downloaded
         remote = report_remote_code(cfg.name, path, revision)
@@ -201,14 +204,14 @@ def load_model(cfg: Any) -> LoadedModel:
     return loaded
 
 
-def check_depth(cfg: Any, loaded: LoadedModel) -> None:
+def check_depth(cfg: ModelSpec, loaded: LoadedModel) -> None:
     """ValueError when the config's `n_layers` (what the report's axes use) is not the loaded depth.
 
     A shrunk replica (`mmflow.models.synthetic.replica`, `replica.json` with `full_size: false`)
     stands in for the
     real depth on purpose: its own depth is used, and the log says so.
     """
-    configured = cfg.get("n_layers")
+    configured = cfg.n_layers
     if configured is None or int(configured) == loaded.n_layers:
         return
     marker = Path(loaded.path) / "replica.json"
@@ -225,20 +228,16 @@ _LOADED: dict[str, LoadedModel] = {}
 LOAD_COUNT = {"n": 0}  # weight loads done by this process (the launcher reports it per cell)
 
 
-def get_model(cfg: Any) -> LoadedModel:
-    """`load_model`, once per process and model config: later cells reuse the loaded weights."""
+def get_model(cfg: ModelSpec | Mapping[str, Any]) -> LoadedModel:
+    """`load_model`, once per process and model config: later cells reuse the loaded weights.
+
+    A plain model config is made a `ModelSpec` first (`CellConfigError` naming a misspelt key)."""
     import json
 
-    plain = cfg if isinstance(cfg, dict) else dict(cfg)
-    key = json.dumps(plain, sort_keys=True, default=str)
+    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_mapping(cfg)
+    key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
     if key not in _LOADED:
         _LOADED.clear()  # one model per process: free the previous one first
-        _LOADED[key] = load_model(cfg if not isinstance(cfg, dict) else _Attr(cfg))
+        _LOADED[key] = load_model(spec)
         LOAD_COUNT["n"] += 1
     return _LOADED[key]
-
-
-class _Attr(dict):
-    """Attribute access over a plain config dict (what `load_model` reads)."""
-
-    __getattr__ = dict.get

@@ -109,7 +109,7 @@ class ReferencePatcher:
 
     name = "reference"
 
-    def __init__(self, loaded: LoadedModel, attention: str = "sdpa"):
+    def __init__(self, loaded: LoadedModel, attention: str):
         self.loaded = loaded
         self.layers = loaded.anatomy.layers
         prepare_model(loaded.model, attention)  # the same attention code as the engines
@@ -200,9 +200,9 @@ def _check_jobs(jobs: Sequence[RestoreJob], first_target: int) -> None:
 class FastPatcher(FastEngine):
     """Every restore job of a sample from the cached corrupted run, rows batched over one layer pass."""
 
-    def __init__(self, loaded: LoadedModel):
-        super().__init__(loaded)
-        self.reference = ReferencePatcher(loaded)
+    def __init__(self, loaded: LoadedModel, attention: str):
+        super().__init__(loaded, attention)
+        self.reference = ReferencePatcher(loaded, attention)
         self._states: torch.Tensor | None = None  # clean layer inputs during a sweep
         self._states_first_target = 0
 
@@ -309,20 +309,20 @@ class FastPatcher(FastEngine):
         suffix_group.hidden = torch.where(chosen[..., None], states, suffix_group.hidden)
 
 
-def make_patcher(name: str, loaded: LoadedModel, attention: str = "sdpa") -> ReferencePatcher | FastPatcher:
+def make_patcher(name: str, loaded: LoadedModel, attention: str) -> ReferencePatcher | FastPatcher:
     """The patcher for `engine.name`: fast (falls back to the reference where the shortcut is not exact).
 
     Like the engines, it routes the model's language attention through mmflow's `attention` backend.
     """
     prepare_model(loaded.model, attention)
     if name == "reference":
-        return ReferencePatcher(loaded)
+        return ReferencePatcher(loaded, attention)
     if name != "fast":
-        raise ValueError(f"unknown engine {name!r}; known: reference, fast")
+        raise ValueError(f"unknown engine {name!r}; patching knows: reference, fast")
     reason = unsupported_reason(loaded)
     if reason is None:
-        return FastPatcher(loaded)
+        return FastPatcher(loaded, attention)
     log.warning("patching with engine=fast falls back to the reference patcher: %s", reason)
-    patcher = ReferencePatcher(loaded)
+    patcher = ReferencePatcher(loaded, attention)
     patcher.name = f"reference (fallback: {reason})"
     return patcher

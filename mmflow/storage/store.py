@@ -1,4 +1,4 @@
-"""Cell ids, cell folders and atomic, resumable result files.
+"""Cell folders and atomic, resumable result files (cell ids: `mmflow.config.identity`).
 
 A cell folder holds `cell.json`, `samples.parquet` and `results.parquet`. While a cell runs, each
 finished sample is written atomically as its own part file under `parts/`, so an interrupted cell
@@ -18,11 +18,21 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mmflow.inputs.parity import effective_parity
+from mmflow.config.identity import (  # noqa: F401 (the id rules, re-exported where they were)
+    IMPLIED_KEYS,
+    NON_SEMANTIC_KEYS,
+    NON_SEMANTIC_MODEL_KEYS,
+    SCHEMA_VERSION,
+    SHARED_KEYS,
+    batch_key,
+    cell_id,
+    effective_parity,
+    semantic_config,
+)
 from mmflow.storage.files import (  # noqa: F401 (atomic_write_* re-exported)
     atomic_write_bytes,
     atomic_write_json,
@@ -33,68 +43,12 @@ from mmflow.storage.files import (  # noqa: F401 (atomic_write_* re-exported)
 from mmflow.storage.objectstore import sync
 from mmflow.storage.relay import current_relay
 
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-# Config keys that say where or how results are shown, not what is computed: not part of a cell id.
-NON_SEMANTIC_KEYS = frozenset(
-    {"results_dir", "results_uri", "logger", "ray", "launcher", "progress", "hydra", "sweep_name"}
-)
-NON_SEMANTIC_MODEL_KEYS = frozenset({"resources", "family", "size"})  # requests and legend labels
-# Keys dropped from some cells with the value every earlier id had: knockout and answer-tracking cells
-# read no `seed` (patching's noise seed), so it left their configs; their ids still include `seed: 0`.
-IMPLIED_KEYS: dict[str, Any] = {"seed": 0}
 FILES = ("samples.parquet", "results.parquet")
-
-
-# Keys whose values must agree for cells to share samples and clean passes (one cell batch).
-SHARED_KEYS = ("model", "data", "task", "n_samples", "seed", "require_correct", "engine", "max_new_tokens")
-
-
-def batch_key(config: Mapping[str, Any]) -> str:
-    """What the cells of one cell batch share: the values of `SHARED_KEYS`, as a string."""
-    return json.dumps({k: config.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
-
-
-def semantic_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What a cell computes: the config without where/how-shown keys, as its cell id hashes it.
-
-    The top-level `parity` key is not hashed itself: it reaches the id through `model.parity`, which
-    only the models the paper ran carry (`parity: ${parity}`). For every other model the two modes
-    compute the same thing, so their cells keep the ids they had before the key existed.
-
-    Keys removed from the config keep the default they had in every id computed before (see
-    `IMPLIED_KEYS`), so results folders computed earlier are still found.
-
-    A `data=table` cell is identified by its file's contents, `data.sha256` (`mmflow.data.resolve_data`),
-    not by `data.path`: the same bytes anywhere are the same data, changed bytes are another cell.
-    GQA and shapes ids are unchanged.
-    """
-    kept = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "parity"}
-    semantic = {**IMPLIED_KEYS, **kept}
-    if isinstance(semantic.get("model"), Mapping):
-        semantic["model"] = {k: v for k, v in semantic["model"].items() if k not in NON_SEMANTIC_MODEL_KEYS}
-    if isinstance(semantic.get("data"), Mapping) and semantic["data"].get("cache_dir") is not None:
-        semantic["data"] = {**semantic["data"], "cache_dir": None}  # where shapes are cached, not which
-    data = semantic.get("data")
-    if isinstance(data, Mapping) and data.get("name") == "table" and data.get("sha256"):
-        semantic["data"] = {k: v for k, v in data.items() if k != "path"}  # the bytes, not where they lie
-    return semantic
-
-
-def cell_id(config: Mapping[str, Any]) -> str:
-    """A stable id of a resolved cell config (`semantic_config`, plus the schema version), never
-    Hydra's job number. ValueError for a `data=table` config without its file's digest."""
-    data = config.get("data")
-    if isinstance(data, Mapping) and data.get("name") == "table" and not data.get("sha256"):
-        raise ValueError(
-            "data=table config without data.sha256 (the digest of its file): resolve it with "
-            "mmflow.data.resolve_data before computing its cell id"
-        )
-    blob = json.dumps(
-        {"schema": SCHEMA_VERSION, "config": semantic_config(config)}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class CellStore:
@@ -104,12 +58,21 @@ class CellStore:
     also sent to the driver, which writes it into `results_dir`.
     """
 
-    def __init__(self, results_dir: str | Path, config: Mapping[str, Any]):
+    def __init__(self, results_dir: str | Path, config: Mapping[str, Any], ident: str | None = None):
+        """`ident`: the cell id when the caller has it (`CellSpec.id`); else hashed from `config`."""
         self.config = dict(config)
-        self.id = cell_id(self.config)
+        self.id = ident if ident is not None else cell_id(self.config)
         self.relay = current_relay()
         self.dir = (self.relay.root if self.relay else Path(results_dir)) / self.id
         self.parts = self.dir / "parts"
+
+    @classmethod
+    def of(cls, cell: CellSpec | Mapping[str, Any]) -> CellStore:
+        """The store of a cell spec (its id as computed when the spec was built), or of a plain
+        resolved config (its id hashed here)."""
+        if isinstance(cell, Mapping):
+            return cls(cell["results_dir"], cell)
+        return cls(cell.results_dir, cell.config, cell.id)
 
     def _write(self, path: Path, data: bytes) -> None:
         """Write one file of this cell atomically (and relay it to the driver)."""

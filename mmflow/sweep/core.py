@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmflow.errors import ConfigError
 from mmflow.execution.context import RunContext
@@ -28,6 +28,9 @@ from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
 from mmflow.sweep.record import EventLog, labels, print_failure_line, print_summary, write_sweep_json
 from mmflow.sweep.settings import SweepSettings
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 log = logging.getLogger("mmflow.sweep")
 
@@ -47,27 +50,31 @@ class CellJob:
     cell_id: str = ""
     error: str | None = None  # the config could not be resolved into a cell
     invalid: str | None = None  # the cell cannot compute anything meaningful: it fails alone, by name
+    spec: CellSpec | None = None  # the cell, typed (`cell` is its plain config)
 
     @classmethod
-    def resolve(cls, idx: int, overrides: list[str], make_cell: Callable[[], dict[str, Any]]) -> CellJob:
-        """`make_cell()` gives the resolved cell config; an error fails this job, not the sweep.
-
-        Each cell is validated on its own (`mmflow.config.validate`), before any model loads.
-        """
-        from mmflow.config.validate import CellConfigError, validate_cell
+    def resolve(
+        cls, idx: int, overrides: list[str], make_cell: Callable[[], CellSpec | dict[str, Any]]
+    ) -> CellJob:
+        """`make_cell()` gives the cell spec (or its resolved config); an error fails this job, not the
+        sweep. Each cell is validated once, on its own (`CellSpec.check`), before any model loads."""
+        from mmflow.config.spec import CellSpec
+        from mmflow.errors import CellConfigError
 
         job = cls(idx, list(overrides))
         try:
-            job.cell = make_cell()
-            job.cell_id = CellStore(job.cell["results_dir"], job.cell).id
-            validate_cell(job.cell)
+            made = make_cell()
+            job.cell = made.config if isinstance(made, CellSpec) else dict(made)
+            job.spec = CellSpec.from_config(made, check=False)
+            job.cell_id = job.spec.id
+            job.spec.check()
         except CellConfigError as exc:  # this cell fails alone, with the key named
-            if job.cell is None:  # refused while resolving (an unknown key): no cell, an invalid job
-                job.error = f"{type(exc).__name__}: {exc}"
+            if job.spec is None:  # refused while resolving (an unknown key): no cell, an invalid job
+                job.cell, job.error = None, f"{type(exc).__name__}: {exc}"
             else:
                 job.invalid = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
-            job.cell, job.error = None, f"{type(exc).__name__}: {short_error(exc)}"
+            job.cell, job.spec, job.error = None, None, f"{type(exc).__name__}: {short_error(exc)}"
         return job
 
 
@@ -101,16 +108,23 @@ class Sweep:
         self.single = single  # a single run: no sweep-level W&B run, report only when asked
         self.executor = executor
         self.started = time.time()
-        self.cells: dict[str, dict[str, Any]] = {}
+        self.cells: dict[str, dict[str, Any]] = {}  # cell id -> plain config (records, labels, checks)
+        self.specs: dict[str, CellSpec] = {}  # cell id -> spec, built once where the job was resolved
         for job in jobs:
             if job.cell is not None:
                 self.cells.setdefault(job.cell_id, job.cell)
+                if job.spec is not None:
+                    self.specs.setdefault(job.cell_id, job.spec)
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.driver = this_process()  # lets a later run tell a killed driver's `running` record
         self.events = EventLog(self.sweep_dir / "events.jsonl")
         self.record_written = 0.0  # monotonic time sweep.json was last written
         self._labels: dict[str, dict[str, Any]] = {}
+
+    def store(self, cell_id: str) -> CellStore:
+        """The folder of a cell of this sweep (from its spec: its id is not hashed again)."""
+        return CellStore.of(self.specs.get(cell_id) or self.cells[cell_id])
 
     def labels(self, cell_id: str) -> dict[str, Any]:
         """What a person reads to recognise a cell (`record.labels`), computed once per cell."""
@@ -146,10 +160,10 @@ class Sweep:
 
     def _run(self) -> None:
         self.use_results_store()
-        for cell_id, cell in self.cells.items():
-            self.status[cell_id] = "cached" if CellStore(cell["results_dir"], cell).is_done() else "pending"
+        for cell_id in self.cells:
+            self.status[cell_id] = "cached" if self.store(cell_id).is_done() else "pending"
         for job in (j for j in self.jobs if j.invalid and j.cell is not None):
-            store = CellStore(job.cell["results_dir"], job.cell)
+            store = self.store(job.cell_id)
             store.write_meta(status="failed", error=job.invalid, **self.context.meta())
             self.status[job.cell_id], self.errors[job.cell_id] = "failed", job.invalid
             self.events.append(job.cell_id, "failed", job.invalid)
@@ -218,10 +232,8 @@ class Sweep:
             log.warning("preflight: %s (blocks %d cell%s)", cause, len(cell_ids), "s" * (len(cell_ids) > 1))
             error = f"preflight: {cause}"
             for cell_id in cell_ids:
-                cell = todo.pop(cell_id)
-                CellStore(cell["results_dir"], cell).write_meta(
-                    status="failed", error=error, **self.context.meta()
-                )
+                todo.pop(cell_id)
+                self.store(cell_id).write_meta(status="failed", error=error, **self.context.meta())
                 self.status[cell_id], self.errors[cell_id] = "failed", error
                 self.events.append(cell_id, "failed", error)
         return todo
@@ -236,8 +248,9 @@ class Sweep:
                 todo = self.fail_blocked(todo, node_preflight(todo))
                 if not todo:
                     return
+            specs = {cid: self.specs.get(cid, cell) for cid, cell in todo.items()}
             scheduler = Scheduler(
-                self.settings, plan_models(todo, self.settings), executor, self.record, self.context
+                self.settings, plan_models(specs, self.settings), executor, self.record, self.context
             )
             display = make_display(
                 self.display_kind(), self.counts, len(self.cells), self.settings.log_every_s
@@ -294,8 +307,8 @@ class Sweep:
         why = f"the sweep driver stopped ({type(exc).__name__}: {short_error(exc, 200)})"
         deadline = time.monotonic() + STOP_WAIT_S
         for cell_id in [cid for cid, status in self.status.items() if status == "running"]:
-            cell = self.cells[cell_id]
-            store, lock = CellStore(cell["results_dir"], cell), CellLock(Path(cell["results_dir"]) / cell_id)
+            store = self.store(cell_id)
+            lock = CellLock(store.dir)
             try:
                 if not lock.acquire(max(0.0, deadline - time.monotonic())):
                     owner = describe(lock.owner())

@@ -14,10 +14,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from mmflow.execution.context import RunContext
 from mmflow.sweep.plan import CellBatch, ModelPlan
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 EventKind = Literal["ready", "start_failed", "finished", "batch_failed", "lost"]
 
@@ -82,9 +85,9 @@ class ModelWorker:
         self.progress_bar = progress_bar
 
     def run(
-        self, configs: list[dict], context: RunContext, on_sample: Callable[[int], None] | None = None
+        self, specs: list[CellSpec], context: RunContext, on_sample: Callable[[int], None] | None = None
     ) -> list[dict[str, Any]]:
-        """Compute a cell batch (cells sharing `store.SHARED_KEYS`); one outcome dict per cell."""
+        """Compute a cell batch (cells sharing `identity.SHARED_KEYS`); one outcome dict per cell."""
         from mmflow.execution.runtime import run_cells
         from mmflow.models.registry import LOAD_COUNT, get_model
         from mmflow.wandb_logger import cell_logger
@@ -93,7 +96,7 @@ class ModelWorker:
         context = context.replace(model_loads=LOAD_COUNT["n"])
         outcomes = run_cells(
             loaded,
-            configs,
+            specs,
             on_sample=on_sample,
             context=context,
             progress=self.progress_bar,
@@ -128,7 +131,7 @@ class InProcessExecutor:
         info = where()
         context = context.replace(node_id=info["node_id"], host=info["host"], pid=info["pid"])
         try:
-            outcomes = self.workers[worker].run(batch.configs, context, lambda n: self._tick(worker, n))
+            outcomes = self.workers[worker].run(batch.specs, context, lambda n: self._tick(worker, n))
         except Exception as exc:  # the batch's cells fail; the next batch still runs
             self.events.append(
                 Event(worker, "batch_failed", error=f"{type(exc).__name__}: {short_error(exc)}")

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmflow.storage.files import atomic_write_bytes
 from mmflow.storage.locks import CellLock, describe, lock_wait_s
 from mmflow.storage.objectstore import sync
 from mmflow.storage.relay import Op, safe_name
 from mmflow.storage.store import CellStore
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 SEEDED = ("cell.json",)  # with every parts/samples-*.parquet and parts/results-*.parquet
 
@@ -23,7 +27,7 @@ class DriverBatch:
     """The driver's side of one relayed cell batch: locks, seeds, cached cells, applied writes."""
 
     dirs: dict[str, Path]  # cell id -> the real cell folder
-    configs: list[dict]  # the cells sent to the actor
+    configs: list[CellSpec | dict]  # the cells sent to the actor
     seeds: dict[str, dict[str, bytes]]
     outcomes: list[dict[str, Any]]  # cells settled here: cached, or locked by another process
     locks: list[CellLock] = field(default_factory=list)
@@ -32,7 +36,7 @@ class DriverBatch:
     apply_s: float = 0.0
 
     @classmethod
-    def open(cls, configs: list[dict], wait_s: float | None = None) -> DriverBatch:
+    def open(cls, configs: Sequence[CellSpec | dict], wait_s: float | None = None) -> DriverBatch:
         """Lock each cell folder; a finished cell is `cached` and not sent; seed the others.
 
         A cell another process computes is waited for (up to `wait_s`, default `lock_wait_s()`), as
@@ -41,7 +45,8 @@ class DriverBatch:
         """
         batch = cls({}, [], {}, [])
         wait = lock_wait_s() if wait_s is None else wait_s
-        stores = sorted((CellStore(c["results_dir"], c) for c in configs), key=lambda s: s.id)
+        cells = {CellStore.of(c).id: c for c in configs}
+        stores = sorted((CellStore.of(c) for c in configs), key=lambda s: s.id)
         for store in stores:
             lock = CellLock(store.dir)
             if not lock.acquire(0.0):
@@ -57,7 +62,7 @@ class DriverBatch:
                 continue
             batch.locks.append(lock)
             batch.dirs[store.id] = store.dir
-            batch.configs.append(store.config)
+            batch.configs.append(cells[store.id])
             batch.seeds[store.id] = seed_files(store.dir)
         return batch
 

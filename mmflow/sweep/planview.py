@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +46,10 @@ def sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def cell_state(cell: dict[str, Any]) -> tuple[str, int]:
-    """(new | cached | partial | failed, samples already done) of a cell, from its folder alone."""
-    store = CellStore(cell["results_dir"], cell)
+def cell_state(cell: dict[str, Any], store: CellStore | None = None) -> tuple[str, int]:
+    """(new | cached | partial | failed, samples already done) of a cell, from its folder alone
+    (`store`: the cell's folder when the caller has it)."""
+    store = store or CellStore(cell["results_dir"], cell)
     meta = store.read_meta()
     if meta.get("status") == "done" and store.check_files(meta) is None:
         return "cached", int(cell.get("n_samples", 0))
@@ -66,7 +68,7 @@ def shape_of(model: dict[str, Any]) -> tuple[Any, int, bool]:
     return DecoderShape(int(model.get("n_layers") or layers), *rest), length, known
 
 
-def cell_units(cell: dict[str, Any], shape: Any, length: int) -> float:
+def cell_units(cell: Mapping[str, Any], shape: Any, length: int) -> float:
     """A cell's knockouts on one sample, in clean passes (`cost.job_macs` over `cost.clean_macs`)."""
     from mmflow.knockout.cost import clean_macs, job_macs
 
@@ -86,17 +88,17 @@ def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> di
 
     settings = sweep.settings
     pull_cells(sweep.cells)  # a results_dir URI: the plan reads what the store holds
-    states = {cid: cell_state(cell) for cid, cell in sweep.cells.items()}
+    states = {cid: cell_state(cell, sweep.store(cid)) for cid, cell in sweep.cells.items()}
     counts = Counter(state for state, _ in states.values())
     todo = {cid: cell for cid, cell in sweep.cells.items() if states[cid][0] != "cached"}
     models = []
-    for plan in plan_models(todo, settings):
+    for plan in plan_models({cid: sweep.specs.get(cid, cell) for cid, cell in todo.items()}, settings):
         shape, length, known = shape_of(plan.model)
         samples = units = 0.0
         for batch in plan.queue:
             left = max(batch.n_samples - min(states[c][1] for c in batch.cell_ids), 0)
             samples += left
-            units += left * (1 + sum(cell_units(cell, shape, length) for cell in batch.configs))
+            units += left * (1 + sum(cell_units(spec.plain, shape, length) for spec in batch.specs))
         per_model = {**(clean_pass_s or {}), **settings.clean_pass_s}
         configured = per_model.get(plan.name, settings.models.get(plan.name, {}).get("clean_pass_s"))
         seconds = float(configured) if configured else 2 * clean_macs(shape, length) / EFFECTIVE_FLOPS

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayError, RayTaskError
@@ -29,6 +29,9 @@ from mmflow.sweep.executor import Event, ModelWorker, short_error
 from mmflow.sweep.inbox import DriverBatch
 from mmflow.sweep.plan import CellBatch, ModelPlan
 from mmflow.sweep.settings import SweepSettings
+
+if TYPE_CHECKING:
+    from mmflow.config.spec import CellSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class ModelActor:
 
     def run_batch(
         self,
-        configs: list[dict],
+        configs: list[CellSpec],
         context: RunContext,
         token: str,
         seeds: dict[str, dict[str, bytes]] | None = None,
@@ -144,9 +147,9 @@ class RayExecutor:
         self.tokens += 1
         actor.state, actor.token, actor.samples, actor.progress_ref = "busy", f"b{self.tokens}", 0, None
         if not self.relay:
-            actor.ref = actor.handle.run_batch.remote(batch.configs, context, actor.token)
+            actor.ref = actor.handle.run_batch.remote(batch.specs, context, actor.token)
             return
-        inbox = actor.inbox = DriverBatch.open(batch.configs)
+        inbox = actor.inbox = DriverBatch.open(batch.specs)
         if not inbox.configs:  # nothing left to compute: settled here
             actor.state, actor.inbox = "idle", None
             self.settled.append(Event(worker, "finished", outcomes=inbox.outcomes))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmflow.models.provenance import weights_note
 from mmflow.storage.secrets import redact
-from mmflow.storage.store import CellStore, atomic_write_json
+from mmflow.storage.store import atomic_write_json
 
 if TYPE_CHECKING:
     from mmflow.sweep.core import Sweep
@@ -150,8 +150,7 @@ def print_summary(sweep: Sweep) -> None:
     styles = {"done": "green", "cached": "cyan", "failed": "bold red"}
     order = sorted(sweep.cells, key=lambda cid: sweep.status.get(cid) != "failed")
     for cell_id in order[:SUMMARY_ROWS]:
-        cell = sweep.cells[cell_id]
-        meta = CellStore(cell["results_dir"], cell).read_meta()
+        meta = sweep.store(cell_id).read_meta()
         status = sweep.status.get(cell_id, "pending")
         timings = meta.get("timings") or {}
         seconds = timings.get(

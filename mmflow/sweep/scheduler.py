@@ -242,8 +242,8 @@ class Scheduler:
     def fail_batch(self, batch: CellBatch, error: str) -> None:
         """Mark the batch's unfinished cells failed (in their cell.json too)."""
         context = self.context.replace(attempt=batch.attempt)
-        for config, cell_id in zip(batch.configs, batch.cell_ids, strict=True):
-            store = CellStore(config["results_dir"], config)
+        for spec, cell_id in zip(batch.specs, batch.cell_ids, strict=True):
+            store = CellStore.of(spec)
             if store.is_done():
                 self.record(cell_id, "done", None)
                 continue

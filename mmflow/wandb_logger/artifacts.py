@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmflow.storage.store import cell_id
+from mmflow.config.identity import cell_id
 from mmflow.wandb_logger.keys import data_input, model_input
 
 CELL_FILES = ("results.parquet", "samples.parquet", "cell.json")
@@ -56,9 +56,12 @@ def use_inputs(wandb: Any, run: Any, config: Mapping[str, Any], online: bool) ->
     return used
 
 
-def log_cell_artifact(wandb: Any, run: Any, config: Mapping[str, Any], cell_dir: Path) -> Any:
-    """Log the cell's files as `cell-<id>`, an output of its run, naming its inputs in the metadata."""
-    ident = cell_id(config)
+def log_cell_artifact(
+    wandb: Any, run: Any, config: Mapping[str, Any], cell_dir: Path, ident: str | None = None
+) -> Any:
+    """Log the cell's files as `cell-<id>`, an output of its run, naming its inputs in the metadata.
+    `ident`: the cell id when the caller has it (its spec's); else hashed from `config`."""
+    ident = ident or cell_id(config)
     artifact = wandb.Artifact(cell_artifact_name(ident), type="cell-results")
     artifact.metadata.update(
         cell_id=ident,

@@ -18,9 +18,10 @@ import pandas as pd
 
 from mmflow.analyses import Analysis, analysis_for
 from mmflow.analyses.curves import curve_minimum
+from mmflow.config.identity import cell_id
+from mmflow.config.spec import CellSpec, thaw
 from mmflow.data.sample import ERRORED
 from mmflow.storage.secrets import redact
-from mmflow.storage.store import cell_id
 from mmflow.wandb_logger.artifacts import log_cell_artifact, use_inputs
 from mmflow.wandb_logger.keys import facet_key, heads_key
 from mmflow.wandb_logger.settings import (
@@ -64,12 +65,13 @@ class WandbCellLogger:
     never fails the cell.
     """
 
-    def __init__(self, config: dict[str, Any], n_layers: int, cfg: Mapping[str, Any]) -> None:
-        self.config = config
+    def __init__(self, cell: CellSpec | dict[str, Any], n_layers: int, cfg: Mapping[str, Any]) -> None:
+        """`cell`: the cell's spec (its id as built; a plain config's id is hashed here)."""
+        self.config = cell if isinstance(cell, dict) else cell.config
         self.n_layers = n_layers
         self.cfg = cfg
-        self.analysis = analysis_for(config)
-        self.id = cell_id(config)
+        self.analysis = analysis_for(self.config)
+        self.id = cell_id(cell) if isinstance(cell, dict) else cell.id
         self.counts = {"samples": 0, "correct": 0, "scored": 0}
         self.sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
         self.finished = False
@@ -246,7 +248,7 @@ class WandbCellLogger:
         if figure is not None:
             caption = f"{self.config['model']['name']} — {self.config['task']}"
             self.run.log({"figure": image(wandb, figure, caption)})
-        log_cell_artifact(wandb, self.run, self.config, Path(self.config["results_dir"]) / self.id)
+        log_cell_artifact(wandb, self.run, self.config, Path(self.config["results_dir"]) / self.id, self.id)
 
     def _summary(self, table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, Any]:
         counts = dict(summary.get("counts", {}))
@@ -276,7 +278,8 @@ class WandbCellLogger:
         return self.analysis.figure(CellData(Path(self.config["results_dir"]) / self.id, meta, results))
 
 
-def cell_logger(config: dict[str, Any], n_layers: int) -> WandbCellLogger | None:
-    """The runtime's logger factory: a W&B run for this cell, or None when logging is off."""
-    cfg = logger_config(config.get("logger"))
-    return WandbCellLogger(config, n_layers, cfg) if cfg is not None else None
+def cell_logger(cell: CellSpec | dict[str, Any], n_layers: int) -> WandbCellLogger | None:
+    """The runtime's logger factory: a W&B run for this cell (its spec), or None when logging is off."""
+    config = cell if isinstance(cell, dict) else cell.plain
+    cfg = logger_config(thaw(config.get("logger")))
+    return WandbCellLogger(cell, n_layers, cfg) if cfg is not None else None

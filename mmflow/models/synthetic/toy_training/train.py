@@ -277,9 +277,10 @@ def model_config(path: Path | str | None = None) -> dict[str, Any]:
 
 def load_toy(path: Path | str | None = None):
     """The toy model as a `LoadedModel`, through the same loader as every analysis."""
-    from mmflow.models.registry import _Attr, load_model
+    from mmflow.config.spec import ModelSpec
+    from mmflow.models.registry import load_model
 
-    return load_model(_Attr(model_config(path)))
+    return load_model(ModelSpec.from_mapping(model_config(path)))
 
 
 def evaluate(loaded, n: int, seed: int = EVAL_DATA_SEED, cache_dir: Path | None = None) -> dict[str, float]:
