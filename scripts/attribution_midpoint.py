@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = toy_loaded()
-    engine = make_fast_engine(loaded)
+    engine = make_fast_engine(loaded, "sdpa")
     layers, heads = loaded.n_layers, loaded.model.config.get_text_config().num_attention_heads
     source, target = NAMED_KNOCKOUTS[args.knockout]
     rhos: dict[str, list[float]] = {name: [] for name in VARIANTS}

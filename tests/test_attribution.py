@@ -267,7 +267,7 @@ def test_batched_gradients_equal_the_per_sample_ones(tiny_llava, tmp_path):
     from mmflow.knockout.fast import FastEngine
 
     loaded = tiny_llava
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     rng = np.random.default_rng(7)
     questions = ["Is the jar full or empty?", "What colour is the small round object on the left side?"]
     items, groups_of = [], []
@@ -277,7 +277,7 @@ def test_batched_gradients_equal_the_per_sample_ones(tiny_llava, tmp_path):
         groups = build_token_groups(loaded, inputs, sample)
         first = int((groups.question if index < 2 else groups.last).min())
         clean = engine.clean(inputs, first_target=first) if index < 3 else None
-        token = int(ReferenceEngine(loaded).clean(inputs).top1)
+        token = int(ReferenceEngine(loaded, "sdpa").clean(inputs).top1)
         items.append((inputs, token, clean))
         groups_of.append(groups)
     assert len({inputs.length for inputs, _, _ in items}) == 2
@@ -308,7 +308,7 @@ def test_a_failed_suffix_check_runs_everything_and_shares_its_dithered_pass(tiny
     sample = noise_sample(tmp_path, np.random.default_rng(11), size=(400, 300))
     inputs = encode(loaded, sample)
     groups = build_token_groups(loaded, inputs, sample)
-    engine = FastEngine(loaded)
+    engine = FastEngine(loaded, "sdpa")
     clean = engine.clean(inputs, first_target=int(groups.question.min()))
     token = clean.top1
     generator = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@
 
 Every `import` statement of `mmflow` and `hydra_plugins` is read with `ast` (module level and inside
 functions alike: a lazy import is still a dependency), so the test needs no import side effects and
-fails listing the offending edges. Imports under `if TYPE_CHECKING:` count for the direction (they
-still couple the layers) but not for cycles (they never run).
+fails listing the offending edges. Imports under `if TYPE_CHECKING:` count too, for the direction and
+for cycles: they never run, but they still tie the modules together.
 """
 
 from __future__ import annotations
@@ -43,24 +43,12 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the import nodes inside `if TYPE_CHECKING:` blocks."""
-    out: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return out
-
-
-def imported(name: str, path: Path, known: set[str], runtime_only: bool = False) -> set[str]:
+def imported(name: str, path: Path, known: set[str]) -> set[str]:
     """The project modules `name` imports (the deepest known module of each imported name)."""
     out: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    skip = type_checking_only(tree) if runtime_only else set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -78,9 +66,9 @@ def imported(name: str, path: Path, known: set[str], runtime_only: bool = False)
     return out
 
 
-def graph(runtime_only: bool = False) -> dict[str, set[str]]:
+def graph() -> dict[str, set[str]]:
     found = modules()
-    return {name: imported(name, path, set(found), runtime_only) for name, path in found.items()}
+    return {name: imported(name, path, set(found)) for name, path in found.items()}
 
 
 def is_upper(name: str) -> bool:
@@ -113,7 +101,7 @@ def test_nothing_below_imports_the_launcher_sweep_report_or_logger():
 
 
 def test_no_import_cycle():
-    edges = graph(runtime_only=True)
+    edges = graph()  # type-only imports included
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []

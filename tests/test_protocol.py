@@ -53,7 +53,7 @@ def batch_configs(folder: Path) -> list[dict]:
             **common,
             analysis="patching",
             corruption="counterfactual",
-            patching={"groups": ["image"], "margin": 0.0},
+            patching={"groups": ["image"], "margin": 0.0, "noise_scale": 3.0},
         ),
         cell_config(folder, **common, analysis="attribution", attribution={"top_k": 2, "controls": 1}),
     ]
@@ -118,7 +118,7 @@ def snapshot(analysis) -> dict:
 
 @pytest.mark.parametrize("kind", ["patching", "attribution"])
 def test_no_per_sample_state_is_kept_on_the_analysis(tiny_llava, tmp_path, kind):
-    changes = {"patching": {"noise_sd": 0.5, "margin": 0.0}} if kind == "patching" else {}
+    changes = {"patching": {"noise_sd": 0.5, "margin": 0.0, "noise_scale": 3.0}} if kind == "patching" else {}
     config = cell_config(tmp_path, analysis=kind, engine=FAST, **changes)
     analysis = make_analysis(config, tiny_llava)
     engines = Engines.build(tiny_llava, EngineSpec(**FAST), analysis.uses)

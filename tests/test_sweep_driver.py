@@ -280,8 +280,16 @@ def test_the_command_line_sweep_composes_each_job_once_and_a_bad_value_fails_alo
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "launch.py"), "-m", "model=tiny-llava,tiny-lava", "logger=none"]
-    command += [f"results_dir={tmp_path}", "hydra.launcher.plan=true"]
+    mine = tmp_path / "mine" / "model"  # an option that exists (so the CLI's pre-check passes it) but
+    mine.mkdir(parents=True)  # whose defaults name a config that does not: it does not compose
+    (mine / "broken.yaml").write_text("defaults:\n  - /nonexistent: nothing\nname: broken\n")
+    command = [sys.executable, str(root / "launch.py"), "-m", "-cd", str(tmp_path / "mine")]
+    command += [
+        "model=tiny-llava,broken",
+        "logger=none",
+        f"results_dir={tmp_path}",
+        "hydra.launcher.plan=true",
+    ]
     planned = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "2 jobs -> 1 cells: 1 new" in planned.stdout and "1 invalid jobs" in planned.stdout

@@ -14,14 +14,34 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mmflow.models.provenance import weights_note
 from mmflow.storage.secrets import redact
 from mmflow.storage.store import atomic_write_json
 
-if TYPE_CHECKING:
-    from mmflow.sweep.core import Sweep
+
+class Sweep(Protocol):
+    """What the record reads of a sweep (`mmflow.sweep.core.Sweep` is one): the record never imports
+    the code that runs the sweep."""
+
+    name: str
+    sweep_dir: Path
+    jobs: list[Any]  # CellJob: idx, overrides, cell, cell_id, error
+    settings: Any  # a SweepSettings dataclass
+    started: float
+    driver: dict[str, Any]
+    cells: dict[str, dict[str, Any]]
+    status: dict[str, str]
+    errors: dict[str, str]
+    record_written: float
+
+    def labels(self, cell_id: str) -> dict[str, Any]: ...
+    def store(self, cell_id: str) -> Any: ...
+    def counts(self) -> dict[str, int]: ...
+    def elapsed(self) -> float: ...
+    def failed_ids(self) -> list[str]: ...
+    def invalid_jobs(self) -> list[Any]: ...
 
 
 class EventLog:
