@@ -8,6 +8,6 @@ from setuptools import find_namespace_packages, setup
 
 MAPPED = {"mmflow.conf": "conf", "mmflow.sweeps": "sweeps"}
 
-FOUND = find_namespace_packages(include=["mmflow*", "hydra_plugins*"], exclude=[f"{p}*" for p in MAPPED])
+FOUND = find_namespace_packages(include=["mmflow*", "hydra_plugins*"], exclude=[q for p in MAPPED for q in (p, f"{p}.*")])
 
 setup(packages=[*FOUND, *MAPPED], package_dir=MAPPED)

@@ -134,7 +134,7 @@ def run_hydra() -> int:
     cannot start with (`ConfigError`) with one line and 2; no traceback."""
     import signal
 
-    from mmflow.config.overrides import check_overrides
+    from mmflow.config.overrides import check_overrides, partly_bad
     from mmflow.errors import ConfigError
     from mmflow.sweep.core import SweepFailed
 
@@ -142,6 +142,8 @@ def run_hydra() -> int:
     if refused := retired_spelling(sys.argv[1:], program) or check_overrides(sys.argv[1:]):
         print(f"[mmflow] error: {refused}", file=sys.stderr)
         return 2
+    for warning in partly_bad(sys.argv[1:]):
+        print(f"[mmflow] warning: {warning}", file=sys.stderr)
     try:
         for override in sys.argv[1:]:
             refuse_env_interpolation(override)

@@ -40,6 +40,12 @@ def meta_of(outcome) -> dict:
         ({"knockout": {"name": "x", "source": "imgae", "target": "last"}}, "knockout.source"),
         ({"analysis": "patching", "seed": "abc"}, "seed"),
         ({"task": "QueryColour"}, "task"),
+        ({"knockout": {"name": "k", "source": "image", "target": "last", "heads": "eech"}}, "knockout.heads"),
+        (
+            {"knockout": {"name": "k", "source": "image", "target": "last", "heads": [1, -2]}},
+            "knockout.heads",
+        ),
+        ({"knockout": {"name": "k", "source": "image", "target": "last", "heads": []}}, "knockout.heads"),
         ({"analysis": "answer_tracking", "lens": "tuned"}, "lens"),
     ],
 )
@@ -57,6 +63,39 @@ def test_a_non_integer_window_is_named_as_written(tmp_path):
         validate_cell(config)
     assert labels(config)["window"] == 2.5  # the failed cell's line says /2.5, not /2
     assert labels(cell_config(tmp_path, window=3))["window"] == 3
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"analysis": "answer_tracking", "lens": "rwa"},
+        {"analysis": "patching", "corruption": "nois", "patching": {"groups": ["image"], "margin": 0.05}},
+    ],
+)
+def test_an_invalid_cell_still_has_labels_for_the_sweep_record(tmp_path, changes):
+    """Its analysis cannot be built, but the sweep record names it (the sweep must not stop there)."""
+    from mmflow.sweep.record import labels
+
+    config = cell_config(tmp_path, **changes)
+    with pytest.raises(CellConfigError):
+        validate_cell(config)
+    assert labels(config) == {
+        "model": "tiny-llava",
+        "task": config["task"],
+        "variant": changes["analysis"],
+        "window": None,
+    }
+
+
+def test_an_unknown_dtype_is_refused_before_the_model_loads(tmp_path):
+    from mmflow.config.validate import DTYPES
+    from mmflow.models.registry import DTYPES as LOADED
+
+    config = cell_config(tmp_path)
+    config["model"] = {**config["model"], "dtype": "float23"}
+    with pytest.raises(CellConfigError, match=r"^model\.dtype='float23': unknown model\.dtype"):
+        validate_cell(config)
+    assert set(DTYPES) == set(LOADED)  # the names the loader maps to torch
 
 
 def test_valid_cells_pass_validation(tmp_path):

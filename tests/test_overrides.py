@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mmflow.cli import run_hydra
-from mmflow.config.overrides import check_overrides
+from mmflow.config.overrides import check_overrides, partly_bad
 
 
 @pytest.mark.parametrize(
@@ -17,9 +17,10 @@ from mmflow.config.overrides import check_overrides
         (["n_sampels=3"], "n_sampels=3: unknown key; did you mean n_samples?"),
         (["model.nlayers=2"], "model.nlayers=2: unknown key; did you mean model.n_layers?"),
         (
-            ["-m", "model=tiny-llava,tiny-lava"],
-            "model=tiny-llava,tiny-lava: no model option 'tiny-lava' in "
-            "conf/model/; did you mean model=tiny-llava?",
+            ["-m", "model=tiny-lava,tiny-lava-next"],
+            "model=tiny-lava,tiny-lava-next: no model option 'tiny-lava' in conf/model/; did you mean "
+            "model=tiny-llava?; no model option 'tiny-lava-next' in conf/model/; "
+            "did you mean model=tiny-llava-next?",
         ),
         (
             ["analysis=atribution"],
@@ -50,6 +51,19 @@ def test_a_bad_override_is_one_line_naming_the_closest_real_one(args, line, monk
 )
 def test_valid_overrides_pass(args) -> None:
     assert check_overrides(args) is None
+
+
+def test_a_sweep_with_some_bad_values_runs_and_warns_about_them() -> None:
+    """An invalid cell of a sweep fails alone (its neighbours run); the bad values are named up front."""
+    args = ["-m", "task=ChooseAttr,NoSuchTask", "model=tiny-llava,tiny-lava"]
+    assert check_overrides(args) is None
+    assert partly_bad(args) == [
+        "task=ChooseAttr,NoSuchTask: unknown task 'NoSuchTask'; tasks: "
+        "ChooseAttr, ChooseCat, ChooseRel, CompareAttr, LogicalObj, QueryAttr (those jobs fail alone)",
+        "model=tiny-llava,tiny-lava: no model option 'tiny-lava' in conf/model/; did you mean "
+        "model=tiny-llava? (those jobs fail alone)",
+    ]
+    assert partly_bad(["task=ChooseAttr", "n_samples=2"]) == []
 
 
 def test_options_of_a_folder_of_your_own_count(tmp_path) -> None:

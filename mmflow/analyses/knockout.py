@@ -63,10 +63,24 @@ def head_sets(heads: str | int | Sequence[int] | None, n_heads: int) -> list[tup
         return [None]
     if heads == "each":
         return [(h,) for h in range(n_heads)]
-    chosen = (heads,) if isinstance(heads, int) else tuple(sorted({int(h) for h in heads}))
-    if isinstance(heads, str) or not chosen or not all(0 <= h < n_heads for h in chosen):
+    if not heads_form_ok(heads):
+        raise ValueError(f"knockout.heads must be null, 'each' or heads in 0..{n_heads - 1}, got {heads!r}")
+    chosen = (heads,) if isinstance(heads, int) else tuple(sorted(set(heads)))
+    if not all(0 <= h < n_heads for h in chosen):
         raise ValueError(f"knockout.heads must be null, 'each' or heads in 0..{n_heads - 1}, got {heads!r}")
     return [chosen]
+
+
+def heads_form_ok(heads: Any) -> bool:
+    """`knockout.heads` is null, `each`, a head index >= 0 or a non-empty list of them (the range
+    is checked against the loaded model, `head_sets`)."""
+    if heads is None or heads == "each":
+        return True
+    if isinstance(heads, int) and not isinstance(heads, bool):
+        return heads >= 0
+    if isinstance(heads, Sequence) and not isinstance(heads, str) and heads:
+        return all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads)
+    return False
 
 
 def canonical_knockout(config: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +143,12 @@ class KnockoutAnalysis(Analysis):
                 f"comes after target {target!r} in the prompt, so causal attention never lets {target} "
                 f"attend to it and the knockout blocks nothing; for target {target!r} use a source in "
                 f"{', '.join(later)}",
+            )
+        if not heads_form_ok(knockout.get("heads")):
+            raise CellConfigError(
+                "knockout.heads",
+                knockout.get("heads"),
+                "must be null, 'each', a head index or a list of them",
             )
         check_window(config)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,21 @@ def all_keys() -> dict[str, Any]:
 
 
 def check_overrides(args: Sequence[str]) -> str | None:
-    """One line for the first override that names no key, no group option or no task; else None.
+    """One line for the first override that names no key, or only group options or tasks that do not
+    exist; else None. An override that also names valid values (`task=ChooseAttr,ChoseAttr`) is not
+    refused: its bad values make jobs that fail alone, as any invalid cell of a sweep does
+    (`partly_bad`). A value with an interpolation or a sweep function is left to Hydra; keys under
+    `hydra.` are Hydra's own."""
+    return next((line for line, every in _findings(args) if every), None)
 
-    Options of a group may be a comma-separated sweep (`model=a,b`); a value with an interpolation or
-    a sweep function is left to Hydra. Keys under `hydra.` are Hydra's own.
-    """
+
+def partly_bad(args: Sequence[str]) -> list[str]:
+    """One warning line per sweep override some of whose values name no group option or task."""
+    return [f"{line} (those jobs fail alone)" for line, every in _findings(args) if not every]
+
+
+def _findings(args: Sequence[str]) -> Iterator[tuple[str, bool]]:
+    """(line, whether every value of the override is bad) for each override with a bad key or value."""
     options, tree = groups(config_dirs(args)), all_keys()
     values_of_flags = {args[i + 1] for i, a in enumerate(args[:-1]) if a in FLAGS_WITH_VALUES}
     for arg in args:
@@ -82,35 +92,34 @@ def check_overrides(args: Sequence[str]) -> str | None:
         key, value = found["key"], found["value"]
         if key.split(".")[0] == "hydra" or "${" in value or FUNCTION.match(value):
             continue
+        values = [v.strip() for v in value.split(",") if v.strip()]
         if key in options:
-            message = _option_error(key, value, options[key])
+            bad = [m for v in values if (m := _option_error(key, v, options[key]))]
         elif key == "task":
-            message = _task_error(value)
+            bad = [m for v in values if (m := _task_error(v))]
         else:
-            message = _key_error(key, tree)
-        if message:
-            return f"{arg}: {message}"
-    return None
+            bad = [m] if (m := _key_error(key, tree)) else []
+            values = bad
+        if bad:
+            yield f"{arg}: {'; '.join(bad)}", len(bad) == len(values)
 
 
-def _option_error(group: str, value: str, choices: list[str]) -> str | None:
-    for option in (v.strip() for v in value.split(",")):
-        if option and option not in choices and not option.startswith(("/", ".")):
-            close = difflib.get_close_matches(option, choices, n=1, cutoff=0.6)
-            hint = f"did you mean {group}={close[0]}?" if close else f"options: {', '.join(choices[:8])}, ..."
-            return f"no {group} option {option!r} in conf/{group}/; {hint}"
-    return None
+def _option_error(group: str, option: str, choices: list[str]) -> str | None:
+    if option in choices or option.startswith(("/", ".")):
+        return None
+    close = difflib.get_close_matches(option, choices, n=1, cutoff=0.6)
+    hint = f"did you mean {group}={close[0]}?" if close else f"options: {', '.join(choices[:8])}, ..."
+    return f"no {group} option {option!r} in conf/{group}/; {hint}"
 
 
-def _task_error(value: str) -> str | None:
+def _task_error(task: str) -> str | None:
     from mmflow.data.sample import TASKS
 
-    for task in (v.strip() for v in value.split(",")):
-        if task and task not in TASKS:
-            close = difflib.get_close_matches(task, TASKS, n=1, cutoff=0.5)
-            hint = f"did you mean task={close[0]}?" if close else f"tasks: {', '.join(TASKS)}"
-            return f"unknown task {task!r}; {hint}"
-    return None
+    if task in TASKS:
+        return None
+    close = difflib.get_close_matches(task, TASKS, n=1, cutoff=0.5)
+    hint = f"did you mean task={close[0]}?" if close else f"tasks: {', '.join(TASKS)}"
+    return f"unknown task {task!r}; {hint}"
 
 
 def _key_error(key: str, tree: Mapping[str, Any]) -> str | None:

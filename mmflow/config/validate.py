@@ -17,6 +17,7 @@ from mmflow.errors import CellConfigError
 __all__ = ["CellConfigError", "validate_cell"]
 
 ATTENTIONS = ("sdpa", "eager")
+DTYPES = ("float32", "float16", "bfloat16")  # the names `mmflow.models.registry.DTYPES` maps to torch
 
 
 def data_sources() -> tuple[str, ...]:
@@ -56,6 +57,8 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     check_int(config, "n_samples", 1)
     check_int(config, "max_new_tokens", 1)
     check_bool(config, "require_correct")
+    if isinstance(config.get("model"), Mapping):  # the weights' dtype (`mmflow.models.registry.DTYPES`)
+        check_choice("model.dtype", config["model"].get("dtype"), DTYPES)
     model = config.get("model") or {}
     if isinstance(model, Mapping) and model.get("max_tokens") is not None:  # caps each sample's sequence
         check_int({"model.max_tokens": model["max_tokens"]}, "model.max_tokens", 2)

@@ -30,7 +30,7 @@ MODEL_CLASSES = (
 )
 # What each image_preprocess value means; all but `pad` are the processor's own defaults.
 IMAGE_PREPROCESS = ("pad", "crop", "anyres", "anyres_max_9", "dynamic")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # validate.DTYPES
 
 
 @dataclass

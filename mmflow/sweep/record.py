@@ -85,9 +85,13 @@ def labels(cell: dict[str, Any]) -> dict[str, Any]:
     """What a person reads to recognise a cell (its analysis's `Labels`)."""
     from mmflow.analyses import analysis_for
 
-    names = analysis_for(cell).labels
+    model = (cell.get("model") or {}).get("name") if isinstance(cell.get("model"), dict) else None
+    try:
+        names = analysis_for(cell).labels
+    except Exception:  # noqa: BLE001 - an invalid cell (its error is recorded) still needs a name
+        return {"model": model, "task": cell.get("task"), "variant": cell.get("analysis"), "window": None}
     return {
-        "model": cell["model"]["name"],
+        "model": model,
         "task": cell.get("task"),
         "variant": names.variant,
         # as configured: an invalid window (2.5) must not read as the one it would round to
