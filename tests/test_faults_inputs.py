@@ -127,6 +127,27 @@ def test_path_keys_expand_home_and_variables_or_refuse_in_one_line(tmp_path, mon
     assert run_root({"dir": "~/wb"}, tmp_path) == tmp_path / "home" / "wb"
 
 
+def test_table_rows_of_no_known_task_are_recorded_not_dropped(tmp_path):
+    """A misspelt task goes to the cell of the task it resembles, an empty one to every cell: both as
+    `unknown_task` skips naming the row (they had vanished from every cell)."""
+    table = write_table(tmp_path, QUESTIONS_1, task="ChooseAttr")
+    frame = pd.read_csv(table, dtype=str)
+    frame = pd.concat([frame] * 4, ignore_index=True)
+    frame["question_id"] = ["a", "b", "c", "d"]
+    frame["task"] = ["ChooseAttr", "ChoseAttr", "", "QueryAttr"]
+    frame.to_csv(table, index=False)
+    data = resolve_data({"name": "table", "path": str(table), "image_dir": str(tmp_path / "images")})
+    rows = load_table(data, "ChooseAttr")
+    assert [r.question_id for r in rows] == ["a", "b", "c"]  # d is QueryAttr's
+    assert isinstance(rows[0], Sample) and [r.reason for r in rows[1:]] == ["unknown_task"] * 2
+    assert (
+        rows[1].detail == "vqa.csv data row 2: task 'ChoseAttr' is none of the six; did you mean ChooseAttr?"
+    )
+    assert rows[2].detail.startswith("vqa.csv data row 3: task '' is none of the six; tasks: ChooseAttr, ")
+    (empty,) = load_table(data, "CompareAttr")  # an empty task: in every task's cell
+    assert empty.question_id == "c" and empty.reason == "unknown_task"
+
+
 def test_table_images_stay_inside_the_image_folder_unless_allowed(tmp_path):
     table = write_table(tmp_path, QUESTIONS_1)
     outside = tmp_path / "elsewhere.jpg"
@@ -140,7 +161,7 @@ def test_table_images_stay_inside_the_image_folder_unless_allowed(tmp_path):
     rows = load_table(data, "ChooseAttr")
     assert isinstance(rows[0], Sample)
     assert [r.reason for r in rows[1:]] == ["image_outside_image_dir"] * 2
-    assert "data.allow_images_outside=true" in rows[1].detail
+    assert "+data.allow_images_outside=true" in rows[1].detail  # the spelling Hydra accepts
     allowed = load_table({**data, "allow_images_outside": True}, "ChooseAttr")
     assert all(isinstance(r, Sample) for r in allowed) and allowed[1].image_path.resolve() == outside
 

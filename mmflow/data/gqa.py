@@ -178,7 +178,7 @@ def _image_path(row: dict[str, str], img_id: str, image_dir: Path, where: str, a
         raise _RowError(
             IMAGE_OUTSIDE_IMAGE_DIR,
             f"{where}: image {written!r} is outside data.image_dir {str(image_dir)!r} "
-            "(set data.allow_images_outside=true to allow it)",
+            "(add +data.allow_images_outside=true to allow it)",
         )
     return path
 

@@ -22,6 +22,7 @@ digest is not the recorded one. Images are not hashed.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -194,14 +195,24 @@ def read_table(
             f"{', '.join(map(str, frame.columns))}; rename yours with data.columns)"
         )
     frame["_row"] = range(1, len(frame) + 1)
+    unknown = None
     if TASK_COLUMN in frame.columns:
-        frame = frame[frame[TASK_COLUMN].astype(str).str.strip() == task]
+        tasks = frame[TASK_COLUMN].fillna("").astype(str).str.strip()
+        unknown = tasks.where(~tasks.isin(TASKS))  # the task a row names when it is none of the six
+        frame = frame[(tasks == task) | unknown.map(lambda named: _belongs(named, task))]
     if limit is not None:
         frame = frame.head(limit)
     out: list[Sample | Skip] = []
     wheres: list[str] = []
-    for record in frame.to_dict("records"):
+    for index, record in zip(frame.index, frame.to_dict("records"), strict=True):
         where = f"{path.name} data row {record['_row']}"
+        named = None if unknown is None else unknown.get(index)
+        if isinstance(named, str):  # a row of no known task: recorded, never dropped
+            out.append(
+                Skip(str(record.get("question_id", record["_row"])), "unknown_task", _why(named, where))
+            )
+            wheres.append(where)
+            continue
         row = _gqa_row(record, task, where)
         out.append(
             row
@@ -211,6 +222,26 @@ def read_table(
         wheres.append(where)
     check_unique_ids(out, wheres)
     return out
+
+
+def _closest_task(named: str) -> str | None:
+    close = difflib.get_close_matches(named, TASKS, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _belongs(named: object, task: str) -> bool:
+    """A row whose task is none of the six is recorded in the cell of the task it most resembles
+    (`ChoseAttr` → ChooseAttr), or in every task's cell when it resembles none (an empty task)."""
+    if not isinstance(named, str):
+        return False
+    closest = _closest_task(named)
+    return closest is None or closest == task
+
+
+def _why(named: str, where: str) -> str:
+    closest = _closest_task(named)
+    hint = f"; did you mean {closest}?" if closest else f"; tasks: {', '.join(TASKS)}"
+    return f"{where}: task {named!r} is none of the six{hint}"
 
 
 def load_table(data: Mapping[str, Any], task: str, n_samples: int | None = None) -> list[Sample | Skip]:
