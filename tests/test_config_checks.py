@@ -40,6 +40,13 @@ def meta_of(outcome) -> dict:
         ({"knockout": {"name": "x", "source": "imgae", "target": "last"}}, "knockout.source"),
         ({"analysis": "patching", "seed": "abc"}, "seed"),
         ({"task": "QueryColour"}, "task"),
+        (
+            {
+                "analysis": "patching",
+                "patching": {"groups": ["image", "qestion"], "noise_scale": 3, "margin": 0},
+            },
+            "patching.groups",
+        ),
         ({"knockout": {"name": "k", "source": "image", "target": "last", "heads": "eech"}}, "knockout.heads"),
         (
             {"knockout": {"name": "k", "source": "image", "target": "last", "heads": [1, -2]}},

@@ -222,6 +222,25 @@ def test_preflight_reports_one_line_per_root_cause_with_the_cells_it_blocks(tmp_
     assert sweep.status[ids[5]] == "failed" and sweep.errors[ids[5]].startswith("preflight: GQA image folder")
 
 
+def test_preflight_checks_a_tables_image_folder_and_columns_before_any_model_loads(tmp_path: Path) -> None:
+    from mmflow.sweep.causes import cause_of
+    from mmflow.sweep.preflight import data_problem
+
+    table = tmp_path / "t.csv"
+    table.write_text("qid,file,question,answer,image_w,image_h,objects\n1,a.jpg,What?,red,4,4,[]\n")
+    data = {"name": "table", "path": str(table), "image_dir": str(tmp_path / "nodir")}
+    problem = data_problem(data, "QueryAttr")
+    assert problem == f"table image folder not found: {tmp_path / 'nodir'} (data.image_dir of {table})"
+    assert cause_of(problem)[1] == "set data.image_dir to the folder the table's image column is relative to"
+    (tmp_path / "imgs").mkdir()
+    data["image_dir"] = str(tmp_path / "imgs")
+    problem = data_problem(data, "QueryAttr")
+    assert problem is not None and "lacks column(s) question_id, image for task QueryAttr" in problem
+    assert "data.columns" in cause_of(problem)[1]
+    data["columns"] = {"qid": "question_id", "file": "image"}
+    assert data_problem(data, "QueryAttr") is None
+
+
 def test_preflight_checks_the_first_rows_images_and_a_missing_checkpoint(tmp_path: Path, monkeypatch) -> None:
     from mmflow.sweep.preflight import checkpoint_problem, data_problem
 

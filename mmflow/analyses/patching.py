@@ -125,6 +125,16 @@ class PatchingAnalysis(Analysis):
             value = patching.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise CellConfigError(f"patching.{key}", value, "must be a number (see conf/analysis)")
+        names = patching.get("groups")
+        if not isinstance(names, list | tuple) or not names:
+            raise CellConfigError("patching.groups", names, "must be a non-empty list of token groups")
+        for name in names:
+            parts = [] if name == ALL else [part.strip() for part in str(name).split("+")]
+            if any(part not in GROUP_NAMES for part in parts):
+                known = ", ".join((*GROUP_NAMES, ALL))
+                raise CellConfigError(
+                    "patching.groups", names, f"{name!r} names no token group; known: {known}"
+                )
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -180,7 +180,7 @@ def read_table(
     if not path.is_file():
         raise DataError(f"data.path: table file not found: {path}")
     if not image_dir.is_dir():
-        raise DataError(f"data.image_dir: image folder not found: {image_dir}")
+        raise DataError(f"data.image_dir: table image folder not found: {image_dir}")
     content = path.read_bytes()
     if sha256 is not None and digest(content) != sha256:
         raise DataError(

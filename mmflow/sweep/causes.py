@@ -17,7 +17,15 @@ KNOWN_FIXES: list[tuple[re.Pattern[str], str]] = [
         "pip install {0}",
     ),
     (
-        re.compile(r"GQA_IMAGE_DIR|image folder|image_dir", re.I),
+        re.compile(r"table image folder|data=table", re.I),
+        "set data.image_dir to the folder the table's image column is relative to",
+    ),
+    (
+        re.compile(r"lacks column\(s\)|missing column", re.I),
+        "map the file's column names to mmflow's with data.columns (docs/configuration.md)",
+    ),
+    (
+        re.compile(r"GQA_IMAGE_DIR|GQA image folder|image folder|image_dir", re.I),
         "set data.image_dir=/path/to/gqa/images (or GQA_IMAGE_DIR) to the folder of GQA's images",
     ),
     (

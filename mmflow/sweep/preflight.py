@@ -81,7 +81,28 @@ def gpu_problem(model: dict[str, Any], settings: SweepSettings, gpus: Callable[[
     return None
 
 
+def table_problem(data: dict[str, Any], task: str) -> str | None:
+    """`data=table`: its image folder exists and its file has the task's columns (after `data.columns`);
+    a row's own faults stay per-sample skips."""
+    from mmflow.data.table import read_frame, required
+
+    image_dir = Path(str(data.get("image_dir") or "")).expanduser()
+    if not data.get("image_dir") or not image_dir.is_dir():
+        return f"table image folder not found: {data.get('image_dir')} (data.image_dir of {data.get('path')})"
+    frame = read_frame(Path(str(data["path"])).expanduser(), data.get("format"))
+    have = {str(c) for c in frame.rename(columns=dict(data.get("columns") or {})).columns}
+    missing = [c for c in required(task) if c not in have]
+    if missing:
+        return (
+            f"table {data.get('path')} lacks column(s) {', '.join(missing)} for task {task} (has: "
+            f"{', '.join(sorted(have))}); map yours with data.columns"
+        )
+    return None
+
+
 def data_problem(data: dict[str, Any], task: str) -> str | None:
+    if data.get("name") == "table":
+        return table_problem(data, task)
     if data.get("name") != "gqa":
         return None
     image_dir = data.get("image_dir")
