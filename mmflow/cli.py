@@ -17,6 +17,7 @@ mmflow toy train|eval [...]      train or evaluate the toy-llava model (mmflow.m
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from mmflow.sweep.config import cell_config, cell_from_container, cell_spec
 register_resolvers()  # `${mmflow.unique_dir:...}` of conf/config.yaml, before Hydra resolves it
 
 CONFIG_PATH = str(CONF_DIR)  # conf/ of the checkout, or mmflow/conf/ of an installed wheel
+COMMANDS = ("run", "plan", "prefetch", "report", "wandb", "bench", "toy")
 RETIRED_EXPERIMENT = re.compile(r"^[+~]{0,2}experiment=(.*)$")
 
 __all__ = ["cell_config", "cell_from_container", "cell_spec", "main", "run_hydra"]
@@ -221,8 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         toy_main(rest)
         return 0
-    print(__doc__.strip())
-    return 0 if command in ("-h", "--help", "help") else 2
+    if command in ("-h", "--help", "help", ""):
+        print(__doc__.strip())
+        return 0 if command else 2
+    close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean `mmflow {close[0]}`?" if close else f"commands: {', '.join(COMMANDS)}"
+    print(f"[mmflow] error: unknown command {command!r}; {hint} (see `mmflow --help`)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -126,3 +126,22 @@ def test_report_of_a_folder_without_cells_says_so(tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert f"no cells found below '{tmp_path}'" in captured.err
     assert (tmp_path / "report" / "index.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["runn"],
+            "[mmflow] error: unknown command 'runn'; did you mean `mmflow run`? (see `mmflow --help`)",
+        ),
+        (
+            ["repot", "r1"],
+            "[mmflow] error: unknown command 'repot'; did you mean `mmflow report`? (see `mmflow --help`)",
+        ),
+    ],
+)
+def test_an_unknown_command_is_one_line_naming_the_closest(argv, line, capsys) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""

@@ -28,6 +28,10 @@ from mmflow.config.overrides import check_overrides, partly_bad
             "did you mean analysis=attribution?",
         ),
         (["task=ChoseAttr"], "task=ChoseAttr: unknown task 'ChoseAttr'; did you mean task=ChooseAttr?"),
+        (
+            ["-cn", "smok"],
+            "-cn smok: no such sweep in sweeps/ (or conf/, or a -cd folder); did you mean -cn smoke?",
+        ),
         (["patching.margn=0.1"], "patching.margn=0.1: unknown key; did you mean patching.margin?"),
     ],
 )

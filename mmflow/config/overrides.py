@@ -73,7 +73,23 @@ def check_overrides(args: Sequence[str]) -> str | None:
     refused: its bad values make jobs that fail alone, as any invalid cell of a sweep does
     (`partly_bad`). A value with an interpolation or a sweep function is left to Hydra; keys under
     `hydra.` are Hydra's own."""
-    return next((line for line, every in _findings(args) if every), None)
+    return _sweep_name_error(args) or next((line for line, every in _findings(args) if every), None)
+
+
+def _sweep_name_error(args: Sequence[str]) -> str | None:
+    """`-cn NAME` / `--config-name NAME` must name a config of conf/, sweeps/ or a `-cd` folder."""
+    from mmflow.config.dirs import SWEEPS_DIR
+
+    for index, arg in enumerate(args[:-1]):
+        if arg in ("-cn", "--config-name"):
+            name = args[index + 1]
+            folders = (CONF_DIR, SWEEPS_DIR, *config_dirs(args))
+            known = sorted({p.stem for folder in folders for p in Path(folder).glob("*.yaml")})
+            if name.removesuffix(".yaml") not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f"did you mean -cn {close[0]}?" if close else f"named sweeps: {', '.join(known)}"
+                return f"-cn {name}: no such sweep in sweeps/ (or conf/, or a -cd folder); {hint}"
+    return None
 
 
 def partly_bad(args: Sequence[str]) -> list[str]:
