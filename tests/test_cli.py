@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -145,3 +146,18 @@ def test_an_unknown_command_is_one_line_naming_the_closest(argv, line, capsys) -
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.err == line + "\n" and captured.out == ""
+
+
+@pytest.mark.slow
+def test_a_failed_single_run_says_so_once_with_its_fix(tmp_path) -> None:
+    """The cell's failure is one line at the end (with its fix), not also a warning while it runs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "launch.py"), "model=tiny-llava", "analysis=answer_tracking"]
+    command += ["lens=rwa", "logger=none", "n_samples=1", f"results_dir={tmp_path}"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if " failed: " in line]
+    assert out.returncode == 1
+    assert len(lines) == 1 and "lens='rwa'" in lines[0] and "(fix: " in lines[0], lines

@@ -290,7 +290,8 @@ class Sweep:
         if status != previous:
             self.events.append(cell_id, status, error)
         if status in FINAL and previous not in FINAL:
-            level = logging.WARNING if status == "failed" else logging.DEBUG
+            # a single run's failure is printed once, at its end, with its fix (`print_failure_line`)
+            level = logging.WARNING if status == "failed" and not self.single else logging.DEBUG
             log.log(level, "cell %s %s%s", cell_id, status, f": {error.splitlines()[0]}" if error else "")
         if time.monotonic() - self.record_written >= self.settings.record_every_s:
             write_sweep_json(self, "running")
