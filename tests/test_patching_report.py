@@ -10,7 +10,12 @@ import pytest
 from conftest import cell_config, model_config
 from test_wandb_logger import inspect, logger_section, of_type, run_dirs
 
-from mmflow.analyses.patching_figures import head_table, patching_curves, strongest_heads
+from mmflow.analyses.patching_figures import (
+    head_table,
+    patching_curves,
+    plot_necessity_sufficiency,
+    strongest_heads,
+)
 from mmflow.report import build_report
 from mmflow.storage.cell_data import load_cell
 
@@ -54,6 +59,12 @@ def test_report_has_patching_beside_knockout_and_head_heat_map(cells):
     assert "is not" not in html and "has no figure" not in html
 
     patching = load_cell(outcomes[1].path)
+    alone = plot_necessity_sufficiency([], [patching])  # no knockout cell: one panel, its own title
+    alone.canvas.draw()
+    title = alone._suptitle
+    assert title.get_text().endswith(": sufficiency (patching), k = 3")
+    extent = title.get_window_extent()
+    assert 0 <= extent.x0 and extent.x1 <= alone.bbox.width  # inside the figure, not cut at its edges
     curves = patching_curves(patching.results)
     expected = patching.results.groupby(["group", "layer"])["recovered_frac"].mean() * 100
     got = curves.set_index(["group", "layer"])["mean"]

@@ -111,10 +111,9 @@ def plot_necessity_sufficiency(knockouts: Sequence[CellData], patchings: Sequenc
         ax.set_xlim(0, n_layers - 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.supxlabel(f"Centre layer of the window (0–{n_layers - 1} of {n_layers} layers)")
-    figure.suptitle(
-        f"{first.model_title} — {first.task}: necessity (knockout) and sufficiency (patching), "
-        f"k = {first.window}"
-    )
+    what = "necessity (knockout) and sufficiency (patching)" if knockouts else "sufficiency (patching)"
+    title = f"{first.model_title} — {first.task}: {what}, k = {first.window}"
+    figure.suptitle(title, wrap=True, fontsize=11 if len(panels) > 1 else 10)
     return figure
 
 
