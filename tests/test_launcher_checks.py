@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -99,6 +100,43 @@ def test_per_model_settings_must_name_a_model_of_the_sweep(driver, tmp_path: Pat
     launcher = driver.launcher("+hydra.launcher.models={tiny-llava:{gpus:1}}", plan="true")
     launcher.launch([base(tmp_path)], 0)  # a model of the sweep: accepted
     assert launcher.plan["new"] == 1
+
+
+def test_the_plan_judges_cells_as_run_does_and_lists_each_invalid_job(driver, tmp_path: Path, capsys) -> None:
+    jobs = [
+        [*base(tmp_path), "n_samples=abc"],
+        [*base(tmp_path), "window=100"],
+        [*base(tmp_path), "analysis=answer_tracking", "lens=rwa"],
+        [*base(tmp_path), "analysis=answer_tracking", "window=3"],  # does not compose
+        [*base(tmp_path), "window=3"],
+    ]
+    launcher = driver.launcher(plan="true")
+    launcher.launch(jobs, 0)
+    plan = launcher.plan
+    assert (plan["jobs"], plan["cells"], plan["new"], plan["invalid_jobs"]) == (5, 1, 1, 4)
+    (model,) = plan["models"]
+    assert (model["cells"], model["batches"]) == (1, 1)  # only the valid cell is planned
+    assert [j["job"] for j in plan["invalid"]] == [0, 1, 2, 3]
+    assert plan["invalid"][1]["error"] == "CellConfigError: window=100: must be an integer in 1..8"
+    assert plan["invalid"][0]["error"].startswith("CellConfigError: n_samples='abc'")
+    assert plan["invalid"][2]["error"].startswith("CellConfigError: lens='rwa'")
+    assert "Key 'window' is not in struct" in plan["invalid"][3]["error"]
+    out = capsys.readouterr().out
+    assert "5 jobs -> 1 cells: 1 new, 0 cached, 0 partial, 0 failed before, 4 invalid jobs" in out
+    line = f"  invalid job #1 {' '.join(jobs[1])}: CellConfigError: window=100: must be an integer in 1..8"
+    assert line in out.splitlines()
+    saved = json.loads((Path(launcher.last_sweep.sweep_dir) / "plan.json").read_text())
+    assert saved["invalid"] == plan["invalid"]
+
+
+def test_the_plan_lists_at_most_ten_invalid_jobs_then_how_many_more(driver, tmp_path: Path, capsys) -> None:
+    jobs = [[*base(tmp_path), f"window={w}"] for w in range(100, 113)]
+    launcher = driver.launcher(plan="true")
+    launcher.launch(jobs, 0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith("  invalid job #")]) == 10
+    assert any(line.startswith("  and 3 more invalid jobs (all in ") for line in lines)
+    assert launcher.plan["invalid_jobs"] == 13 and len(launcher.plan["invalid"]) == 13
 
 
 def test_a_bad_launcher_setting_is_one_line_before_anything_starts(tmp_path: Path) -> None:
