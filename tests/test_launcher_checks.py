@@ -14,6 +14,7 @@ import pytest
 
 from mmflow.bench.driver import Driver
 from mmflow.errors import ConfigError
+from mmflow.sweep.core import CellJob, Sweep
 from mmflow.sweep.settings import SweepSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,44 @@ def test_the_plan_lists_at_most_ten_invalid_jobs_then_how_many_more(driver, tmp_
     assert len([line for line in lines if line.startswith("  invalid job #")]) == 10
     assert any(line.startswith("  and 3 more invalid jobs (all in ") for line in lines)
     assert launcher.plan["invalid_jobs"] == 13 and len(launcher.plan["invalid"]) == 13
+
+
+def test_the_summary_counts_invalid_jobs_apart_from_failed_cells(tmp_path: Path, capsys) -> None:
+    from mmflow.sweep.record import print_summary
+
+    cell = {
+        "model": {"name": "m1"},
+        "task": "ChooseAttr",
+        "data": {"name": "shapes", "seed": 0},
+        "engine": {"name": "fast", "attention": "sdpa"},
+        "require_correct": False,
+        "analysis": "knockout",
+        "max_new_tokens": 2,
+        "n_samples": 4,
+        "window": 1,
+        "knockout": {"name": "image_to_question", "source": "image", "target": "question"},
+        "results_dir": str(tmp_path),
+    }
+    error = "ConfigAttributeError: Key 'window' is not in struct"
+    jobs = [CellJob.resolve(0, ["window=1"], lambda: cell)]
+    jobs += [CellJob(i, ["analysis=answer_tracking", f"window={i}"], error=error) for i in (1, 2)]
+    sweep = Sweep("t", tmp_path / "sweep", jobs, SweepSettings(report=False))
+    sweep.status[jobs[0].cell_id] = "done"
+    print_summary(sweep)
+    out = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    (counts,) = [line for line in out if " done, " in line]
+    assert counts.startswith("1 done, 0 cached, 0 failed, 2 invalid jobs in ")
+    assert out[-3:] == [
+        "2 invalid jobs (1 cause):",
+        f"INVALID x2: {error}",
+        "    first: job #1 analysis=answer_tracking window=1",
+    ]
+    sweep.status[jobs[0].cell_id] = "failed"
+    sweep.errors[jobs[0].cell_id] = "RuntimeError: boom"
+    print_summary(sweep)
+    out = capsys.readouterr().out
+    assert "0 done, 0 cached, 1 failed, 2 invalid jobs in " in out
+    assert "1 failed, 2 invalid jobs (2 causes):" in out and "FAILED x1: RuntimeError: boom" in out
 
 
 def test_a_bad_launcher_setting_is_one_line_before_anything_starts(tmp_path: Path) -> None:
