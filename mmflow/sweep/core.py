@@ -115,6 +115,8 @@ class Sweep:
                 self.cells.setdefault(job.cell_id, job.cell)
                 if job.spec is not None:
                     self.specs.setdefault(job.cell_id, job.spec)
+        if self.cells:  # a per-model setting for a model no cell uses: one line, before anything runs
+            settings.check_model_names(str((c.get("model") or {}).get("name")) for c in self.cells.values())
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.driver = this_process()  # lets a later run tell a killed driver's `running` record

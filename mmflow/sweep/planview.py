@@ -34,6 +34,7 @@ GEOMETRY: dict[str, tuple[tuple[int, int, int, int, int, int], int]] = {
 DEFAULT_GEOMETRY = GEOMETRY["llava-1.5-7b"]  # any other model: this shape at its own n_layers
 QUESTION_TOKENS = 20  # question + answer prompt: the first target of a knockout into the question
 EFFECTIVE_FLOPS = 100e12  # default clean-pass time: 2 x MACs at this rate (~1/3 of an H100's fp16 peak)
+INVALID_SHOWN = 10  # invalid jobs listed one line each; plan.json lists them all
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:
@@ -81,16 +82,36 @@ def cell_units(cell: Mapping[str, Any], shape: Any, length: int) -> float:
     return needed / clean_macs(shape, length)
 
 
+def invalid_jobs(sweep: Sweep) -> list[dict[str, Any]]:
+    """The jobs `mmflow run` would not compute, as run judges them: a config that does not resolve
+    (`job.error`) or a cell its spec check refuses (`job.invalid`, `CellSpec.check`); each with its
+    job number, redacted overrides and one-line error."""
+    from mmflow.storage.secrets import redact
+
+    return [
+        {
+            "job": job.idx,
+            "overrides": list(redact(job.overrides)),
+            "error": str(job.error or job.invalid).strip().splitlines()[0],
+        }
+        for job in sweep.jobs
+        if job.error or job.invalid
+    ]
+
+
 def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> dict[str, Any]:
-    """The plan as plain data (what `print_plan` prints)."""
+    """The plan as plain data (what `print_plan` prints). Cells their spec check refuses are not
+    planned: their jobs are listed under `invalid` (run fails them without computing)."""
     from mmflow.knockout.cost import clean_macs
     from mmflow.storage.objectstore import pull_cells
 
     settings = sweep.settings
-    pull_cells(sweep.cells)  # a results_dir URI: the plan reads what the store holds
-    states = {cid: cell_state(cell, sweep.store(cid)) for cid, cell in sweep.cells.items()}
+    refused = {job.cell_id for job in sweep.jobs if job.invalid and job.cell is not None}
+    cells = {cid: cell for cid, cell in sweep.cells.items() if cid not in refused}
+    pull_cells(cells)  # a results_dir URI: the plan reads what the store holds
+    states = {cid: cell_state(cell, sweep.store(cid)) for cid, cell in cells.items()}
     counts = Counter(state for state, _ in states.values())
-    todo = {cid: cell for cid, cell in sweep.cells.items() if states[cid][0] != "cached"}
+    todo = {cid: cell for cid, cell in cells.items() if states[cid][0] != "cached"}
     models = []
     for plan in plan_models({cid: sweep.specs.get(cid, cell) for cid, cell in todo.items()}, settings):
         shape, length, known = shape_of(plan.model)
@@ -116,12 +137,14 @@ def build_plan(sweep: Sweep, clean_pass_s: dict[str, float] | None = None) -> di
                 "gpu_hours": sig(units * seconds / 3600),
             }
         )
+    invalid = invalid_jobs(sweep)
     return {
         "sweep": sweep.name,
         "jobs": len(sweep.jobs),
-        "cells": len(sweep.cells),
+        "cells": len(cells),
         **{state: counts.get(state, 0) for state in ("new", "cached", "partial", "failed")},
-        "invalid_jobs": len(sweep.invalid_jobs()),
+        "invalid_jobs": len(invalid),
+        "invalid": invalid,
         "batches": sum(m["batches"] for m in models),
         "samples": sum(m["samples"] for m in models),
         "clean_pass_units": round(sum(m["clean_pass_units"] for m in models), 1),
@@ -143,6 +166,15 @@ def print_plan(sweep: Sweep, compose_s: float = 0.0) -> dict[str, Any]:
         + (f", {plan['invalid_jobs']} invalid jobs" if plan["invalid_jobs"] else "")
         + f" (planned in {compose_s:.1f} s)"
     )
+    for job in plan["invalid"][:INVALID_SHOWN]:  # why run would refuse each, one line each
+        console.print(
+            f"  invalid job #{job['job']} {' '.join(job['overrides'])}: {job['error']}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if len(plan["invalid"]) > INVALID_SHOWN:
+        more = len(plan["invalid"]) - INVALID_SHOWN
+        console.print(f"  and {more} more invalid jobs (all in {Path(sweep.sweep_dir) / 'plan.json'})")
     table = Table(show_lines=False)
     columns = ("model", "cells", "batches", "actors", "samples", "clean passes", "s/clean pass", "GPU-h")
     for column in columns:

@@ -198,42 +198,50 @@ def print_summary(sweep: Sweep) -> None:
         table.caption = f"{len(order) - SUMMARY_ROWS} more cells in {sweep.sweep_dir / 'sweep.json'}"
     console.print(table)
     counts = sweep.counts()
+    invalid = len(sweep.invalid_jobs())  # jobs without a cell: not in counts, never computed
     console.print(
-        f"{counts['done']} done, {counts['cached']} cached, {counts['failed']} failed "
-        f"in {sweep.elapsed():.1f} s. Sweep folder: {sweep.sweep_dir}"
+        f"{counts['done']} done, {counts['cached']} cached, {counts['failed']} failed"
+        + (f", {invalid} invalid job{'s' * (invalid != 1)}" if invalid else "")
+        + f" in {sweep.elapsed():.1f} s. Sweep folder: {sweep.sweep_dir}"
     )
     print_failure_groups(console, sweep)
 
 
 def failure_groups(sweep: Sweep) -> list[dict[str, Any]]:
-    """Failed cells and invalid jobs grouped by cause: {cause, count, first, fix}, largest first."""
+    """Failed cells and invalid jobs grouped by cause: {kind, cause, count, first, fix}, largest
+    first; `kind` is "failed" (cells) or "invalid" (jobs without a cell), never mixed in a group."""
     from mmflow.sweep.causes import cause_of
 
-    groups: dict[str, dict[str, Any]] = {}
-    failed = [(cid, sweep.errors.get(cid) or "?") for cid in sweep.failed_ids()]
-    for cell_id, error in failed:
-        name = "/".join(str(v) for v in sweep.labels(cell_id).values())
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(kind: str, error: str, first: str) -> None:
         cause, fix = cause_of(error)
-        group = groups.setdefault(
-            cause, {"cause": cause, "count": 0, "first": f"{cell_id} ({name})", "fix": fix}
-        )
-        group["count"] += 1
+        group = {"kind": kind, "cause": cause, "count": 0, "first": first, "fix": fix}
+        groups.setdefault((kind, cause), group)["count"] += 1
+
+    for cell_id in sweep.failed_ids():
+        name = "/".join(str(v) for v in sweep.labels(cell_id).values())
+        add("failed", sweep.errors.get(cell_id) or "?", f"{cell_id} ({name})")
     for job in sweep.invalid_jobs():
-        cause, fix = cause_of(job.error or "?")
-        first = f"job #{job.idx} {' '.join(redact(job.overrides))}"
-        group = groups.setdefault(cause, {"cause": cause, "count": 0, "first": first, "fix": fix})
-        group["count"] += 1
+        add("invalid", job.error or "?", f"job #{job.idx} {' '.join(redact(job.overrides))}")
     return sorted(groups.values(), key=lambda g: -g["count"])
 
 
 def print_failure_groups(console: Any, sweep: Sweep) -> None:
+    """ "N failed, M invalid jobs (K causes):" then per cause its count, first cell or job and fix."""
     groups = failure_groups(sweep)
     if not groups:
         return
-    total = sum(g["count"] for g in groups)
-    console.print(f"[bold red]{total} failed[/] ({len(groups)} cause{'s' if len(groups) > 1 else ''}):")
+    failed = sum(g["count"] for g in groups if g["kind"] == "failed")
+    invalid = sum(g["count"] for g in groups if g["kind"] == "invalid")
+    parts = [f"{failed} failed"] if failed else []
+    if invalid:
+        parts.append(f"{invalid} invalid job{'s' * (invalid != 1)}")
+    causes = f"{len(groups)} cause{'s' if len(groups) > 1 else ''}"
+    console.print(f"[bold red]{', '.join(parts)}[/] ({causes}):")
     for group in groups:
-        console.print(f"[bold red]FAILED[/] x{group['count']}: {group['cause']}", highlight=False)
+        label = "FAILED" if group["kind"] == "failed" else "INVALID"
+        console.print(f"[bold red]{label}[/] x{group['count']}: {group['cause']}", highlight=False)
         console.print(f"    first: {group['first']}", highlight=False)
         if group["fix"]:
             console.print(f"    fix: {group['fix']}", highlight=False)

@@ -6,9 +6,13 @@ keeps its `ray.init` arguments under `hydra.launcher.ray` too). None of them is 
 
 from __future__ import annotations
 
+import difflib
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from mmflow.errors import ConfigError
 
 FORWARD_ENV = ["MMFLOW_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
 
@@ -38,6 +42,67 @@ class RaySettings:
     init: dict[str, Any] = field(default_factory=lambda: dict(RAY_INIT_KEYS))
     forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV))  # copied to actors when set
     connect_timeout_s: float = 60.0  # give up joining an address that does not answer after this long
+
+
+# The allowed values of each choice setting (checked, with a did-you-mean, when settings are built).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "executor": ("ray", "local"),
+    "write_results": ("auto", "driver", "workers"),
+    "scheduling": ("SPREAD", "DEFAULT"),
+    "progress": ("auto", "rich", "log", "none"),
+}
+# Numeric settings: (kind, lowest allowed, whether the lowest is excluded). Sources: the field comments.
+NUMBERS: dict[str, tuple[type, float, bool]] = {
+    "replicas": (int, 1, False),
+    "relay_buffer": (int, 1, False),
+    "batch_retries": (int, 0, False),
+    "timeout_s": (float, 0, True),
+    "batch_timeout_s": (float, 0, True),
+    "stall_timeout_s": (float, 0, True),
+    "start_timeout_s": (float, 0, True),
+    "poll_s": (float, 0, True),
+    "log_every_s": (float, 0, True),
+    "record_every_s": (float, 0, False),
+}
+FLAGS = ("reuse_models", "plan", "preflight", "prefetch")
+# Per-model settings (`hydra.launcher.models.<name>.<key>`), same (kind, lowest, excluded) rules.
+MODEL_KEYS: dict[str, tuple[type, float, bool]] = {
+    "replicas": (int, 1, False),
+    "gpus": (float, 0, False),
+    "cpus": (float, 0, False),
+    "memory_gb": (float, 0, False),
+    "clean_pass_s": (float, 0, True),
+}
+
+
+def did_you_mean(value: Any, allowed: Iterable[str]) -> str:
+    """ "; did you mean 'x'?" for the closest allowed spelling (case-blind), or ""."""
+    allowed = list(allowed)
+    lowered = {a.lower(): a for a in allowed}
+    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """ConfigError unless `value` is one of `allowed` (names the choices and the closest one)."""
+    if value not in allowed:
+        raise ConfigError(
+            f"hydra.launcher.{key}={value!r}: must be one of {', '.join(allowed)}"
+            + did_you_mean(value, allowed)
+        )
+
+
+def check_number(key: str, value: Any, rule: tuple[type, float, bool]) -> None:
+    """ConfigError unless `value` is a number of the rule's kind (an int for int settings; never a
+    bool) at or above its lowest value (above it when excluded)."""
+    kind, low, excluded = rule
+    kinds = (int,) if kind is int else (int, float)
+    noun = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"hydra.launcher.{key}={value!r}: must be {noun}")
+    if value < low or (excluded and value == low):
+        bound = f"> {low:g}" if excluded else f">= {low:g}"
+        raise ConfigError(f"hydra.launcher.{key}={value!r}: must be {noun} {bound}")
 
 
 # Old launcher keys still accepted, with a warning: deprecated name -> its name now.
@@ -93,7 +158,7 @@ class SweepSettings:
                 continue
             default = next(f.default for f in fields(self) if f.name == new)
             if getattr(self, new) not in (default, value):
-                raise ValueError(
+                raise ConfigError(
                     f"hydra.launcher.{old}={value!r} and hydra.launcher.{new}={getattr(self, new)!r} "
                     f"disagree; {old} is the deprecated name of {new}: set only {new}"
                 )
@@ -105,6 +170,50 @@ class SweepSettings:
             )
             setattr(self, new, value)
             setattr(self, old, None)
+        self.check()
+
+    def check(self) -> None:
+        """Validate every setting once (choices, ranges, types): `ConfigError` naming the key, what
+        it allows and, for a choice, the closest allowed spelling. Model names are checked against a
+        sweep's cells by `check_model_names`."""
+        for key, allowed in CHOICES.items():
+            check_choice(key, getattr(self, key), allowed)
+        for key, rule in NUMBERS.items():
+            check_number(key, getattr(self, key), rule)
+        for key in FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"hydra.launcher.{key}={getattr(self, key)!r}: must be true or false")
+        if self.report is not None and not isinstance(self.report, bool):
+            raise ConfigError(f"hydra.launcher.report={self.report!r}: must be true, false or null")
+        for name, per_model in self.models.items():
+            if not isinstance(per_model, Mapping):
+                raise ConfigError(
+                    f"hydra.launcher.models.{name}={per_model!r}: must be a mapping of "
+                    f"{', '.join(MODEL_KEYS)}"
+                )
+            for key, value in per_model.items():
+                if key not in MODEL_KEYS:
+                    raise ConfigError(
+                        f"hydra.launcher.models.{name}.{key}: unknown per-model setting; one of "
+                        f"{', '.join(MODEL_KEYS)}{did_you_mean(key, MODEL_KEYS)}"
+                    )
+                check_number(f"models.{name}.{key}", value, MODEL_KEYS[key])
+        for name, value in self.clean_pass_s.items():
+            check_number(f"clean_pass_s.{name}", value, MODEL_KEYS["clean_pass_s"])
+        check_number("ray.connect_timeout_s", self.ray.connect_timeout_s, (float, 0, True))
+
+    def check_model_names(self, names: Iterable[str]) -> None:
+        """ConfigError when `models` or `clean_pass_s` name a model that no cell of the sweep uses
+        (`names`: the sweep's model names): a misspelt name would otherwise be ignored."""
+        used = sorted(set(names))
+        for key in ("models", "clean_pass_s"):
+            unknown = [name for name in getattr(self, key) if name not in used]
+            if unknown:
+                hint = did_you_mean(unknown[0], used) if len(unknown) == 1 else ""
+                raise ConfigError(
+                    f"hydra.launcher.{key} names {', '.join(map(repr, unknown))}, which no cell of this "
+                    f"sweep uses (its models: {', '.join(used) or 'none'}){hint}"
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepSettings:
