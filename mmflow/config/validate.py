@@ -57,9 +57,9 @@ def validate_cell(config: Mapping[str, Any]) -> None:
     check_int(config, "n_samples", 1)
     check_int(config, "max_new_tokens", 1)
     check_bool(config, "require_correct")
-    if isinstance(config.get("model"), Mapping):  # the weights' dtype (`mmflow.models.registry.DTYPES`)
-        check_choice("model.dtype", config["model"].get("dtype"), DTYPES)
     model = config.get("model") or {}
+    if isinstance(model, Mapping) and model.get("dtype") is not None:  # `mmflow.models.registry.DTYPES`
+        check_choice("model.dtype", model["dtype"], DTYPES)
     if isinstance(model, Mapping) and model.get("max_tokens") is not None:  # caps each sample's sequence
         check_int({"model.max_tokens": model["max_tokens"]}, "model.max_tokens", 2)
     from mmflow.data.sources import data_source
