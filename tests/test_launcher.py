@@ -150,6 +150,11 @@ def test_grid_loads_each_model_once_shares_clean_passes_and_resumes(ray_cluster,
     sweep = json.loads((tmp_path / "sweep1" / "sweep.json").read_text())
     assert sweep["status"] == "done" and sweep["failed"] == []
     assert sweep["counts"]["done"] == 8 and len(sweep["cells"]) == 8
+    # one engine / noise-floor line per computed cell, printed by the driver (actors' own may be lost)
+    noise_lines = [line for line in first.stderr.splitlines() if "numerical noise floor" in line]
+    assert sorted(line.split("(cell ")[1][:16] for line in noise_lines) == sorted(
+        c["cell_id"] for c in sweep["cells"]
+    ), noise_lines
     assert len(list((tmp_path / "sweep1").glob("*/.hydra/overrides.yaml"))) == 8  # a Hydra job folder each
     cells = read_cells(results)
     assert set(cells) == {c["cell_id"] for c in sweep["cells"]}

@@ -200,7 +200,7 @@ def finish(
         summary = summarise(samples, results, cell.analysis)
         noise = noise_floor(samples, engine_name, dtype)
         summary.update(engine=engine_name, noise_floor=noise)  # for W&B; cell.json has them below
-        announce(cell, engine_name, noise)
+        announce(cell, engine_name, noise, context)
         end_run(cell, "done")
         store.write_meta(
             status="done",
@@ -257,19 +257,23 @@ def noise_floor(samples, engine_name: str, dtype: str | None) -> dict[str, Any]:
     }
 
 
-def announce(cell: Cell, engine_name: str, noise: dict[str, Any]) -> None:
-    """The cell's terminal line: which engine ran (and why, when it is not the configured one) and
-    its noise floor, so that no fallback is silent."""
+def announce(cell: Cell, engine_name: str, noise: dict[str, Any], context: dict[str, Any]) -> None:
+    """Print the cell's terminal line (`noise_line`) where it ran, unless that is a Ray actor: Ray may
+    drop an actor's last lines when the sweep ends, so the driver prints those from `cell.json`."""
+    if context.get("actor_id"):
+        return
     wanted = str((cell.config.get("engine") or {}).get("name", ""))
-    floor = noise["rel_change_pct"]
+    print(noise_line(cell.store.id, wanted, engine_name, noise), file=sys.stderr, flush=True)
+
+
+def noise_line(cell_id: str, wanted: str, engine_name: str, noise: dict[str, Any]) -> str:
+    """The cell's terminal line: which engine ran (and why, when it is not the configured one `wanted`)
+    and its noise floor, so that no fallback is silent. On stderr: stdout stays the tools' own."""
+    floor = noise.get("rel_change_pct")
     text = f"±{floor:.2g}% of p(answer)" if floor is not None else "not measured (no scored sample)"
     fallback = "" if engine_name == wanted else f" (configured: {wanted})"
-    print(
-        f"[mmflow] engine {engine_name}{fallback}, {noise['dtype']} (cell {cell.store.id}): "
-        f"numerical noise floor {text}",
-        file=sys.stderr,  # a status line: stdout stays the tools' own (gpu_check prints JSON there)
-        flush=True,
-    )
+    where = f"{engine_name}{fallback}, {noise.get('dtype')} (cell {cell_id})"
+    return f"[mmflow] engine {where}: numerical noise floor {text}"
 
 
 def summarise(samples, results, analysis) -> dict:

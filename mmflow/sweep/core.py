@@ -26,7 +26,14 @@ from mmflow.storage.store import CellStore
 from mmflow.sweep.display import make_display
 from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
-from mmflow.sweep.record import EventLog, labels, print_failure_line, print_summary, write_sweep_json
+from mmflow.sweep.record import (
+    EventLog,
+    announce_from_record,
+    labels,
+    print_failure_line,
+    print_summary,
+    write_sweep_json,
+)
 from mmflow.sweep.settings import SweepSettings
 
 if TYPE_CHECKING:
@@ -291,6 +298,8 @@ class Sweep:
             self.errors[cell_id] = error
         if status != previous:
             self.events.append(cell_id, status, error)
+        if status == "done" and previous != "done" and self.settings.executor == "ray":
+            announce_from_record(self.store(cell_id))  # an actor's own line may be lost with Ray
         if status in FINAL and previous not in FINAL:
             # a single run's failure is printed once, at its end, with its fix (`print_failure_line`)
             level = logging.WARNING if status == "failed" and not self.single else logging.DEBUG

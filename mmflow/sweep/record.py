@@ -255,3 +255,15 @@ def print_failure_line(sweep: Sweep) -> None:
         error = (sweep.errors.get(cell_id) or "?").strip().splitlines()[0]
         fix = cause_of(error)[1]
         print(f"[mmflow] cell {cell_id} failed: {error}" + (f" (fix: {fix})" if fix else ""), flush=True)
+
+
+def announce_from_record(store: Any) -> None:
+    """A cell a Ray actor computed: its engine and noise-floor line (`execution.cell.noise_line`),
+    printed by the driver from its `cell.json` (Ray may drop an actor's last lines at the end)."""
+    from mmflow.execution.cell import noise_line
+
+    meta = store.read_meta()
+    noise = meta.get("noise_floor")
+    if isinstance(noise, dict) and meta.get("engine"):
+        wanted = str(((meta.get("config") or {}).get("engine") or {}).get("name", ""))
+        print(noise_line(store.id, wanted, str(meta["engine"]), noise), file=sys.stderr, flush=True)
