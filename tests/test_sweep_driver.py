@@ -272,7 +272,7 @@ def test_a_failed_sweep_ends_with_its_grouped_failures_and_exit_code_1(
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-4] == "2 failed (1 cause):"
     assert out[-3].startswith("FAILED x2: CellConfigError: window") and out[-2].startswith("    first: ")
-    assert out[-1] == "    fix: fix the named key in the sweep's overrides"
+    assert out[-1] == "    fix: fix the named key on the command line or in the sweep's YAML"
     assert sorted(p.parent.parent.name for p in Path(launcher.last_sweep.sweep_dir).glob("*/.hydra/*")) == [
         "0",
         "1",
@@ -319,3 +319,17 @@ def test_headline_numbers_have_one_format() -> None:
 
     text = headline_text({"min_rel_change_pct": -12.3456, "tiny": 1.2e-05, "layer": 3, "n": 8})
     assert text == "min_rel_change_pct=-12.346 tiny=0.000 layer=3 n=8"
+
+
+def test_a_missing_mandatory_value_is_one_line_naming_its_key() -> None:
+    """knockout=custom without a source: OmegaConf's three-line message becomes one line with the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    from mmflow.sweep.causes import config_error
+
+    cfg = OmegaConf.create({"knockout": {"source": "???"}})
+    with pytest.raises(MissingMandatoryValue) as caught:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    line = config_error(caught.value)
+    assert "\n" not in line and line.endswith("(knockout.source: set it, e.g. knockout.source=...)")

@@ -36,7 +36,7 @@ KNOWN_FIXES: list[tuple[re.Pattern[str], str]] = [
         re.compile(r"(?:checkpoint|repository|repo id).*(?:not found|cannot be found|unreachable)", re.I),
         "download the checkpoint (huggingface-cli download <id>) or set model.checkpoint to a local folder",
     ),
-    (re.compile(r"CellConfigError"), "fix the named key in the sweep's overrides"),
+    (re.compile(r"CellConfigError"), "fix the named key on the command line or in the sweep's YAML"),
 ]
 
 _VARYING = [
@@ -57,3 +57,11 @@ def cause_of(error: str) -> tuple[str, str]:
             names = [g for g in match.groups() if g] if match.groups() else []
             return line, fix.format(names[0].split(".")[0] if names else "")
     return line, ""
+
+
+def config_error(exc: BaseException) -> str:
+    """One line for an error composing a config: OmegaConf's multi-line messages ("Missing mandatory
+    value: source / full_key: knockout.source / object_type=dict") become their first line and key."""
+    first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:600]
+    key = getattr(exc, "full_key", None)
+    return f"{first} ({key}: set it, e.g. {key}=...)" if key and "Missing mandatory" in first else first

@@ -23,6 +23,7 @@ from mmflow.execution.context import RunContext
 from mmflow.storage.locks import CellLock, describe, mark_stale_sweeps, sigterm_as_interrupt, this_process
 from mmflow.storage.secrets import redact_hydra_files
 from mmflow.storage.store import CellStore
+from mmflow.sweep.causes import config_error
 from mmflow.sweep.display import make_display
 from mmflow.sweep.executor import Executor, InProcessExecutor, short_error
 from mmflow.sweep.plan import plan_models
@@ -81,7 +82,7 @@ class CellJob:
             else:
                 job.invalid = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
-            job.cell, job.spec, job.error = None, None, f"{type(exc).__name__}: {short_error(exc)}"
+            job.cell, job.spec, job.error = None, None, f"{type(exc).__name__}: {config_error(exc)}"
         return job
 
 
