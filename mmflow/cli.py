@@ -141,10 +141,11 @@ def run_hydra() -> int:
     from mmflow.sweep.core import SweepFailed
 
     program = sys.argv[0] if sys.argv[0].startswith("mmflow ") else "mmflow run"  # else launch.py
-    if refused := retired_spelling(sys.argv[1:], program) or check_overrides(sys.argv[1:]):
+    args = sys.argv[1:]
+    if refused := retired_spelling(args, program) or check_overrides(args) or launcher_key_error(args):
         print(f"[mmflow] error: {refused}", file=sys.stderr)
         return 2
-    for warning in partly_bad(sys.argv[1:]):
+    for warning in partly_bad(args):
         print(f"[mmflow] warning: {warning}", file=sys.stderr)
     try:
         for override in sys.argv[1:]:
@@ -181,6 +182,45 @@ def run_arguments(command: str, args: list[str]) -> list[str]:
             out.insert(0, "-m")
         out.append("hydra.launcher.plan=true")
     return out
+
+
+def launcher_keys() -> dict[str, Any]:
+    """The keys `hydra.launcher.*` may set without `+`: the launcher's settings (`SweepSettings`),
+    `ray.*` (`RaySettings`) and `ray.init.*` (`RAY_INIT_KEYS`); `models` and `clean_pass_s` are open."""
+    import dataclasses
+
+    from mmflow.sweep.settings import RAY_INIT_KEYS, RaySettings, SweepSettings
+
+    tree: dict[str, Any] = {f.name: None for f in dataclasses.fields(SweepSettings)}
+    tree["ray"] = {f.name: None for f in dataclasses.fields(RaySettings)}
+    tree["ray"]["init"] = dict.fromkeys(RAY_INIT_KEYS)
+    return tree
+
+
+def launcher_key_error(args: Sequence[str]) -> str | None:
+    """One line for a `hydra.launcher.<key>=…` override naming no launcher setting (Hydra's own answer
+    is six lines about structs), with the closest real key."""
+    tree = None
+    for arg in args:
+        key, _, _ = arg.partition("=")
+        if not key.startswith("hydra.launcher.") or "=" not in arg:
+            continue
+        tree = tree or launcher_keys()
+        level: Any = tree
+        parts = key.removeprefix("hydra.launcher.").split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(level, dict):
+                break  # under an open mapping (models.<name>, ray.init.resources, ...)
+            if part not in level:
+                prefix = "hydra.launcher." + "".join(f"{p}." for p in parts[:depth])
+                close = difflib.get_close_matches(part, list(level), n=1, cutoff=0.6)
+                hint = (
+                    f"did you mean {prefix}{close[0]}?" if close else "see docs/running.md for the settings"
+                )
+                extra = " (another ray.init argument goes in with +)" if parts[:2] == ["ray", "init"] else ""
+                return f"{arg}: unknown launcher setting; {hint}{extra}"
+            level = level[part]
+    return None
 
 
 def retired_spelling(args: Sequence[str], program: str = "mmflow run") -> str | None:

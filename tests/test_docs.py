@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from mmflow.cli import launcher_key_error
 from mmflow.config.dirs import CONF_DIR
 from mmflow.config.known_keys import check_known_keys
 from mmflow.config.overrides import check_overrides
@@ -98,7 +99,8 @@ def test_the_pages_show_commands_and_the_checks_find_them() -> None:
 @pytest.mark.parametrize(("page", "command"), RUNS, ids=[f"{p}: {c}"[:90] for p, c in RUNS])
 def test_every_run_command_composes(page: str, command: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert check_overrides(run_args(command) or []) is None  # the CLI's own pre-check lets it through
+    assert check_overrides(run_args(command) or []) is None  # the CLI's own pre-checks let it through
+    assert launcher_key_error(run_args(command) or []) is None
     name, overrides = split_flags(run_args(command) or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)

@@ -76,3 +76,31 @@ def test_options_of_a_folder_of_your_own_count(tmp_path) -> None:
     assert check_overrides(["model=my-llava"]) is not None
     assert check_overrides(["-cd", str(tmp_path), "model=my-llava"]) is None
     assert check_overrides([f"--config-dir={tmp_path}", "model=my-llava"]) is None
+
+
+@pytest.mark.parametrize(
+    ("arg", "line"),
+    [
+        (
+            "hydra.launcher.executr=local",
+            "hydra.launcher.executr=local: unknown launcher setting; did you mean hydra.launcher.executor?",
+        ),
+        (
+            "hydra.launcher.ray.init.num_cpu=2",
+            "hydra.launcher.ray.init.num_cpu=2: unknown launcher setting; did you mean "
+            "hydra.launcher.ray.init.num_cpus? (another ray.init argument goes in with +)",
+        ),
+    ],
+)
+def test_a_misspelt_launcher_setting_is_one_line(arg, line, monkeypatch, capsys) -> None:
+    from mmflow.cli import launcher_key_error
+
+    assert launcher_key_error([arg]) == line
+    monkeypatch.setattr(sys, "argv", ["mmflow run", "-m", arg])
+    assert run_hydra() == 2 and capsys.readouterr().err == f"[mmflow] error: {line}\n"
+    for fine in (
+        "hydra.launcher.executor=local",
+        "+hydra.launcher.ray.init.foo=1",
+        "hydra.launcher.models.m.gpus=1",
+    ):
+        assert launcher_key_error([fine]) is None
