@@ -199,27 +199,22 @@ def launcher_keys() -> dict[str, Any]:
 
 def launcher_key_error(args: Sequence[str]) -> str | None:
     """One line for a `hydra.launcher.<key>=…` override naming no launcher setting (Hydra's own answer
-    is six lines about structs), with the closest real key."""
+    is six lines about structs), with the closest real key (`mmflow.config.overrides.key_error`)."""
+    from mmflow.config.overrides import key_error
+
     tree = None
     for arg in args:
-        key, _, _ = arg.partition("=")
-        if not key.startswith("hydra.launcher.") or "=" not in arg:
+        key, given, _ = arg.partition("=")
+        if not given or not key.startswith("hydra.launcher."):
             continue
-        tree = tree or launcher_keys()
-        level: Any = tree
-        parts = key.removeprefix("hydra.launcher.").split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(level, dict):
-                break  # under an open mapping (models.<name>, ray.init.resources, ...)
-            if part not in level:
-                prefix = "hydra.launcher." + "".join(f"{p}." for p in parts[:depth])
-                close = difflib.get_close_matches(part, list(level), n=1, cutoff=0.6)
-                hint = (
-                    f"did you mean {prefix}{close[0]}?" if close else "see docs/running.md for the settings"
-                )
-                extra = " (another ray.init argument goes in with +)" if parts[:2] == ["ray", "init"] else ""
-                return f"{arg}: unknown launcher setting; {hint}{extra}"
-            level = level[part]
+        tree = tree or {"hydra": {"launcher": launcher_keys()}}
+        if message := key_error(key, tree, "docs/running.md lists the launcher settings"):
+            plus = (
+                " (another ray.init argument goes in with +)"
+                if key.startswith("hydra.launcher.ray.init.")
+                else ""
+            )
+            return f"{arg}: {message}{plus}"
     return None
 
 

@@ -83,11 +83,11 @@ def test_options_of_a_folder_of_your_own_count(tmp_path) -> None:
     [
         (
             "hydra.launcher.executr=local",
-            "hydra.launcher.executr=local: unknown launcher setting; did you mean hydra.launcher.executor?",
+            "hydra.launcher.executr=local: unknown key; did you mean hydra.launcher.executor?",
         ),
         (
             "hydra.launcher.ray.init.num_cpu=2",
-            "hydra.launcher.ray.init.num_cpu=2: unknown launcher setting; did you mean "
+            "hydra.launcher.ray.init.num_cpu=2: unknown key; did you mean "
             "hydra.launcher.ray.init.num_cpus? (another ray.init argument goes in with +)",
         ),
     ],

@@ -114,7 +114,7 @@ def _findings(args: Sequence[str]) -> Iterator[tuple[str, bool]]:
         elif key == "task":
             bad = [m for v in values if (m := _task_error(v))]
         else:
-            bad = [m] if (m := _key_error(key, tree)) else []
+            bad = [m] if (m := key_error(key, tree)) else []
             values = bad
         if bad:
             yield f"{arg}: {'; '.join(bad)}", len(bad) == len(values)
@@ -138,7 +138,11 @@ def _task_error(task: str) -> str | None:
     return f"unknown task {task!r}; {hint}"
 
 
-def _key_error(key: str, tree: Mapping[str, Any]) -> str | None:
+def key_error(
+    key: str, tree: Mapping[str, Any], nothing_close: str = "no YAML in conf/ defines it"
+) -> str | None:
+    """ "unknown key; did you mean …?" for a dotted `key` that `tree` does not define (keys under a
+    leaf or an empty mapping are open), else None; `nothing_close`: the hint when no key is close."""
     level: Any = tree
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -147,7 +151,7 @@ def _key_error(key: str, tree: Mapping[str, Any]) -> str | None:
         if part not in level:
             prefix = "".join(f"{p}." for p in parts[:depth])
             close = difflib.get_close_matches(part, [str(k) for k in level], n=1, cutoff=0.6)
-            hint = f"did you mean {prefix}{close[0]}?" if close else "no YAML in conf/ defines it"
+            hint = f"did you mean {prefix}{close[0]}?" if close else nothing_close
             return f"unknown key; {hint}"
         level = level[part]
     return None
